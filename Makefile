@@ -1,0 +1,29 @@
+# `make test` and `make demo` create .venv on first use, then run.
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+
+.PHONY: test demo lint bench clean
+
+$(PY): pyproject.toml constraints.txt
+	python3 -m venv .venv
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	@touch $(PY)
+
+test: $(PY)
+	$(PY) -m pytest -n 2 tests
+
+demo: $(PY)
+	$(PY) -m neuronpatch.demo.run_demo
+
+lint: $(PY)
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/mypy
+
+bench: $(PY)
+	$(PY) benchmarks/bench_engine.py
+
+clean:
+	rm -rf .venv .neuronpatch build src/*.egg-info

@@ -1,0 +1,277 @@
+"""What one patching experiment measured: plain numbers, no tensors.
+
+:class:`ExperimentResult` is the engine's output and everything downstream
+(CLI tables, figures, probe expectations, baselines) reads only this. Arrays
+are float64 numpy arrays indexed ``[input]`` or ``[input, intervention]``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from neuronpatch import stats
+from neuronpatch.interventions import Intervention
+
+# Bootstrap settings are part of the result's identity: same data, same intervals.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+@dataclass(frozen=True)
+class InputResult:
+    """One input's view of the experiment (a row of the result)."""
+
+    text: str
+    n_tokens: int
+    position: int
+    clean_activation: float
+    clean_prediction: float
+    activation_change: tuple[float, ...]
+    prediction_change: tuple[float, ...]
+    fit: stats.Fit
+
+    @property
+    def slope(self) -> float:
+        """This input's own OLS slope over the interventions."""
+        return self.fit.slope
+
+    @property
+    def r2(self) -> float:
+        """This input's own R² over the interventions."""
+        return self.fit.r_squared
+
+
+@dataclass(frozen=True)
+class ExperimentResult:
+    """Clean and patched activations and predictions, and the statistics on them.
+
+    Example:
+        >>> from neuronpatch import load_head, run_experiment   # doctest: +SKIP
+        >>> res = run_experiment(load_head("probes/heads/demo_causal"),
+        ...                      inputs=["The cat sat on the mat."], scale=[0, 1, 2])
+        >>> res.slope, res.r_squared                             # doctest: +SKIP
+    """
+
+    head_path: str
+    model_name: str
+    head_type: str
+    target_layer: int
+    target_neuron: int
+    layer_type: str
+    unit_hook: str
+    feature_hook: str
+    token_pos: str | int
+    patch_position: str
+    method: str
+    inputs: tuple[str, ...]
+    n_tokens: tuple[int, ...]
+    positions: tuple[int, ...]
+    interventions: tuple[Intervention, ...]
+    clean_activation: NDArray[np.float64]
+    clean_prediction: NDArray[np.float64]
+    patched_activation: NDArray[np.float64]
+    patched_prediction: NDArray[np.float64]
+    write_direction_cosine: float = math.nan
+    notes: tuple[str, ...] = ()
+    created: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
+
+    # ----- derived arrays -------------------------------------------------
+    @property
+    def activation_change(self) -> NDArray[np.float64]:
+        """Patched minus clean activation, ``[input, intervention]``."""
+        return self.patched_activation - self.clean_activation[:, None]
+
+    @property
+    def prediction_change(self) -> NDArray[np.float64]:
+        """Patched minus clean prediction, ``[input, intervention]``."""
+        return self.patched_prediction - self.clean_prediction[:, None]
+
+    # ----- statistics (computed once, on first use) -------------------------
+    @cached_property
+    def fit(self) -> stats.Fit:
+        """Pooled OLS of prediction change on activation change."""
+        return stats.ols(self.activation_change, self.prediction_change)
+
+    @cached_property
+    def baseline(self) -> stats.Correlation:
+        """Correlation of clean activations and clean predictions over inputs."""
+        return stats.correlation(self.clean_activation, self.clean_prediction)
+
+    @cached_property
+    def _intervals(self) -> tuple[stats.Interval, stats.Interval]:
+        return stats.bootstrap_ci(
+            self.activation_change, self.prediction_change,
+            n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
+        )
+
+    @property
+    def slope_ci95(self) -> stats.Interval:
+        """Bootstrap 95% interval of the pooled slope (inputs resampled)."""
+        return self._intervals[0]
+
+    @property
+    def r_squared_ci95(self) -> stats.Interval:
+        """Bootstrap 95% interval of the pooled R² (inputs resampled)."""
+        return self._intervals[1]
+
+    @property
+    def slope(self) -> float:
+        return self.fit.slope
+
+    @property
+    def intercept(self) -> float:
+        return self.fit.intercept
+
+    @property
+    def r_squared(self) -> float:
+        return self.fit.r_squared
+
+    @property
+    def baseline_correlation(self) -> float:
+        """Pearson r of clean activation vs clean prediction (the seed's number)."""
+        return self.baseline.pearson_r
+
+    @cached_property
+    def per_input(self) -> tuple[InputResult, ...]:
+        """Per-input rows: text, position, clean values, changes and own fit."""
+        fits = stats.per_input_fits(self.activation_change, self.prediction_change)
+        dact, dpred = self.activation_change, self.prediction_change
+        return tuple(
+            InputResult(
+                text=t, n_tokens=self.n_tokens[i], position=self.positions[i],
+                clean_activation=float(self.clean_activation[i]),
+                clean_prediction=float(self.clean_prediction[i]),
+                activation_change=tuple(float(v) for v in dact[i]),
+                prediction_change=tuple(float(v) for v in dpred[i]),
+                fit=fits[i],
+            )
+            for i, t in enumerate(self.inputs)
+        )
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        """Why any statistic is NaN, keyed by metric name."""
+        out: dict[str, str] = {}
+        for key, reason in (
+            ("slope", self.fit.reason),
+            ("baseline_correlation", self.baseline.reason),
+            ("slope_ci95", self.slope_ci95.reason),
+            ("r_squared_ci95", self.r_squared_ci95.reason),
+        ):
+            if reason:
+                out[key] = reason
+        return out
+
+    def metrics(self) -> dict[str, Any]:
+        """The numbers probe expectations and baselines are checked against.
+
+        Scalars are floats (NaN when undefined), ``per_input_*`` are lists with
+        one value per input, ``*_ci95`` are ``[lo, hi]``.
+        """
+        return {
+            "slope": self.slope,
+            "intercept": self.intercept,
+            "r_squared": self.r_squared,
+            "slope_stderr": self.fit.stderr,
+            "slope_p_value": self.fit.p_value,
+            "baseline_correlation": self.baseline.pearson_r,
+            "baseline_p_value": self.baseline.pearson_p,
+            "baseline_spearman": self.baseline.spearman_rho,
+            "per_input_slope": [r.slope for r in self.per_input],
+            "per_input_r2": [r.r2 for r in self.per_input],
+            "slope_ci95": self.slope_ci95.as_list(),
+            "r_squared_ci95": self.r_squared_ci95.as_list(),
+            "weight_cosine": self.write_direction_cosine,
+            "mean_abs_prediction_change": float(np.mean(np.abs(self.prediction_change))),
+            "mean_abs_activation_change": float(np.mean(np.abs(self.activation_change))),
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """The content of summary.json: the seed notebook's keys plus new ones.
+
+        NaN is written as ``null`` (JSON has no NaN) by :func:`to_jsonable`.
+        """
+        labels = [iv.label for iv in self.interventions]
+        scales = [iv.value for iv in self.interventions if iv.kind == "scale"]
+        per_input_keys = _unique_keys(self.inputs)
+        summary: dict[str, Any] = {
+            # --- the seed notebook's keys ---
+            "model_path": self.head_path,
+            "head_type": self.head_type,
+            "target_layer": self.target_layer,
+            "target_neuron": self.target_neuron,
+            "baseline_correlation": self.baseline_correlation,
+            "slope": self.slope,
+            "intercept": self.intercept,
+            "r_squared": self.r_squared,
+            "scaling_factors": scales if len(scales) == len(labels) else labels,
+            "avg_activation_changes": self.activation_change.mean(0).tolist(),
+            "avg_prediction_changes": self.prediction_change.mean(0).tolist(),
+            "per_input_sensitivity": {
+                key: {"slope": r.slope, "r2": r.r2, "points": r.fit.n}
+                for key, r in zip(per_input_keys, self.per_input, strict=True)
+            },
+            "timestamp": self.created,
+            # --- new ---
+            "base_model": self.model_name,
+            "layer_type": self.layer_type,
+            "unit_hook": self.unit_hook,
+            "feature_hook": self.feature_hook,
+            "token_pos": self.token_pos,
+            "patch_position": self.patch_position,
+            "engine_method": self.method,
+            "interventions": labels,
+            "metrics": self.metrics(),
+            "baseline": {
+                "pearson_r": self.baseline.pearson_r, "pearson_p": self.baseline.pearson_p,
+                "spearman_rho": self.baseline.spearman_rho,
+                "spearman_p": self.baseline.spearman_p,
+            },
+            "inputs": [
+                {
+                    "text": r.text, "n_tokens": r.n_tokens, "position": r.position,
+                    "clean_activation": r.clean_activation,
+                    "clean_prediction": r.clean_prediction,
+                    "activation_change": list(r.activation_change),
+                    "prediction_change": list(r.prediction_change),
+                    "slope": r.slope, "r2": r.r2,
+                }
+                for r in self.per_input
+            ],
+            "reasons": self.reasons,
+            "notes": list(self.notes),
+        }
+        return to_jsonable(summary)
+
+
+def _unique_keys(texts: Sequence[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    keys = []
+    for t in texts:
+        seen[t] = seen.get(t, 0) + 1
+        keys.append(t if seen[t] == 1 else f"{t} (#{seen[t]})")
+    return keys
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively convert numpy scalars/arrays and NaN/inf to JSON-safe values (NaN → None)."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj

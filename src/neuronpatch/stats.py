@@ -1,0 +1,271 @@
+"""The numbers a patching experiment is judged by.
+
+Patching a unit moves its activation by ``Δa`` and the head's prediction by
+``Δp``. If the head *uses* the unit, ``Δp`` follows ``Δa``: the ordinary
+least-squares fit of ``Δp`` on ``Δa``, pooled over every (input, intervention)
+pair as the seed notebook does, gives
+
+* ``slope``: prediction change per unit of activation change (≈1 tracks the
+  unit, ≈0 ignores it, < 0 inverse);
+* ``r_squared``: how consistently ``Δp`` follows ``Δa`` (1 is a straight line);
+* ``intercept``: the prediction change with no activation change (≈0 unless
+  the intervention also moves something else).
+
+Per-input fits show whether the effect depends on context; the baseline
+(unpatched) Pearson and Spearman correlations are the *correlational* view
+that patching is meant to test; bootstrap intervals resample inputs, the unit
+of independent evidence. Degenerate data never raises: the affected numbers are
+NaN and ``reason`` says why, so a report can tell the user what to change.
+
+Everything here is plain numpy/scipy on float64 arrays; no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+from scipy import stats as sps
+
+NAN = float("nan")
+
+# Relative spread below which a quantity is treated as constant. float32 forward
+# passes carry ~1e-7 relative noise, so "no change" never comes out as exactly 0.
+_CONSTANT_RTOL = 1e-6
+_CONSTANT_ATOL = 1e-9
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Least-squares line ``y ≈ slope·x + intercept`` with its diagnostics.
+
+    Attributes:
+        slope: OLS slope, NaN when ``x`` has no variance.
+        intercept: OLS intercept.
+        r_squared: coefficient of determination, NaN when ``y`` is constant.
+        stderr: standard error of the slope (NaN with fewer than 3 points).
+        p_value: two-sided p-value of slope ≠ 0 (t test, n − 2 dof).
+        n: number of points.
+        reason: why some numbers are NaN, or None.
+    """
+
+    slope: float
+    intercept: float
+    r_squared: float
+    stderr: float
+    p_value: float
+    n: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """Baseline correlation between clean activations and clean predictions."""
+
+    pearson_r: float
+    pearson_p: float
+    spearman_rho: float
+    spearman_p: float
+    n: int
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A two-sided confidence interval; NaN bounds come with a reason."""
+
+    lo: float
+    hi: float
+    reason: str | None = None
+
+    def as_list(self) -> list[float]:
+        """``[lo, hi]``, as written to summary.json."""
+        return [self.lo, self.hi]
+
+
+def _is_constant(v: NDArray[np.float64]) -> bool:
+    spread = float(np.ptp(v)) if v.size else 0.0
+    return spread <= _CONSTANT_ATOL + _CONSTANT_RTOL * float(np.max(np.abs(v), initial=0.0))
+
+
+def ols(x: ArrayLike, y: ArrayLike) -> Fit:
+    """Ordinary least squares of ``y`` on ``x``.
+
+    Args:
+        x: activation changes (any shape; flattened).
+        y: prediction changes, same size as ``x``.
+
+    Returns:
+        The fit; never raises on degenerate data.
+
+    Example:
+        >>> f = ols([0, 1, 2], [1, 3, 5])
+        >>> round(f.slope, 6), round(f.intercept, 6), round(f.r_squared, 6)
+        (2.0, 1.0, 1.0)
+        >>> ols([1, 1, 1], [0, 2, 4]).reason
+        'activation change has no variance (every patch left the unit where it was)'
+    """
+    xa = np.asarray(x, dtype=np.float64).ravel()
+    ya = np.asarray(y, dtype=np.float64).ravel()
+    if xa.shape != ya.shape:
+        raise ValueError(f"x and y differ in size: {xa.size} vs {ya.size}")
+    n = int(xa.size)
+    if n < 2:
+        return Fit(NAN, NAN, NAN, NAN, NAN, n, f"need at least 2 points, got {n}")
+    if _is_constant(xa):
+        return Fit(
+            NAN, NAN, NAN, NAN, NAN, n,
+            "activation change has no variance (every patch left the unit where it was)",
+        )
+    xm, ym = xa.mean(), ya.mean()
+    dx, dy = xa - xm, ya - ym
+    sxx = float(dx @ dx)
+    sxy = float(dx @ dy)
+    slope = sxy / sxx
+    intercept = float(ym - slope * xm)
+    if _is_constant(ya):
+        # The prediction did not move: the slope is what it is (exactly 0 for a head
+        # that cannot see the unit), but "fraction explained" is 0/0.
+        return Fit(slope, intercept, NAN, NAN, NAN, n,
+                   "prediction change is constant (the head's output did not respond)")
+    resid = dy - slope * dx
+    ss_res = float(resid @ resid)
+    ss_tot = float(dy @ dy)
+    r2 = 1.0 - ss_res / ss_tot
+    if n > 2:
+        stderr = math.sqrt(max(ss_res, 0.0) / (n - 2) / sxx)
+        if stderr == 0.0:
+            p = 0.0
+        else:
+            t = slope / stderr
+            p = float(2 * sps.t.sf(abs(t), n - 2))
+    else:
+        stderr, p = NAN, NAN
+    return Fit(float(slope), intercept, float(r2), float(stderr), p, n)
+
+
+def per_input_fits(x: ArrayLike, y: ArrayLike) -> list[Fit]:
+    """One OLS fit per input (row) over its interventions (columns).
+
+    Example:
+        >>> [round(f.slope, 3) for f in per_input_fits([[0, 1], [0, 2]], [[0, 2], [0, 1]])]
+        [2.0, 0.5]
+    """
+    xa = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    ya = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    return [ols(xa[i], ya[i]) for i in range(xa.shape[0])]
+
+
+def correlation(activations: ArrayLike, predictions: ArrayLike) -> Correlation:
+    """Pearson and Spearman correlation of clean activations and predictions.
+
+    Example:
+        >>> c = correlation([1, 2, 3, 4], [2, 4, 6, 9])
+        >>> round(c.pearson_r, 3), c.spearman_rho
+        (0.991, 1.0)
+    """
+    a = np.asarray(activations, dtype=np.float64).ravel()
+    p = np.asarray(predictions, dtype=np.float64).ravel()
+    n = int(a.size)
+    if n < 3:
+        return Correlation(NAN, NAN, NAN, NAN, n, f"need at least 3 inputs, got {n}")
+    if _is_constant(a):
+        return Correlation(NAN, NAN, NAN, NAN, n,
+                           "the unit's clean activation is the same on every input")
+    if _is_constant(p):
+        return Correlation(NAN, NAN, NAN, NAN, n,
+                           "the head's clean prediction is the same on every input")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", sps.ConstantInputWarning)
+        pr = sps.pearsonr(a, p)
+        sr = sps.spearmanr(a, p)
+    return Correlation(float(pr.statistic), float(pr.pvalue), float(sr.statistic),
+                       float(sr.pvalue), n)
+
+
+def bootstrap_ci(
+    x: ArrayLike,
+    y: ArrayLike,
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[Interval, Interval]:
+    """Percentile bootstrap intervals for the pooled slope and R², resampling inputs.
+
+    Rows of ``x``/``y`` are inputs, columns interventions. Each resample draws
+    inputs with replacement and refits the pooled line; it is vectorised through
+    per-input sufficient statistics, so 1000 resamples cost milliseconds.
+
+    Returns:
+        ``(slope_interval, r_squared_interval)``.
+
+    Example:
+        >>> rng = np.random.default_rng(1)
+        >>> xs = rng.normal(size=(8, 5)); ys = 2 * xs
+        >>> s, r = bootstrap_ci(xs, ys)
+        >>> round(s.lo, 6), round(s.hi, 6), round(r.lo, 6)
+        (2.0, 2.0, 1.0)
+    """
+    xa = np.atleast_2d(np.asarray(x, dtype=np.float64))
+    ya = np.atleast_2d(np.asarray(y, dtype=np.float64))
+    n_inputs = xa.shape[0]
+    if n_inputs < 2:
+        reason = f"a bootstrap over inputs needs at least 2 inputs, got {n_inputs}"
+        return Interval(NAN, NAN, reason), Interval(NAN, NAN, reason)
+    # Per-input sufficient statistics: count, Σx, Σy, Σxx, Σxy, Σyy.
+    suff = np.stack([
+        np.full(n_inputs, xa.shape[1], dtype=np.float64),
+        xa.sum(1), ya.sum(1), (xa * xa).sum(1), (xa * ya).sum(1), (ya * ya).sum(1),
+    ], axis=1)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_inputs, size=(n_resamples, n_inputs))
+    counts = np.zeros((n_resamples, n_inputs))
+    np.add.at(counts, (np.arange(n_resamples)[:, None], draws), 1.0)
+    n, sx, sy, sxx, sxy, syy = (counts @ suff).T
+    vxx = sxx - sx * sx / n
+    vxy = sxy - sx * sy / n
+    vyy = syy - sy * sy / n
+    scale_x = np.maximum(sxx / n, 1e-300)
+    scale_y = np.maximum(syy / n, 1e-300)
+    ok_x = vxx / n > (_CONSTANT_RTOL**2) * scale_x + _CONSTANT_ATOL**2
+    ok_y = vyy / n > (_CONSTANT_RTOL**2) * scale_y + _CONSTANT_ATOL**2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(ok_x, vxy / vxx, np.nan)
+        r2 = np.where(ok_x & ok_y, (vxy * vxy) / (vxx * vyy), np.nan)
+    tail = (1.0 - level) / 2 * 100
+    return (_percentile(slope, tail, "slope"), _percentile(r2, tail, "r_squared"))
+
+
+def _percentile(samples: NDArray[np.float64], tail: float, what: str) -> Interval:
+    valid = samples[np.isfinite(samples)]
+    if valid.size < samples.size / 2:
+        return Interval(NAN, NAN, f"{what} is undefined in most bootstrap resamples")
+    lo, hi = np.percentile(valid, [tail, 100 - tail])
+    return Interval(float(lo), float(hi))
+
+
+def weight_cosine(weight: ArrayLike, direction: ArrayLike) -> tuple[float, str | None]:
+    """Cosine between a linear head's weight vector and the unit's write direction.
+
+    The write direction of an MLP neuron is its row of ``W_out``; of a
+    residual-stream unit, the basis vector of its dimension.
+
+    Returns:
+        ``(cosine, reason)``; cosine is NaN, with a reason, for a zero vector.
+
+    Example:
+        >>> weight_cosine([1.0, 0.0], [2.0, 0.0])
+        (1.0, None)
+    """
+    w = np.asarray(weight, dtype=np.float64).ravel()
+    d = np.asarray(direction, dtype=np.float64).ravel()
+    if w.shape != d.shape:
+        return NAN, f"head weight has width {w.size} but the unit writes {d.size} dimensions"
+    nw, nd = float(np.linalg.norm(w)), float(np.linalg.norm(d))
+    if nw == 0.0 or nd == 0.0:
+        return NAN, "zero weight or zero write direction"
+    return float(w @ d / (nw * nd)), None

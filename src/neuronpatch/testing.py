@@ -1,0 +1,144 @@
+"""Build tiny models and head artifacts for tests, offline.
+
+No model hub is reachable from CI, so tests (ours and users') make a random
+GPT-2 of a few thousand parameters in a temp dir and write heads for it in the
+same artifact format that trained heads use.
+
+Example:
+    >>> from neuronpatch.testing import tiny_gpt2, write_head   # doctest: +SKIP
+    >>> model_dir = tiny_gpt2(tmp_path / "model")
+    >>> head_dir = write_head(tmp_path / "head", model_dir, target_layer=0,
+    ...                       target_neuron=3, feature_layer=1)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+_TOKENIZER_TEXT = (
+    "The cat sat on the mat. Machine learning models can be difficult to interpret. "
+    "Transformers use attention mechanisms to process sequences. The quick brown fox "
+    "jumps over the lazy dog. Numbers 0 1 2 3 4 5 6 7 8 9 and 10 20 30 appear here. "
+)
+
+
+def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
+    """A deterministic byte-level BPE tokenizer (digits are single tokens)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
+
+
+def tiny_gpt2(
+    path: str | Path,
+    *,
+    n_layer: int = 3,
+    n_embd: int = 32,
+    n_head: int = 4,
+    n_inner: int | None = 64,
+    n_positions: int = 128,
+    seed: int = 0,
+    config: GPT2Config | None = None,
+) -> Path:
+    """Write a random GPT-2 and its tokenizer to ``path``; return the path.
+
+    Weights are drawn with a larger-than-default std so that activations vary
+    visibly between inputs (a freshly initialised GPT-2 is nearly constant).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer()
+    cfg = config or GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_inner=n_inner,
+        n_positions=n_positions, vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_head(
+    path: str | Path,
+    base_model: str | Path,
+    *,
+    target_layer: int,
+    target_neuron: int,
+    feature_layer: int = -1,
+    layer_type: str = "post",
+    head_type: str = "regression",
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+    d_model: int | None = None,
+    hidden_dim: int | None = None,
+    n_classes: int | None = None,
+    seed: int = 0,
+    fmt: str = "pt",
+    **extra: Any,
+) -> Path:
+    """Write a head artifact (config.json + head.pt or head.safetensors).
+
+    Without ``state_dict`` the weights are random (seeded): a linear head, or
+    hidden → GELU → output when ``hidden_dim`` is given. Extra keyword
+    arguments go into config.json as they are (``bin_edges``, ``token_pos``...).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if d_model is None:
+        d_model = json.loads((Path(base_model) / "config.json").read_text())["n_embd"]
+    out_dim = n_classes if head_type == "classification" else 1
+    head_config: dict[str, Any] = dict(extra.pop("head_config", {}))
+    if state_dict is None:
+        g = torch.Generator().manual_seed(seed)
+        sd: dict[str, torch.Tensor] = {}
+        width = d_model
+        if hidden_dim:
+            sd["hidden.weight"] = torch.randn(hidden_dim, d_model, generator=g) / d_model**0.5
+            sd["hidden.bias"] = torch.randn(hidden_dim, generator=g) * 0.1
+            width = hidden_dim
+        if head_type != "token":
+            assert out_dim is not None, "classification heads need n_classes"
+            sd["output.weight"] = torch.randn(out_dim, width, generator=g) / width**0.5
+            sd["output.bias"] = torch.randn(out_dim, generator=g) * 0.1
+        state_dict = sd
+    if hidden_dim:
+        head_config["hidden_dim"] = hidden_dim
+    config = {
+        "base_model_name": str(base_model),
+        "target_layer": target_layer,
+        "target_neuron": target_neuron,
+        "layer_type": layer_type,
+        "feature_layer": feature_layer,
+        "head_type": head_type,
+        "head_config": head_config,
+        **extra,
+    }
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {k: v.detach().clone().contiguous() for k, v in state_dict.items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(path / "head.safetensors"))
+    else:
+        torch.save(tensors, path / "head.pt")
+    return path

@@ -1,0 +1,125 @@
+"""Head artifacts: every config error names file, key, value and what is allowed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuronpatch import load_head, run_experiment
+from neuronpatch.errors import HeadConfigError
+from neuronpatch.testing import tiny_gpt2, write_head
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_gpt2(tmp_path_factory.mktemp("m") / "tiny", n_layer=2)
+
+
+def edit_config(head: Path, **changes: object) -> None:
+    cfg = json.loads((head / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (head / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"target_layer": "one"}, r"key 'target_layer' = 'one' is invalid; expected an integer"),
+        ({"target_neuron": None}, r"key 'target_neuron' = '<missing>'"),
+        ({"layer_type": "mlp"}, r"key 'layer_type' = 'mlp' is invalid; expected one of post"),
+        ({"head_type": "ranking"}, r"key 'head_type' = 'ranking' .* regression, classification, token"),
+        ({"token_pos": "first"}, r"key 'token_pos' = 'first' .* 'last' or an integer"),
+        ({"weight_processing": "fold"}, r"key 'weight_processing' = 'fold'"),
+        ({"head_config": {"dropout": 1.5}}, r"key 'head_config.dropout' = 1.5 .* \[0, 1\)"),
+        ({"base_model_name": ""}, r"key 'base_model_name'"),
+    ],
+)
+def test_config_errors_at_load(tmp_path, model_dir, changes, pattern):
+    head = write_head(tmp_path / "h", model_dir, target_layer=0, target_neuron=1)
+    edit_config(head, **changes)
+    with pytest.raises(HeadConfigError, match=pattern) as info:
+        load_head(head)
+    assert str(head / "config.json") in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "pattern"),
+    [
+        ({"target_layer": 5}, r"key 'target_layer' = 5 is invalid; expected an int in \[0, 1\]"),
+        ({"target_neuron": 64}, r"key 'target_neuron' = 64 .* \[0, 63\]"),
+        ({"feature_layer": 7}, r"key 'feature_layer' = 7 .* \[-3, 2\]"),
+        ({"feature_hook": "blocks.9.nothing"}, r"key 'feature_hook' = 'blocks.9.nothing'"),
+    ],
+)
+def test_config_errors_against_the_model(tmp_path, model_dir, changes, pattern):
+    head = write_head(tmp_path / "h", model_dir, target_layer=0, target_neuron=1)
+    edit_config(head, **changes)
+    with pytest.raises(HeadConfigError, match=pattern):
+        run_experiment(head, ["The cat."])
+
+
+def test_bin_edges_must_match_classes(tmp_path, model_dir):
+    head = write_head(tmp_path / "h", model_dir, target_layer=0, target_neuron=1,
+                      head_type="classification", n_classes=3, bin_edges=[0.0, 1.0, 2.0])
+    with pytest.raises(HeadConfigError, match=r"'bin_edges' = \[0.0, 1.0, 2.0\] .* 4 edges"):
+        load_head(head)
+    edit_config(head, bin_edges=[0.0, 2.0, 1.0, 3.0])
+    with pytest.raises(HeadConfigError, match="strictly increasing"):
+        load_head(head)
+
+
+def test_weight_problems(tmp_path, model_dir):
+    head = write_head(tmp_path / "h", model_dir, target_layer=0, target_neuron=1)
+    sd = torch.load(head / "head.pt", weights_only=True)
+    sd["output.weight"][0, 0] = float("nan")
+    torch.save(sd, head / "head.pt")
+    with pytest.raises(HeadConfigError, match="NaN/inf"):
+        load_head(head)
+    sd["output.weight"] = torch.zeros(1, 5)
+    torch.save(sd, head / "head.pt")
+    with pytest.raises(HeadConfigError, match=r"input width.* 5 .* 32 \(d_model"):
+        run_experiment(head, ["The cat."])
+
+
+def test_missing_and_malformed_files(tmp_path, model_dir):
+    with pytest.raises(HeadConfigError, match="head directory not found"):
+        load_head(tmp_path / "nope")
+    head = write_head(tmp_path / "h", model_dir, target_layer=0, target_neuron=1)
+    (head / "config.json").write_text("{bad json")
+    with pytest.raises(HeadConfigError, match="invalid JSON at line 1"):
+        load_head(head)
+    head2 = write_head(tmp_path / "h2", model_dir, target_layer=0, target_neuron=1)
+    (head2 / "head.pt").unlink()
+    with pytest.raises(HeadConfigError, match="no head.pt or head.safetensors"):
+        load_head(head2)
+
+
+def test_safetensors_head_equals_pt_head(tmp_path, model_dir):
+    a = write_head(tmp_path / "a", model_dir, target_layer=0, target_neuron=1, seed=3)
+    b = write_head(tmp_path / "b", model_dir, target_layer=0, target_neuron=1, seed=3,
+                   fmt="safetensors")
+    ra = run_experiment(a, ["The cat sat."], set=[0.0, 1.0])
+    rb = run_experiment(b, ["The cat sat."], set=[0.0, 1.0])
+    # Same numbers; the last bits may differ with the tensors' memory alignment.
+    assert abs(ra.patched_prediction - rb.patched_prediction).max() < 1e-6
+
+
+def test_token_head_resolves_digits_through_the_tokenizer(tmp_path, model_dir):
+    from transformers import AutoTokenizer
+
+    head = write_head(tmp_path / "t", model_dir, target_layer=0, target_neuron=1, head_type="token")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    expected = tuple(tok.encode(d, add_special_tokens=False)[0] for d in "0123456789")
+    from neuronpatch import load_model
+
+    ids = load_head(head).digit_token_ids(load_model(model_dir))
+    assert ids == expected
+    assert ids != tuple(range(48, 58))  # not ASCII codes
