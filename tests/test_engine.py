@@ -110,7 +110,7 @@ HEAD_KINDS = {
 
 
 @pytest.mark.parametrize("kind", sorted(HEAD_KINDS))
-@pytest.mark.parametrize("method", ["auto", "recompute", "full"])
+@pytest.mark.parametrize("method", ["auto", "sparse", "recompute", "full"])
 def test_patched_predictions_equal_hf_hooks(tmp_path, model_dir, oracle, kind, method):
     head = make_head(tmp_path, model_dir, kind, feature_layer=-1, **HEAD_KINDS[kind])
     res = run_experiment(head, TEXTS, set=[-1.0, 2.5], scale=[0.0, 3.0], method=method)
@@ -120,7 +120,7 @@ def test_patched_predictions_equal_hf_hooks(tmp_path, model_dir, oracle, kind, m
     assert res.patched_prediction.shape == (len(TEXTS), 4)
 
 
-@pytest.mark.parametrize("method", ["auto", "recompute", "full"])
+@pytest.mark.parametrize("method", ["auto", "sparse", "recompute", "full"])
 @pytest.mark.parametrize("feature_layer", [2, 3])
 def test_every_intervention_kind_matches_hf(tmp_path, model_dir, oracle, method, feature_layer):
     head = make_head(tmp_path, model_dir, "h", feature_layer=feature_layer, hidden_dim=8)
@@ -132,13 +132,17 @@ def test_every_intervention_kind_matches_hf(tmp_path, model_dir, oracle, method,
 
 
 @pytest.mark.parametrize("position", ["all", 0, 1])
-@pytest.mark.parametrize("method", ["recompute", "full"])
+@pytest.mark.parametrize("method", ["auto", "sparse", "recompute", "full"])
 def test_positions_match_hf(tmp_path, model_dir, oracle, position, method):
     head = make_head(tmp_path, model_dir, "h", feature_layer=-1, hidden_dim=8)
     texts = [t for t in TEXTS if len(oracle.ids(t)[0]) > 2]
     res = run_experiment(head, texts, set=[0.0, 3.0], position=position, method=method)
     _, patched = oracle_rows(oracle, head, res, position=position)
     np.testing.assert_allclose(res.patched_prediction, patched, atol=1e-5)
+    if position == "all" and method in ("auto", "sparse"):
+        assert res.method == "recompute"  # every position changes: no sparse shortcut
+    elif method == "auto":
+        assert res.method == "sparse"
 
 
 @pytest.mark.parametrize("layer_type", ["mlp_out", "resid_pre"])
@@ -262,3 +266,46 @@ def test_unsafe_pickle_is_refused_and_not_executed(tmp_path, model_dir):
     with pytest.raises(UnsafeArtifactError, match="refused to load"):
         load_head(head)
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- routes
+ROUTES_BY_FEATURE = [(LAYER, ("upstream", "sparse", "recompute")),
+                     (LAYER + 1, ("linear", "sparse", "recompute")),
+                     (-1, ("sparse", "recompute"))]
+
+
+@pytest.mark.parametrize("kind", sorted(HEAD_KINDS))
+@pytest.mark.parametrize(("token_pos", "position"), [("last", None), ("last", 1), ("last", "all"),
+                                                     (2, None), (2, 1), (2, 3)])
+def test_every_route_equals_the_full_computation(tmp_path, model_dir, kind, token_pos, position):
+    texts = [t for t in TEXTS if len(t) > 8]  # at least 4 tokens each, lengths differ
+    for feature_layer, routes in ROUTES_BY_FEATURE:
+        if kind == "token" and feature_layer != -1:
+            continue
+        head = make_head(tmp_path, model_dir, f"{kind}{feature_layer}", feature_layer=feature_layer,
+                         token_pos=token_pos, **HEAD_KINDS[kind])
+        kw = dict(set=[-1.0, 2.0], scale=[0.5], mean=True, position=position)
+        full = run_experiment(head, texts, method="full", **kw)
+        for route in routes:
+            if route == "linear" and position is not None:
+                continue  # linear only where the patch sits at the read position
+            res = run_experiment(head, texts, method=route, batch_size=3, **kw)
+            label = f"{kind} feature_layer={feature_layer} route={route}"
+            np.testing.assert_allclose(res.patched_prediction, full.patched_prediction, atol=1e-5,
+                                       err_msg=label)
+            np.testing.assert_allclose(res.patched_activation, full.patched_activation, atol=1e-6,
+                                       err_msg=label)
+
+
+def test_patch_after_the_read_position_changes_nothing(tmp_path, model_dir):
+    head = make_head(tmp_path, model_dir, "h", feature_layer=-1, token_pos=1)
+    res = run_experiment(head, TEXTS[:2], set=[5.0, -5.0], position=3)
+    assert np.all(res.prediction_change == 0.0)
+    assert res.slope == 0.0
+
+
+def test_linear_route_is_refused_when_patch_and_read_positions_differ(tmp_path, model_dir):
+    head = make_head(tmp_path, model_dir, "h", feature_layer=LAYER + 1)
+    assert run_experiment(head, TEXTS, set=[0.0, 1.0], position=0).method == "sparse"
+    with pytest.raises(ValueError, match="at the patched position"):
+        run_experiment(head, TEXTS, set=[0.0, 1.0], position=0, method="linear")

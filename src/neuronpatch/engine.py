@@ -53,8 +53,8 @@ from neuronpatch.stats import weight_cosine
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
-Method = Literal["auto", "upstream", "linear", "recompute", "full"]
-METHODS: tuple[str, ...] = ("auto", "upstream", "linear", "recompute", "full")
+Method = Literal["auto", "upstream", "linear", "sparse", "recompute", "full"]
+METHODS: tuple[str, ...] = ("auto", "upstream", "linear", "sparse", "recompute", "full")
 
 # The seed notebook's eight test sentences: the default inputs.
 DEFAULT_INPUTS: tuple[str, ...] = (
@@ -160,8 +160,13 @@ class Plan:
     direction: Tensor | None  # the unit's write direction in the residual stream
 
 
-def plan(head: Head, model: TransformerBridge, method: str = "auto") -> Plan:
-    """Choose hooks and the cheapest exact route for ``head`` on ``model``."""
+def plan(head: Head, model: TransformerBridge, method: str = "auto", position: str | int = "last",
+         *, patch_is_read: bool = True) -> Plan:
+    """Choose hooks and the cheapest exact route for ``head`` on ``model``.
+
+    ``patch_is_read`` says that every input is patched exactly at the position
+    the head reads; only then does a patch reach the features linearly.
+    """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is unknown; expected one of {', '.join(METHODS)}")
     cfg = head.config
@@ -174,17 +179,26 @@ def plan(head: Head, model: TransformerBridge, method: str = "auto") -> Plan:
     upstream = feat_order < unit_order
     # Straight after the unit, in the residual stream, with nothing nonlinear between.
     after = (cfg.target_layer + 1, 0)
-    linear = direction is not None and feature.endswith("hook_resid_pre") and (
+    linear = patch_is_read and direction is not None and feature.endswith("hook_resid_pre") and (
         (feat_order == after and cfg.layer_type in ("post", "mlp_post", "mlp_out", "resid_post"))
         or (feat_order == unit_order and cfg.layer_type == "resid_pre")
     )
+    # Recomputing only the patched position onward needs one patched position, a causal
+    # model, and absolute position embeddings (already inside the saved residual stream).
+    standard = (model.cfg.positional_embedding_type == "standard"
+                and getattr(model.cfg, "attention_dir", "causal") == "causal")
+    sparse = position != "all" and standard
     if method == "auto":
-        method = "upstream" if upstream else "linear" if linear else "recompute"
+        method = ("upstream" if upstream else "linear" if linear
+                  else "sparse" if sparse else "recompute")
     elif method == "upstream" and not upstream:
         raise ValueError(f"method 'upstream' needs a head that reads before {unit}; it reads {feature}")
     elif method == "linear" and not linear:
-        raise ValueError(f"method 'linear' needs a head reading the residual stream right after {unit}")
-    if method == "recompute" and model.cfg.positional_embedding_type != "standard":
+        raise ValueError(f"method 'linear' needs a head reading the residual stream right after "
+                         f"{unit}, at the patched position")
+    elif method == "sparse" and not sparse:
+        method = "recompute"  # e.g. position "all": every position changes, recompute them all
+    if method == "recompute" and not standard:
         method = "full"  # blocks of rotary models need position embeddings passed in
     return Plan(unit, cfg.target_neuron, feature, cfg.target_layer, method, direction)
 
@@ -208,11 +222,12 @@ def write_direction(
 
 @dataclass
 class _Clean:
-    """What the clean pass keeps per input (cropped to the input's length)."""
+    """What the clean pass keeps per input (cropped to what the patched rows need)."""
 
     unit: list[Tensor]  # [n_tokens] the unit's activation at every position
     features: list[Tensor]  # [width] features (or logits) at the read position
-    resid: list[Tensor]  # [n_tokens, d_model] residual entering the start block, if needed
+    resid: list[Tensor]  # [n_tokens, d_model] residual entering the start block
+    kv: list[dict[int, tuple[Tensor, Tensor]]]  # layer -> clean (k, v) [heads, p, d_head]
 
 
 def _batches(n: int, size: int) -> Iterator[range]:
@@ -241,54 +256,101 @@ def _run_to(
             pass
 
 
+def _last_block(p: Plan, n_layers: int) -> int:
+    """The last block a patched row must run through before its features are read."""
+    layer = units.hook_layer(p.feature_hook)
+    if layer is None:
+        return n_layers - 1  # ln_final / unembed: every block
+    order = units.hook_order(p.feature_hook, n_layers=n_layers)
+    return layer - 1 if order == (layer, 0) else layer  # resid_pre L is block L-1's output
+
+
 def _clean_pass(
-    model: TransformerBridge, p: Plan, enc: Encoded, batch_size: int, *, need_resid: bool
+    model: TransformerBridge, p: Plan, enc: Encoded, chunk: range, *, stop_at_unit: bool = False
 ) -> _Clean:
-    wanted = {"unit": p.unit_hook, "features": p.feature_hook}
-    if need_resid:
-        wanted["resid"] = f"blocks.{p.start_layer}.hook_resid_pre"
-    clean = _Clean([], [], [])
-    for chunk in _batches(len(enc.ids), batch_size):
-        rows = [enc.ids[i] for i in chunk]
-        read = torch.tensor([enc.read_pos[i] for i in chunk])
-        got: dict[str, Tensor] = {}
+    """One batched clean forward over ``chunk`` of the inputs, capturing what is needed."""
+    n_layers = int(model.cfg.n_layers)
+    n_heads, d_head = int(model.cfg.n_heads), int(model.cfg.d_head)
+    wanted: dict[str, str] = {"unit": p.unit_hook}
+    if not stop_at_unit:
+        wanted["features"] = p.feature_hook
+        if p.method in ("recompute", "sparse"):
+            wanted["resid"] = f"blocks.{p.start_layer}.hook_resid_pre"
+        if p.method == "sparse":
+            # Every block the patched rows enter needs the clean prefix keys/values.
+            for layer in range(p.start_layer, max(p.start_layer, _last_block(p, n_layers)) + 1):
+                wanted[f"k{layer}"] = f"blocks.{layer}.attn.hook_k"
+                wanted[f"v{layer}"] = f"blocks.{layer}.attn.hook_v"
+    read = torch.tensor([enc.read_pos[i] for i in chunk])
+    got: dict[str, Tensor] = {}
 
-        def grab(key: str, got: dict[str, Tensor] = got, read: Tensor = read) -> Callable[..., None]:
-            def hook(act: Tensor, hook: Any) -> None:
-                if key == "unit":
-                    got[key] = act[..., p.neuron].detach().clone()
-                elif key == "features":
-                    got[key] = act[torch.arange(act.shape[0]), read].detach().clone()
-                else:
-                    got[key] = act.detach().clone()
-                if len(got) == len(wanted):
-                    raise _Stop  # nothing later in the forward is needed
+    def grab(key: str) -> Callable[..., None]:
+        def hook(act: Tensor, hook: Any) -> None:
+            if key == "unit":
+                got[key] = act[..., p.neuron].detach().clone()
+            elif key == "features":
+                got[key] = act[torch.arange(act.shape[0]), read].detach().clone()
+            else:
+                got[key] = act.detach().clone()
+            if len(got) == len(wanted):
+                raise _Stop  # nothing later in the forward is needed
 
-            return hook
+        return hook
 
-        tokens = _pad(rows, 0)
-        hooks = [(name, grab(key)) for key, name in wanted.items()]
-        _run_to(model, hooks, lambda tokens=tokens: model(tokens, return_type=None))
-        for k, i in enumerate(chunk):
-            n = len(enc.ids[i])
-            clean.unit.append(got["unit"][k, :n])
-            clean.features.append(got["features"][k])
-            if need_resid:
-                clean.resid.append(got["resid"][k, :n])
+    tokens = _pad([enc.ids[i] for i in chunk], 0)
+    hooks = [(name, grab(key)) for key, name in wanted.items()]
+    _run_to(model, hooks, lambda: model(tokens, return_type=None))
+    clean = _Clean([], [], [], [])
+    for k, i in enumerate(chunk):
+        n = len(enc.ids[i])
+        clean.unit.append(got["unit"][k, :n])
+        if stop_at_unit:
+            continue
+        clean.features.append(got["features"][k])
+        if "resid" in got:
+            clean.resid.append(got["resid"][k, :n])
+        kv: dict[int, tuple[Tensor, Tensor]] = {}
+        prefix = enc.patch_pos[i][0]
+        for key in wanted:
+            if key.startswith("k"):
+                layer = int(key[1:])
+                # [pos, heads, d_head] (or [pos, d_model]) → [heads, prefix, d_head]
+                kk, vv = got[key][k, :prefix], got[f"v{layer}"][k, :prefix]
+                kv[layer] = (kk.reshape(prefix, n_heads, d_head).transpose(0, 1),
+                             vv.reshape(prefix, n_heads, d_head).transpose(0, 1))
+        clean.kv.append(kv)
     return clean
 
 
-def _patch_hook(
-    neuron: int, mask: Tensor, alpha: Tensor, beta: Tensor, measure: Tensor, out: dict[str, Tensor]
-) -> Callable[..., Tensor]:
-    """A hook setting ``a ↦ α·a + β`` at the masked positions of each row."""
+class _PrefixCache:
+    """Stands in for a KV cache: prepends the clean run's keys/values of earlier positions.
+
+    The bridge's attention calls ``update(k, v, layer_idx)`` with the keys and
+    values of the positions being computed and attends over what it returns,
+    with a causal mask offset by the prefix length.
+    """
+
+    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]]) -> None:
+        self.kv = kv
+
+    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        pk, pv = self.kv[layer_idx]
+        return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+
+
+def _patch_hook(neuron: int, mask: Tensor, target: Tensor, out: dict[str, Tensor]
+                ) -> Callable[..., Tensor]:
+    """A hook writing ``target`` into the unit at the masked positions of each row.
+
+    Targets are computed from the clean run (``α·a_clean + β``), so the change
+    in activation is exact: a patch that changes nothing changes nothing.
+    """
 
     def hook(act: Tensor, hook: Any) -> Tensor:
-        col = act[..., neuron]
-        new = torch.where(mask, col * alpha[:, None] + beta[:, None], col)
         patched = act.clone()
-        patched[..., neuron] = new
-        out["activation"] = new[torch.arange(new.shape[0]), measure].detach().clone()
+        patched[..., neuron] = torch.where(mask, target.to(act.dtype), act[..., neuron])
+        out["patched"] = torch.ones(())
         if "features" in out:  # the head read before the unit: nothing later matters
             raise _Stop
         return patched
@@ -298,95 +360,125 @@ def _patch_hook(
 
 def _patched_rows(
     model: TransformerBridge,
-    head: Head,
     p: Plan,
     enc: Encoded,
+    chunk: range,
     clean: _Clean,
-    ivs: Sequence[Intervention],
-    mean_act: float,
+    affine: Tensor,
     batch_size: int,
-    progress: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Patched activations and features for every (input, intervention) row."""
-    n_in, n_iv = len(enc.ids), len(ivs)
-    affine = torch.tensor([iv.affine(mean_act) for iv in ivs], dtype=torch.float32)  # [n_iv, 2]
-    pairs = [(i, j) for i in range(n_in) for j in range(n_iv)]
-    acts = torch.empty(n_in, n_iv)
-    feats: list[Tensor | None] = [None] * len(pairs)
-    bar = _progress(len(pairs), progress)
-    for chunk in _batches(len(pairs), batch_size):
-        rows = [pairs[k] for k in chunk]
-        ii = [i for i, _ in rows]
+) -> tuple[Tensor, Tensor]:
+    """Patched activations ``[n, n_iv]`` and features ``[n * n_iv, width]`` for a chunk."""
+    n_iv = affine.shape[0]
+    # Rows sharing a prefix/suffix shape can share a forward (sparse route).
+    pairs = [(k, j) for k in range(len(chunk)) for j in range(n_iv)]
+    if p.method == "sparse":
+        pairs.sort(key=lambda kj: (enc.patch_pos[chunk[kj[0]]][0], enc.read_pos[chunk[kj[0]]]))
+    acts = torch.empty(len(chunk), n_iv)
+    feats: list[Tensor] = [torch.empty(0)] * (len(chunk) * n_iv)
+    for rows in _row_batches(pairs, batch_size, p, enc, chunk):
+        kk = [k for k, _ in rows]
         alpha, beta = affine[[j for _, j in rows]].unbind(-1)
-        measure = torch.tensor([enc.measure_pos[i] for i in ii])
-        clean_at = torch.stack([clean.unit[i][enc.measure_pos[i]] for i in ii])
-        if p.method in ("upstream", "linear"):
-            # No forward: the unit's new value is the intervention applied to its clean value.
-            new = clean_at * alpha + beta
-            if p.method == "upstream":
-                f = torch.stack([clean.features[i] for i in ii])
-            else:
-                assert p.direction is not None
-                f = torch.stack([clean.features[i] for i in ii]) + (new - clean_at)[:, None] * p.direction
+        clean_at = torch.stack([clean.unit[k][enc.measure_pos[chunk[k]]] for k in kk])
+        clean_f = torch.stack([clean.features[k] for k in kk])
+        new = clean_at * alpha + beta  # the unit's patched value where it is measured
+        if p.method == "upstream":
+            f = clean_f  # the head reads before the unit: nothing to run
+        elif p.method == "linear":
+            assert p.direction is not None
+            f = clean_f + (new - clean_at)[:, None] * p.direction
         else:
-            new, f = _forward_rows(model, p, enc, clean, ii, alpha, beta, measure)
-        for k, (i, j) in zip(chunk, rows, strict=True):
-            acts[i, j] = new[k - chunk.start]
-            feats[k] = f[k - chunk.start]
-        bar.update(len(rows))
-    bar.close()
-    digit_ids = (torch.tensor(head.digit_token_ids(model)) if head.config.head_type == "token"
-                 else None)
-    preds = torch.cat([
-        head.predict(torch.stack([t for t in feats[c.start:c.stop] if t is not None]), digit_ids)
-        for c in _batches(len(feats), max(batch_size, 1))
-    ])
-    return acts.double().numpy(), preds.reshape(n_in, n_iv).double().numpy()
+            f = _forward_rows(model, p, enc, chunk, clean, kk, alpha, beta, clean_f)
+        for r, (k, j) in enumerate(rows):
+            acts[k, j] = new[r]
+            feats[k * n_iv + j] = f[r]
+    return acts, torch.stack(feats)
+
+
+def _row_batches(
+    pairs: list[tuple[int, int]], size: int, p: Plan, enc: Encoded, chunk: range
+) -> Iterator[list[tuple[int, int]]]:
+    """Bounded batches of rows; for the sparse route, rows of one prefix/suffix shape."""
+    batch: list[tuple[int, int]] = []
+    shape: tuple[int, int] | None = None
+    for k, j in pairs:
+        i = chunk[k]
+        this = (enc.patch_pos[i][0], enc.read_pos[i]) if p.method == "sparse" else (0, 0)
+        if batch and (len(batch) == size or this != shape):
+            yield batch
+            batch = []
+        batch.append((k, j))
+        shape = this
+    if batch:
+        yield batch
 
 
 def _forward_rows(
     model: TransformerBridge,
     p: Plan,
     enc: Encoded,
+    chunk: range,
     clean: _Clean,
-    ii: list[int],
+    kk: list[int],
     alpha: Tensor,
     beta: Tensor,
-    measure: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Run patched rows through the model (``recompute`` or ``full``)."""
-    lengths = [len(enc.ids[i]) for i in ii]
-    width = max(lengths)
-    mask = torch.zeros(len(ii), width, dtype=torch.bool)
-    for r, i in enumerate(ii):
-        mask[r, enc.patch_pos[i]] = True
-    read = torch.tensor([enc.read_pos[i] for i in ii])
+    clean_f: Tensor,
+) -> Tensor:
+    """Features of patched rows, run through the model (``sparse``, ``recompute``, ``full``)."""
+    ii = [chunk[k] for k in kk]
+    cache: _PrefixCache | None = None
+    if p.method == "sparse":
+        first, read0 = enc.patch_pos[ii[0]][0], enc.read_pos[ii[0]]
+        if read0 < first:
+            return clean_f  # patched after the read position: causally invisible to the head
+        # Only positions first..read change; earlier ones come from the clean run's K/V.
+        width = read0 - first + 1
+        mask = torch.zeros(len(ii), width, dtype=torch.bool)
+        mask[:, 0] = True
+        unit = torch.stack([clean.unit[k][first : read0 + 1] for k in kk])
+        read = torch.full((len(ii),), width - 1)
+        x = torch.stack([clean.resid[k][first : read0 + 1] for k in kk])
+        cache = _PrefixCache({
+            layer: (torch.stack([clean.kv[k][layer][0] for k in kk]),
+                    torch.stack([clean.kv[k][layer][1] for k in kk]))
+            for layer in clean.kv[kk[0]]
+        })
+    else:
+        lengths = [len(enc.ids[i]) for i in ii]
+        width = max(lengths)
+        mask = torch.zeros(len(ii), width, dtype=torch.bool)
+        unit = torch.zeros(len(ii), width)
+        for r, (k, i) in enumerate(zip(kk, ii, strict=True)):
+            mask[r, enc.patch_pos[i]] = True
+            unit[r, : lengths[r]] = clean.unit[k]
+        read = torch.tensor([enc.read_pos[i] for i in ii])
+        if p.method == "recompute":
+            x = torch.zeros(len(ii), width, int(model.cfg.d_model))
+            for r, k in enumerate(kk):
+                x[r, : lengths[r]] = clean.resid[k]
+    target = unit * alpha[:, None] + beta[:, None]
     out: dict[str, Tensor] = {}
 
     def capture(act: Tensor, hook: Any) -> None:
         out["features"] = act[torch.arange(act.shape[0]), read].detach().clone()
-        if "activation" in out:
+        if "patched" in out:
             raise _Stop  # the rest of the forward cannot change what the head reads
 
-    hooks = [(p.unit_hook, _patch_hook(p.neuron, mask, alpha, beta, measure, out)),
-             (p.feature_hook, capture)]
+    hooks = [(p.unit_hook, _patch_hook(p.neuron, mask, target, out)), (p.feature_hook, capture)]
     if p.method == "full":
         tokens = _pad([enc.ids[i] for i in ii], 0)
         _run_to(model, hooks, lambda: model(tokens, return_type=None))
     else:
-        x = torch.zeros(len(ii), width, int(model.cfg.d_model))
-        for r, i in enumerate(ii):
-            x[r, : lengths[r]] = clean.resid[i]
-        _run_to(model, hooks, lambda: _blocks_from(model, x, p.start_layer))
-    if "features" not in out or "activation" not in out:
+        _run_to(model, hooks, lambda: _blocks_from(model, x, p.start_layer, cache))
+    if "features" not in out or "patched" not in out:
         raise RuntimeError(f"hooks {p.unit_hook} / {p.feature_hook} did not fire during the patched run")
-    return out["activation"], out["features"]
+    return out["features"]
 
 
-def _blocks_from(model: TransformerBridge, x: Tensor, start: int) -> None:
+def _blocks_from(model: TransformerBridge, x: Tensor, start: int, cache: _PrefixCache | None) -> None:
     """The forward pass from block ``start`` on, through ln_final and unembed."""
+    kwargs = {} if cache is None else {"past_key_values": cache}
     for block in model.blocks[start:]:
-        y = block(x)
+        y = block(x, **kwargs)
         x = y[0] if isinstance(y, tuple) else y
     model.unembed(model.ln_final(x))
 
@@ -404,7 +496,8 @@ def _progress(total: int, enabled: bool) -> Any:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="patched rows", unit="row", leave=False)
+    # delay: runs that finish within a second print no bar at all.
+    return tqdm(total=total, desc="patched rows", unit="row", leave=False, delay=1.0)
 
 
 def run_experiment(
@@ -453,7 +546,7 @@ def run_experiment(
     if not isinstance(head, Head):
         head = load_head(head)
     if batch_size < 1:
-        raise ValueError(f"batch_size {batch_size} is invalid; expected a positive integer")
+        raise InputError(f"batch_size {batch_size} is invalid; expected a positive integer")
     cfg = head.config
     if model is None:
         model = load_model(cfg.base_model_name, device=device, weight_processing=cfg.weight_processing)
@@ -466,14 +559,40 @@ def run_experiment(
         ivs = normalize(interventions)
     pos = cfg.token_pos if position is None else position
     enc = encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos, position=pos)
-    p = plan(head, model, method)
-    clean = _clean_pass(model, p, enc, batch_size, need_resid=p.method == "recompute")
+    patch_is_read = all(pp == [r] for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True))
+    p = plan(head, model, method, pos, patch_is_read=patch_is_read)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
-    clean_act = torch.stack([u[m] for u, m in zip(clean.unit, enc.measure_pos, strict=True)])
-    clean_pred = head.predict(torch.stack(clean.features), digit_ids)
-    patched_mean = torch.cat([u[pp] for u, pp in zip(clean.unit, enc.patch_pos, strict=True)])
-    mean_act = float(patched_mean.mean())
-    act, pred = _patched_rows(model, head, p, enc, clean, ivs, mean_act, batch_size, progress)
+    n = len(texts)
+    mean_act = 0.0
+    if any(iv.kind == "mean" for iv in ivs):
+        # Mean ablation needs the mean over *all* inputs before any row is patched.
+        units_ = [u for c in _batches(n, batch_size)
+                  for u in _clean_pass(model, p, enc, c, stop_at_unit=True).unit]
+        mean_act = float(torch.cat([u[pp] for u, pp in zip(units_, enc.patch_pos, strict=True)]).mean())
+    affine = torch.tensor([iv.affine(mean_act) for iv in ivs], dtype=torch.float32)  # [n_iv, 2]
+
+    # Stream over inputs: memory holds one chunk's clean run and patched rows at a time.
+    clean_act = torch.empty(n)
+    clean_pred = torch.empty(n)
+    act = torch.empty(n, len(ivs))
+    pred = torch.empty(n, len(ivs))
+    bar = _progress(n * len(ivs), progress)
+    for chunk in _batches(n, batch_size):
+        clean = _clean_pass(model, p, enc, chunk)
+        idx = torch.tensor(list(chunk))
+        clean_act[idx] = torch.stack([clean.unit[k][enc.measure_pos[i]] for k, i in enumerate(chunk)])
+        clean_f = torch.stack(clean.features)
+        clean_pred[idx] = head.predict(clean_f, digit_ids)
+        a, f = _patched_rows(model, p, enc, chunk, clean, affine, batch_size)
+        act[idx] = a
+        f = f.reshape(len(chunk), len(ivs), -1)
+        patched_pred = head.predict(f.flatten(0, 1), digit_ids).reshape(len(chunk), len(ivs))
+        # Rows whose features did not move get the clean prediction bit for bit, rather
+        # than the same number through a differently shaped matmul (1e-8 apart).
+        unmoved = (f == clean_f[:, None]).all(-1)
+        pred[idx] = torch.where(unmoved, clean_pred[idx][:, None], patched_pred)
+        bar.update(len(chunk) * len(ivs))
+    bar.close()
 
     cos = math.nan
     if head.linear_weight is not None and p.direction is not None and not cfg.feature_hook:
@@ -496,8 +615,8 @@ def run_experiment(
         interventions=tuple(ivs),
         clean_activation=clean_act.double().numpy(),
         clean_prediction=clean_pred.double().numpy(),
-        patched_activation=act,
-        patched_prediction=pred,
+        patched_activation=act.double().numpy(),
+        patched_prediction=pred.double().numpy(),
         write_direction_cosine=cos,
         notes=tuple(_notes(texts, clean_act, ivs, p)),
     )

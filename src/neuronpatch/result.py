@@ -170,6 +170,10 @@ class ExperimentResult:
                 out[key] = reason
         return out
 
+    def interpretation(self) -> list[str]:
+        """Plain-language reading of slope and R², as the seed notebook explains them."""
+        return interpret(self.slope, self.r_squared, self.fit.reason)
+
     def metrics(self) -> dict[str, Any]:
         """The numbers probe expectations and baselines are checked against.
 
@@ -250,6 +254,38 @@ class ExperimentResult:
             "notes": list(self.notes),
         }
         return to_jsonable(summary)
+
+
+def interpret(slope: float, r_squared: float, reason: str | None = None) -> list[str]:
+    """Read a slope and R² the way the seed notebook does.
+
+    Example:
+        >>> interpret(0.97, 0.99)[0]
+        'slope 0.970 ≈ 1: the head tracks the unit (a unit of activation moves the prediction by about one unit)'
+    """
+    if math.isnan(slope):
+        return [f"slope undefined: {reason or 'no usable data'}"]
+    if abs(slope - 1.0) <= 0.2:
+        lines = [f"slope {slope:.3f} ≈ 1: the head tracks the unit (a unit of activation moves "
+                 "the prediction by about one unit)"]
+    elif abs(slope) <= 0.1:
+        lines = [f"slope {slope:.3f} ≈ 0: the head ignores the unit (patching it barely moves "
+                 "the prediction)"]
+    elif slope < 0:
+        lines = [f"slope {slope:.3f} < 0: the head is inversely related to the unit"]
+    elif slope < 1:
+        lines = [f"slope {slope:.3f}: the head uses the unit only partly"]
+    else:
+        lines = [f"slope {slope:.3f} > 1: the head over-responds to the unit"]
+    if math.isnan(r_squared):
+        lines.append(f"R² undefined: {reason or 'constant data'}")
+    elif r_squared >= 0.8:
+        lines.append(f"R² {r_squared:.3f}: strong, consistent relation")
+    elif r_squared >= 0.5:
+        lines.append(f"R² {r_squared:.3f}: moderate relation")
+    else:
+        lines.append(f"R² {r_squared:.3f}: weak or inconsistent relation")
+    return lines
 
 
 def _unique_keys(texts: Sequence[str]) -> list[str]:
