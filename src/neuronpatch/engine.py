@@ -491,13 +491,13 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, desc: str = "patched rows") -> Any:
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
     # delay: runs that finish within a second print no bar at all.
-    return tqdm(total=total, desc="patched rows", unit="row", leave=False, delay=1.0)
+    return tqdm(total=total, desc=desc, unit="row", leave=False, delay=1.0)
 
 
 def run_experiment(
@@ -634,3 +634,73 @@ def _notes(texts: Sequence[str], clean_act: Tensor, ivs: Sequence[Intervention],
         notes.append(f"the unit is ~0 on {len(silent)} of {len(texts)} inputs ({which}{more}): "
                      "scale patches cannot move it there; use set or add interventions")
     return notes
+
+
+def collect(
+    model: TransformerBridge,
+    texts: Sequence[str],
+    *,
+    layer: int,
+    neuron: int,
+    layer_type: str = "post",
+    feature_layer: int = -1,
+    set_values: Sequence[float] | None = None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Features at the last token and the unit's activation there, for each text.
+
+    This is what a head is trained on. With ``set_values``, text ``i`` is run
+    with the unit *set* to ``set_values[i]`` at its last token (interventional
+    data: the unit's value is independent of its causes), through the same
+    exact routes as :func:`run_experiment`.
+
+    Returns:
+        ``(features [n, d_model], activations [n])``.
+
+    Example:
+        >>> feats, acts = collect(load_model("neuronpatch-demo"), ["The cat sat."],  # doctest: +SKIP
+        ...                       layer=1, neuron=43, feature_layer=2)
+    """
+    from neuronpatch.heads import HeadConfig
+
+    d_model = int(model.cfg.d_model)
+    # A zero head stands in for "whatever reads these features": only its hooks matter.
+    cfg = HeadConfig(base_model_name="<collect>", target_layer=layer, target_neuron=neuron,
+                     layer_type=layer_type, feature_layer=feature_layer)
+    reader = Head(Path("<collect>"), cfg, {"output.weight": torch.zeros(1, d_model),
+                                          "output.bias": torch.zeros(1)})
+    reader.check_model(model)
+    enc = encode(model, texts, prepend_bos=False, token_pos="last", position="last")
+    p = plan(reader, model, "auto", "last")
+    if set_values is not None and len(set_values) != len(texts):
+        raise ValueError(f"{len(set_values)} set_values for {len(texts)} texts")
+    feats, acts = [], []
+    bar = _progress(len(texts), progress, desc="collecting")
+    for chunk in _batches(len(texts), batch_size):
+        clean = _clean_pass(model, p, enc, chunk)
+        clean_f = torch.stack(clean.features)
+        clean_a = torch.stack([clean.unit[k][enc.read_pos[i]] for k, i in enumerate(chunk)])
+        if set_values is None:
+            feats.append(clean_f)
+            acts.append(clean_a)
+        else:
+            value = torch.tensor([float(set_values[i]) for i in chunk])
+            if p.method == "upstream":
+                f = clean_f
+            elif p.method == "linear":
+                assert p.direction is not None
+                f = clean_f + (value - clean_a)[:, None] * p.direction
+            else:
+                f = torch.empty_like(clean_f)
+                pairs = sorted(((k, 0) for k in range(len(chunk))),
+                               key=lambda kj: enc.read_pos[chunk[kj[0]]])
+                for rows in _row_batches(pairs, batch_size, p, enc, chunk):
+                    kk = [k for k, _ in rows]
+                    f[kk] = _forward_rows(model, p, enc, chunk, clean, kk, torch.zeros(len(kk)),
+                                          value[kk], clean_f[kk])
+            feats.append(f)
+            acts.append(value)
+        bar.update(len(chunk))
+    bar.close()
+    return torch.cat(feats), torch.cat(acts)

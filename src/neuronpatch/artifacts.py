@@ -1,0 +1,70 @@
+"""Writing a result to disk: summary.json and the five figures.
+
+One function serves the CLI (``neuronpatch run --out DIR``) and the pytest
+plugin (one directory per probe), so both produce the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from neuronpatch.result import ExperimentResult, to_jsonable
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """Where a result's files went."""
+
+    directory: Path
+    summary: Path
+    figures: tuple[Path, ...]
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temp file + rename): a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(to_jsonable(data), f, indent=2, sort_keys=False, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_artifacts(
+    result: ExperimentResult,
+    out_dir: str | Path,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    figures: bool = True,
+    title: str | None = None,
+) -> Artifacts:
+    """Write ``summary.json`` (plus ``extra`` keys) and the figures into ``out_dir``.
+
+    Example:
+        >>> art = write_artifacts(res, "out/demo_causal")      # doctest: +SKIP
+        >>> art.summary.name, len(art.figures)                  # doctest: +SKIP
+        ('summary.json', 5)
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: tuple[Path, ...] = ()
+    if figures:
+        from neuronpatch.plots import write_figures  # matplotlib only when figures are wanted
+
+        paths = tuple(write_figures(result, out, title=title))
+    summary = result.summary()
+    summary["figures"] = [p.name for p in paths]
+    if extra:
+        summary.update(extra)
+    write_json(out / "summary.json", summary)
+    return Artifacts(out, out / "summary.json", paths)

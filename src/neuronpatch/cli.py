@@ -1,0 +1,213 @@
+"""The ``neuronpatch`` command line.
+
+``neuronpatch run HEAD_DIR`` is the seed notebook as a command: baseline table,
+one table per intervention, the regression summary with its interpretation,
+per-input sensitivity, and ``summary.json`` plus five figures in ``--out``.
+Bad input ends the command with one line on stderr and exit status 2, never a
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from neuronpatch.errors import InputError, NeuronpatchError
+
+if TYPE_CHECKING:
+    from neuronpatch.result import ExperimentResult
+
+EXIT_USAGE = 2
+
+
+def _f(x: float, width: int = 10, prec: int = 4) -> str:
+    return f"{'nan':>{width}}" if math.isnan(x) else f"{x:>{width}.{prec}f}"
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def read_inputs(path: Path) -> list[str]:
+    """One text per line; blank lines are skipped.
+
+    Raises:
+        InputError: the file is missing, unreadable, or holds no text.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{path}: inputs file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read inputs file ({e})") from e
+    texts = [line.strip() for line in lines if line.strip()]
+    if not texts:
+        raise InputError(f"{path}: inputs file has no text (expected one input per line)")
+    return texts
+
+
+def format_report(res: ExperimentResult) -> str:
+    """The printed report of a run (tables as the seed notebook prints them)."""
+    out: list[str] = []
+    w = 48
+    out.append(f"Head      {res.head_path}  ({res.head_type})")
+    out.append(f"Unit      {res.unit_hook}[{res.target_neuron}]  of {res.model_name}")
+    out.append(f"Reads     {res.feature_hook}  at token_pos={res.token_pos}; "
+               f"patching position={res.patch_position}; engine route: {res.method}")
+    out.append("")
+    out.append(f"Baseline ({len(res.inputs)} inputs)")
+    out.append(f"  {'#':>2}  {'input':<{w}} {'tokens':>6} {'activation':>10} {'prediction':>10}")
+    for i, r in enumerate(res.per_input):
+        out.append(f"  {i:>2}  {_short(r.text, w):<{w}} {r.n_tokens:>6} "
+                   f"{_f(r.clean_activation)} {_f(r.clean_prediction)}")
+    b = res.baseline
+    out.append(f"  activation mean {res.clean_activation.mean():.4f} sd {res.clean_activation.std():.4f}"
+               f" · prediction mean {res.clean_prediction.mean():.4f} "
+               f"sd {res.clean_prediction.std():.4f}")
+    corr = (f"Pearson r {b.pearson_r:.4f} (p={b.pearson_p:.3g}), Spearman ρ {b.spearman_rho:.4f}"
+            if b.reason is None else f"correlation undefined: {b.reason}")
+    out.append(f"  {corr}")
+    dact, dpred = res.activation_change, res.prediction_change
+    for j, iv in enumerate(res.interventions):
+        out.append("")
+        out.append(f"Experiment {iv.label}")
+        out.append(f"  {'#':>2}  {'input':<{w}} {'patched act':>11} {'Δ act':>10} {'Δ pred':>10}")
+        for i, text in enumerate(res.inputs):
+            out.append(f"  {i:>2}  {_short(text, w):<{w}} {_f(res.patched_activation[i, j], 11)} "
+                       f"{_f(dact[i, j])} {_f(dpred[i, j])}")
+        out.append(f"  average Δ act {dact[:, j].mean():.4f} · average Δ pred {dpred[:, j].mean():.4f}")
+    fit, ci = res.fit, res.slope_ci95
+    out.append("")
+    out.append("Regression of Δ prediction on Δ activation (all inputs × interventions)")
+    out.append(f"  slope      {fit.slope:.6f}  (stderr {fit.stderr:.3g}, p={fit.p_value:.3g}, "
+               f"95% CI [{ci.lo:.4f}, {ci.hi:.4f}])")
+    out.append(f"  intercept  {fit.intercept:.6f}")
+    out.append(f"  R²         {fit.r_squared:.6f}  (95% CI [{res.r_squared_ci95.lo:.4f}, "
+               f"{res.r_squared_ci95.hi:.4f}])")
+    if not math.isnan(res.write_direction_cosine):
+        out.append(f"  cosine(head weights, unit write direction) {res.write_direction_cosine:.4f}")
+    for line in res.interpretation():
+        out.append(f"  → {line}")
+    out.append("")
+    out.append("Per-input sensitivity (sorted by |slope|)")
+    out.append(f"  {'input':<{w}} {'slope':>10} {'R²':>10} {'points':>6}")
+    rows = sorted(res.per_input, key=lambda r: -abs(r.slope) if not math.isnan(r.slope) else 0.0)
+    for r in rows:
+        out.append(f"  {_short(r.text, w):<{w}} {_f(r.slope)} {_f(r.r2)} {r.fit.n:>6}")
+    for note in res.notes:
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from neuronpatch.artifacts import write_artifacts
+    from neuronpatch.engine import run_experiment
+
+    if args.inputs is not None and args.text:
+        raise InputError("give --inputs FILE or --text, not both")
+    texts = read_inputs(args.inputs) if args.inputs is not None else (args.text or None)
+    position: str | int | None = None if args.position is None else args.position
+    if position not in (None, "last", "all"):
+        try:
+            position = int(args.position)
+        except ValueError:
+            raise InputError(
+                f"--position {args.position!r} is invalid; expected last, all or an integer"
+            ) from None
+    res = run_experiment(
+        args.head_dir, texts, scale=args.scale, set=args.set, add=args.add, zero=args.zero,
+        mean=args.mean, position=position,
+        batch_size=args.batch_size, device=args.device, progress=True,
+    )
+    print(format_report(res))
+    art = write_artifacts(res, args.out)
+    print("")
+    print(f"Wrote {art.summary} and {len(art.figures)} figures in {art.directory}")
+    return 0
+
+
+def _cmd_train_head(args: argparse.Namespace) -> int:
+    from neuronpatch.training import train_head
+
+    rep = train_head(
+        model=args.model, layer=args.layer, neuron=args.neuron, layer_type=args.layer_type,
+        feature_layer=args.feature_layer, head_type=args.type, hidden_dim=args.hidden_dim,
+        bins=args.bins, intervene=args.intervene, corpus=args.corpus, windows=args.windows,
+        seed=args.seed, out=args.out, progress=True,
+    )
+    data = "interventional" if args.intervene else "natural"
+    print(f"Trained a {args.type} head on {rep.n_train} {data} windows "
+          f"({rep.n_held_out} held out) for {args.layer_type} L{args.layer} N{args.neuron} "
+          f"of {args.model}, reading hidden_states[{args.feature_layer}]")
+    print(f"  unit activation: mean {rep.activation_mean:.4f}, sd {rep.activation_std:.4f}")
+    print(f"  R²        train {rep.train_r2:.4f}   held-out {rep.held_out_r2:.4f}")
+    if rep.train_accuracy is not None and rep.held_out_accuracy is not None:
+        print(f"  accuracy  train {rep.train_accuracy:.4f}   held-out {rep.held_out_accuracy:.4f}")
+    print(f"Wrote {args.out / 'config.json'} and {args.out / 'head.pt'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (public so docs and tests can introspect it)."""
+    parser = argparse.ArgumentParser(
+        prog="neuronpatch", description="Causal tests for neuron-prediction heads.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="patch a head's unit and report how its prediction moves")
+    run.add_argument("head_dir", type=Path, help="head directory (config.json + head.pt)")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("--inputs", type=Path, help="text file, one input per line")
+    src.add_argument("--text", action="append", metavar="T", help="an input text (repeatable)")
+    run.add_argument("--scale", type=float, nargs="+", metavar="F", help="scale factors")
+    run.add_argument("--set", type=float, nargs="+", metavar="V", help="values to set")
+    run.add_argument("--add", type=float, nargs="+", metavar="D", help="values to add")
+    run.add_argument("--zero", action="store_true", help="also zero-ablate")
+    run.add_argument("--mean", action="store_true", help="also mean-ablate (mean over inputs)")
+    run.add_argument("--position", default=None,
+                     help="where to patch: last, all or an index (default: the head's token_pos)")
+    run.add_argument("--out", type=Path, default=Path("neuronpatch-out"),
+                     help="directory for summary.json and figures (default: ./neuronpatch-out)")
+    run.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
+    run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    run.set_defaults(func=_cmd_run)
+
+    th = sub.add_parser("train-head", help="train a prediction head (seed artifact format)")
+    th.add_argument("--model", default="neuronpatch-demo",
+                    help="model directory, cached HF id or neuronpatch-demo (default)")
+    th.add_argument("--layer", type=int, required=True, help="the unit's layer")
+    th.add_argument("--neuron", type=int, required=True, help="the unit's index")
+    th.add_argument("--layer-type", default="post", help="post (MLP neuron, default), mlp_out, ...")
+    th.add_argument("--feature-layer", type=int, required=True,
+                    help="index into hidden_states the head reads (-1: final, after ln_f)")
+    th.add_argument("--type", choices=("regression", "classification"), default="regression")
+    th.add_argument("--hidden-dim", type=int, default=None, help="hidden layer width (default: linear)")
+    th.add_argument("--bins", type=int, default=8, help="classes of a classification head")
+    th.add_argument("--intervene", action="store_true",
+                    help="train on interventional data: the unit set to random values")
+    th.add_argument("--corpus", type=Path, default=None,
+                    help="text file (documents split by blank lines); default: the demo corpus")
+    th.add_argument("--windows", type=int, default=3000, help="text windows to collect")
+    th.add_argument("--seed", type=int, default=0)
+    th.add_argument("--out", type=Path, required=True, help="head directory to write")
+    th.set_defaults(func=_cmd_train_head)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``neuronpatch`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except NeuronpatchError as e:
+        print(f"neuronpatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("neuronpatch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Training prediction heads in the seed's artifact format.
+
+A head learns to predict one unit's activation at the last token of a text
+from the residual stream read at ``feature_layer``. Two ways to collect the
+training pairs:
+
+* **natural**: run each text and record (features, activation). A head trained
+  this way learns whatever predicts the unit best, which is mostly the unit's
+  *causes*: it can score a high R² and still ignore the unit itself.
+* **interventional** (``intervene=True``): on each text, *set* the unit to a
+  random value at the last token and record the resulting features with that
+  value as the target. The unit's value is then independent of its causes, so
+  the only way to predict it is to read what it writes.
+
+Linear regression heads are fitted in closed form (ridge); heads with a hidden
+layer, and classification heads, are trained with Adam on full batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 - the conventional alias
+from torch import Tensor
+
+from neuronpatch import units
+from neuronpatch.engine import collect
+from neuronpatch.errors import InputError
+from neuronpatch.models import load_model
+
+HELD_OUT_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    """What training measured; printed by the CLI and stored in config.json."""
+
+    out_dir: Path
+    n_train: int
+    n_held_out: int
+    train_r2: float
+    held_out_r2: float
+    train_accuracy: float | None
+    held_out_accuracy: float | None
+    activation_mean: float
+    activation_std: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def corpus_windows(corpus: Path | None, *, n: int, seed: int, min_words: int = 4,
+                   max_words: int = 24) -> list[str]:
+    """Text windows from the demo corpus, or from a text file (documents split by blank lines)."""
+    from neuronpatch.demo.corpus import documents, text_windows
+
+    if corpus is None:
+        docs = documents()
+    else:
+        try:
+            raw = corpus.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--corpus {corpus}: cannot read ({e})") from e
+        docs = [" ".join(block.split()) for block in raw.split("\n\n") if block.strip()]
+    docs = [d for d in docs if len(d.split()) >= min_words]
+    if not docs:
+        raise InputError(f"--corpus {corpus or 'demo'}: no document has at least {min_words} "
+                         "words; nothing to train on")
+    return text_windows(docs, n=n, min_words=min_words, max_words=max_words, seed=seed)
+
+
+def _r2(y: Tensor, pred: Tensor) -> float:
+    ss_res = float(((y - pred) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return math.nan if ss_tot == 0 else 1.0 - ss_res / ss_tot
+
+
+def _ridge(x: Tensor, y: Tensor, alpha: float) -> tuple[Tensor, Tensor]:
+    """Closed-form ridge regression (intercept not penalised), in float64."""
+    xd, yd = x.double(), y.double()
+    xm, ym = xd.mean(0), yd.mean()
+    xc = xd - xm
+    gram = xc.T @ xc + alpha * torch.eye(xc.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, xc.T @ (yd - ym))
+    b = ym - xm @ w
+    return w.float(), b.float().reshape(1)
+
+
+def _fit_torch(
+    x: Tensor, target: Tensor, *, hidden_dim: int | None, n_out: int, classify: bool,
+    epochs: int, seed: int, progress: bool,
+) -> dict[str, Tensor]:
+    torch.manual_seed(seed)
+    d = x.shape[1]
+    # Standardise inside the fit, then fold the scaling into the first layer's weights.
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sd
+    layers: list[torch.nn.Module] = []
+    width = d
+    if hidden_dim:
+        layers += [torch.nn.Linear(d, hidden_dim), torch.nn.GELU()]
+        width = hidden_dim
+    layers.append(torch.nn.Linear(width, n_out))
+    net = torch.nn.Sequential(*layers)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-4)
+    steps = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="training", unit="epoch", leave=False, delay=1.0)
+    for _ in steps:
+        opt.zero_grad()
+        out = net(z)
+        loss = F.cross_entropy(out, target) if classify else F.mse_loss(out[:, 0], target)
+        loss.backward()
+        opt.step()
+    first = net[0]
+    assert isinstance(first, torch.nn.Linear)
+    w1 = first.weight.detach() / sd
+    b1 = first.bias.detach() - w1 @ mu
+    if hidden_dim:
+        last = net[2]
+        assert isinstance(last, torch.nn.Linear)
+        return {"hidden.weight": w1, "hidden.bias": b1,
+                "output.weight": last.weight.detach().clone(), "output.bias": last.bias.detach().clone()}
+    return {"output.weight": w1, "output.bias": b1}
+
+
+def train_head(
+    *,
+    model: str,
+    layer: int,
+    neuron: int,
+    feature_layer: int,
+    out: Path,
+    layer_type: str = "post",
+    head_type: str = "regression",
+    hidden_dim: int | None = None,
+    bins: int = 8,
+    intervene: bool = False,
+    corpus: Path | None = None,
+    windows: int = 3000,
+    ridge_alpha: float = 1.0,
+    epochs: int = 300,
+    seed: int = 0,
+    texts: Sequence[str] | None = None,
+    progress: bool = False,
+) -> TrainReport:
+    """Collect training pairs, fit a head, write ``config.json`` + ``head.pt`` to ``out``.
+
+    Raises:
+        InputError: a flag out of range for the model, or an empty corpus.
+
+    Example:
+        >>> rep = train_head(model="neuronpatch-demo", layer=1, neuron=43,  # doctest: +SKIP
+        ...                  feature_layer=2, out=Path("heads/mine"), intervene=True)
+        >>> round(rep.held_out_r2, 2)                                        # doctest: +SKIP
+    """
+    if head_type not in ("regression", "classification"):
+        raise InputError(f"--type {head_type!r} is invalid; expected regression or classification")
+    if layer_type not in units.UNIT_HOOKS:
+        raise InputError(f"--layer-type {layer_type!r} is invalid; expected one of "
+                         + ", ".join(units.UNIT_HOOKS))
+    bridge = load_model(model)
+    n_layers = int(bridge.cfg.n_layers)
+    width = int(bridge.cfg.d_mlp if layer_type in units.MLP_HIDDEN_TYPES else bridge.cfg.d_model)
+    if not 0 <= layer < n_layers:
+        raise InputError(f"--layer {layer} is invalid; expected an int in [0, {n_layers - 1}]")
+    if not 0 <= neuron < width:
+        raise InputError(f"--neuron {neuron} is invalid; expected an int in [0, {width - 1}] "
+                         f"(the width of {layer_type} in {model})")
+    if not -(n_layers + 1) <= feature_layer <= n_layers:
+        raise InputError(f"--feature-layer {feature_layer} is invalid; expected an int in "
+                         f"[-{n_layers + 1}, {n_layers}] (an index into hidden_states)")
+    if head_type == "classification" and bins < 2:
+        raise InputError(f"--bins {bins} is invalid; expected at least 2")
+    if windows < 10 and texts is None:
+        raise InputError(f"--windows {windows} is invalid; expected at least 10")
+    data = list(texts) if texts is not None else corpus_windows(corpus, n=windows, seed=seed)
+    # Windows of symbol-heavy text can outgrow the context; they are dropped, not truncated,
+    # so every target is the activation at the window's own last token.
+    n_ctx = int(bridge.cfg.n_ctx)
+    data = [t for t in data if 0 < len(bridge.tokenizer.encode(t, add_special_tokens=False)) <= n_ctx]
+    if not data:
+        raise InputError("no training texts fit the model's context")
+
+    kw = dict(layer=layer, neuron=neuron, layer_type=layer_type, feature_layer=feature_layer,
+              progress=progress)
+    natural_x, natural_y = collect(bridge, data, **kw)  # type: ignore[arg-type]
+    if intervene:
+        # Values drawn independently of the text, over the unit's natural range widened by
+        # its width on each side: a wide spread of the written value against the clean
+        # residual's own variation is what lets the head single the unit out.
+        rng = np.random.default_rng(seed)
+        lo, hi = float(natural_y.min()), float(natural_y.max())
+        span = max(hi - lo, 1e-3)
+        values = rng.uniform(lo - span, hi + span, size=len(data)).tolist()
+        x, y = collect(bridge, data, set_values=values, **kw)  # type: ignore[arg-type]
+    else:
+        x, y = natural_x, natural_y
+
+    order = np.random.default_rng(seed + 1).permutation(len(data))
+    n_held = max(1, int(round(HELD_OUT_FRACTION * len(data))))
+    held, train = torch.from_numpy(order[:n_held]), torch.from_numpy(order[n_held:])
+    if len(train) < 2:
+        raise InputError(f"only {len(data)} training texts; need at least 3")
+
+    config: dict[str, Any] = {
+        "base_model_name": model, "target_layer": layer, "target_neuron": neuron,
+        "layer_type": layer_type, "feature_layer": feature_layer, "token_pos": "last",
+        "prepend_bos": False, "head_type": head_type,
+        "head_config": {"hidden_dim": hidden_dim, "dropout": 0.0},
+    }
+    acc_train = acc_held = None
+    if head_type == "regression":
+        if hidden_dim:
+            sd = _fit_torch(x[train], y[train], hidden_dim=hidden_dim, n_out=1, classify=False,
+                            epochs=epochs, seed=seed, progress=progress)
+        else:
+            w, b = _ridge(x[train], y[train], ridge_alpha)
+            sd = {"output.weight": w[None, :], "output.bias": b}
+    else:
+        # Bin edges from activation quantiles: each class holds about as many examples.
+        qs = torch.quantile(y[train].double(), torch.linspace(0, 1, bins + 1, dtype=torch.float64))
+        edges = torch.unique(qs).float()
+        if len(edges) < 3:
+            raise InputError(f"the unit takes too few distinct values for {bins} bins")
+        labels = torch.bucketize(y, edges[1:-1])
+        sd = _fit_torch(x[train], labels[train], hidden_dim=hidden_dim, n_out=len(edges) - 1,
+                        classify=True, epochs=epochs, seed=seed, progress=progress)
+        config["bin_edges"] = [float(e) for e in edges]
+
+    from neuronpatch.heads import Head, parse_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    head = Head(out, parse_config(config, out / "config.json"), sd)
+    pred = head.predict(x)
+    if head_type == "classification":
+        labels = torch.bucketize(y, torch.tensor(config["bin_edges"][1:-1]))
+        logits = F.linear(F.gelu(F.linear(x, sd["hidden.weight"], sd["hidden.bias"]))
+                          if hidden_dim else x, sd["output.weight"], sd["output.bias"])
+        hit = (logits.argmax(-1) == labels).float()
+        acc_train, acc_held = float(hit[train].mean()), float(hit[held].mean())
+    report = TrainReport(
+        out_dir=out, n_train=len(train), n_held_out=len(held),
+        train_r2=_r2(y[train], pred[train]), held_out_r2=_r2(y[held], pred[held]),
+        train_accuracy=acc_train, held_out_accuracy=acc_held,
+        activation_mean=float(natural_y.mean()), activation_std=float(natural_y.std()),
+    )
+    config["training"] = {
+        "data": "interventional" if intervene else "natural",
+        "corpus": str(corpus) if corpus else "neuronpatch demo corpus",
+        "windows": len(data), "seed": seed,
+        **{k: v for k, v in report.as_dict().items() if k != "out_dir"},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    torch.save({k: v.contiguous() for k, v in sd.items()}, out / "head.pt")
+    return report

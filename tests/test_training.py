@@ -1,0 +1,119 @@
+"""`neuronpatch train-head` and the shipped demo heads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neuronpatch import load_head, load_model, run_experiment
+from neuronpatch.cli import main
+from neuronpatch.testing import tiny_gpt2
+from neuronpatch.training import train_head
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_INPUTS = (ROOT / "probes" / "inputs" / "demo.txt").read_text().splitlines()
+SET_VALUES = [-0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+CORPUS = "\n\n".join(
+    " ".join(f"word{(i * 7 + j) % 23} the cat sat on mat number {j % 10}" for j in range(12))
+    for i in range(40)
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_gpt2(tmp_path_factory.mktemp("m") / "tiny", n_layer=2)
+
+
+@pytest.mark.parametrize("intervene", [False, True])
+def test_train_head_writes_a_loadable_artifact(tmp_path, model_dir, capsys, intervene):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    out = tmp_path / "head"
+    args = ["train-head", "--model", str(model_dir), "--layer", "0", "--neuron", "5",
+            "--feature-layer", "1", "--corpus", str(corpus), "--windows", "200", "--out", str(out)]
+    assert main(args + (["--intervene"] if intervene else [])) == 0
+    printed = capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert f"held-out {cfg['training']['held_out_r2']:.4f}" in printed
+    assert cfg["training"]["data"] == ("interventional" if intervene else "natural")
+    head = load_head(out)
+    assert head.config.target_neuron == 5 and head.config.feature_layer == 1
+    # The head really predicts the neuron on held-out style text.
+    assert cfg["training"]["held_out_r2"] > 0.5
+    res = run_experiment(out, ["the cat sat on mat number 3", "word5 the cat"], set=[0.0, 1.0])
+    assert res.method == "linear"
+
+
+def test_interventional_training_makes_the_head_track_the_unit(tmp_path, model_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    w_out = load_model(model_dir).W_out[0, 5]
+    rep = train_head(model=str(model_dir), layer=0, neuron=5, feature_layer=1, corpus=corpus,
+                     windows=300, intervene=True, out=tmp_path / "h")
+    w = load_head(rep.out_dir).linear_weight
+    assert w is not None
+    # The analytic slope of a linear head right after the unit is w·W_out[n]; trained on
+    # interventions it should be close to 1.
+    assert 0.7 < float(w @ w_out) < 1.3
+
+
+def test_classification_head_gets_quantile_bin_edges(tmp_path, model_dir):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    rep = train_head(model=str(model_dir), layer=0, neuron=5, feature_layer=1, corpus=corpus,
+                     windows=200, head_type="classification", bins=4, out=tmp_path / "c",
+                     epochs=50)
+    cfg = json.loads((rep.out_dir / "config.json").read_text())
+    edges = cfg["bin_edges"]
+    assert len(edges) == 5 and edges == sorted(edges)
+    assert rep.held_out_accuracy is not None
+    assert load_head(rep.out_dir).config.bin_edges == tuple(edges)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--neuron", "999"], "--neuron 999 is invalid; expected an int in [0, 63]"),
+        (["--layer", "7"], "--layer 7 is invalid; expected an int in [0, 1]"),
+        (["--corpus", "EMPTY"], "no document has at least 4 words; nothing to train on"),
+    ],
+)
+def test_train_head_refuses_nonsense(tmp_path, model_dir, capsys, extra, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    args = {"--layer": "0", "--neuron": "5"}
+    rest: list[str] = []
+    it = iter(extra)
+    for flag in it:
+        value = next(it)
+        if flag in args:
+            args[flag] = value
+        else:
+            rest += [flag, str(empty) if value == "EMPTY" else value]
+    argv = ["train-head", "--model", str(model_dir), "--feature-layer", "1",
+            "--out", str(tmp_path / "o"), *[x for kv in args.items() for x in kv], *rest]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+# ------------------------------------------------------------------ the shipped demo heads
+def test_upstream_demo_head_correlates_but_has_slope_exactly_zero():
+    res = run_experiment(ROOT / "probes/heads/demo_upstream", DEMO_INPUTS, set=SET_VALUES)
+    assert res.slope == 0.0
+    assert abs(res.baseline_correlation) >= 0.5
+
+
+def test_causal_demo_head_slope_is_in_the_readme_range():
+    res = run_experiment(ROOT / "probes/heads/demo_causal", DEMO_INPUTS, set=SET_VALUES)
+    assert 0.8 <= res.slope <= 1.2  # README: "slope 0.8-1.2"
+    assert res.r_squared > 0.99
+    assert abs(res.baseline_correlation) >= 0.5
+
+
+def test_natural_demo_head_correlates_yet_barely_uses_the_neuron():
+    res = run_experiment(ROOT / "probes/heads/demo_natural", DEMO_INPUTS, set=SET_VALUES)
+    assert res.baseline_correlation > 0.9
+    assert res.slope < 0.4
