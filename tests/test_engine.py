@@ -309,3 +309,21 @@ def test_linear_route_is_refused_when_patch_and_read_positions_differ(tmp_path, 
     assert run_experiment(head, TEXTS, set=[0.0, 1.0], position=0).method == "sparse"
     with pytest.raises(ValueError, match="at the patched position"):
         run_experiment(head, TEXTS, set=[0.0, 1.0], position=0, method="linear")
+
+
+def test_clean_runs_are_shared_between_experiments(tmp_path, model_dir):
+    from neuronpatch import load_model
+
+    model = load_model(model_dir)
+    calls = []
+    handle = model.embed.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        head = make_head(tmp_path, model_dir, "h", feature_layer=LAYER + 1)
+        texts = ["A sentence nobody else in this file uses.", "And another one."]
+        first = run_experiment(head, texts, set=[0.0, 1.0], model=model)
+        assert len(calls) == 1  # one clean pass; the linear route needs no patched forward
+        again = run_experiment(head, texts, scale=[0.5, 2.0], model=model)
+        assert len(calls) == 1  # the clean run was reused
+        np.testing.assert_array_equal(first.clean_prediction, again.clean_prediction)
+    finally:
+        handle.remove()

@@ -33,6 +33,8 @@ a call. Everything is deterministic.
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,25 +283,38 @@ def _clean_pass(
             for layer in range(p.start_layer, max(p.start_layer, _last_block(p, n_layers)) + 1):
                 wanted[f"k{layer}"] = f"blocks.{layer}.attn.hook_k"
                 wanted[f"v{layer}"] = f"blocks.{layer}.attn.hook_v"
-    read = torch.tensor([enc.read_pos[i] for i in chunk])
-    got: dict[str, Tensor] = {}
+    read = tuple(enc.read_pos[i] for i in chunk)
+    rows = tuple(tuple(enc.ids[i]) for i in chunk)
+    # What each capture is called in the clean-run cache: same hook, same slice, same tensor.
+    names = {key: (key if key in ("unit", "features") else "full", hook,
+                   p.neuron if key == "unit" else read if key == "features" else None)
+             for key, hook in wanted.items()}
+    store = _clean_store(model, rows)
+    missing = {key: hook for key, hook in wanted.items() if names[key] not in store}
+    if missing:
+        got: dict[str, Tensor] = {}
+        read_t = torch.tensor(read)
 
-    def grab(key: str) -> Callable[..., None]:
-        def hook(act: Tensor, hook: Any) -> None:
-            if key == "unit":
-                got[key] = act[..., p.neuron].detach().clone()
-            elif key == "features":
-                got[key] = act[torch.arange(act.shape[0]), read].detach().clone()
-            else:
-                got[key] = act.detach().clone()
-            if len(got) == len(wanted):
-                raise _Stop  # nothing later in the forward is needed
+        def grab(key: str) -> Callable[..., None]:
+            def hook(act: Tensor, hook: Any) -> None:
+                if key == "unit":
+                    got[key] = act[..., p.neuron].detach().clone()
+                elif key == "features":
+                    got[key] = act[torch.arange(act.shape[0]), read_t].detach().clone()
+                else:
+                    got[key] = act.detach().clone()
+                if len(got) == len(missing):
+                    raise _Stop  # nothing later in the forward is needed
 
-        return hook
+            return hook
 
-    tokens = _pad([enc.ids[i] for i in chunk], 0)
-    hooks = [(name, grab(key)) for key, name in wanted.items()]
-    _run_to(model, hooks, lambda: model(tokens, return_type=None))
+        tokens = _pad(rows, 0)
+        _run_to(model, [(hook, grab(key)) for key, hook in missing.items()],
+                lambda: model(tokens, return_type=None))
+        for key, tensor in got.items():
+            store[names[key]] = tensor
+        _evict(model)
+    got = {key: store[names[key]] for key in wanted}
     clean = _Clean([], [], [], [])
     for k, i in enumerate(chunk):
         n = len(enc.ids[i])
@@ -320,6 +335,34 @@ def _clean_pass(
                              vv.reshape(prefix, n_heads, d_head).transpose(0, 1))
         clean.kv.append(kv)
     return clean
+
+
+# Clean runs are shared by every experiment on the same model and token rows (probes on
+# one head and input set, a mean-ablation pre-pass, repeated runs): per model, an LRU of
+# captured tensors keyed by the rows, bounded in bytes.
+CLEAN_CACHE_BYTES = 256 * 2**20
+_CLEAN_CACHE: weakref.WeakKeyDictionary[Any, OrderedDict[Any, dict[Any, Tensor]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _clean_store(model: TransformerBridge, rows: tuple[tuple[int, ...], ...]) -> dict[Any, Tensor]:
+    per_model = _CLEAN_CACHE.setdefault(model, OrderedDict())
+    store = per_model.setdefault(rows, {})
+    per_model.move_to_end(rows)
+    return store
+
+
+def _evict(model: TransformerBridge) -> None:
+    per_model = _CLEAN_CACHE[model]
+    size = sum(t.numel() * t.element_size() for s in per_model.values() for t in s.values())
+    while size > CLEAN_CACHE_BYTES and len(per_model) > 1:
+        _, dropped = per_model.popitem(last=False)
+        size -= sum(t.numel() * t.element_size() for t in dropped.values())
+
+
+def clear_clean_cache() -> None:
+    """Forget every cached clean run (for benchmarks that time the clean pass itself)."""
+    _CLEAN_CACHE.clear()
 
 
 class _PrefixCache:
