@@ -23,6 +23,8 @@ import argparse
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -30,18 +32,18 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402 - after the offline switch
-from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from neuronpatch import load_head, load_model, run_experiment  # noqa: E402
-from neuronpatch.engine import clear_clean_cache  # noqa: E402
-from neuronpatch.testing import tiny_tokenizer, write_head  # noqa: E402
+from neuronpatch import load_head, load_model, run_experiment
+from neuronpatch.engine import clear_clean_cache
+from neuronpatch.testing import tiny_tokenizer, write_head
 
 LAYER, NEURON = 8, 481
 FACTORS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
-WORDS = ("the cat sat on mat machine learning models can be difficult to interpret "
-         "transformers use attention mechanisms process sequences quick brown fox jumps "
-         "over lazy dog numbers appear here").split()
+WORDS = ("the", "cat", "sat", "on", "mat", "machine", "learning", "models", "can", "be",
+         "difficult", "to", "interpret", "transformers", "use", "attention", "mechanisms",
+         "process", "sequences", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
 
 
 def make_model(root: Path) -> Path:
@@ -109,8 +111,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--inputs", type=int, default=8)
     ap.add_argument("--scale-inputs", type=int, default=0,
-                    help="also time N inputs x 8 factors (engine only) and report peak RSS")
+                    help="also time N/4, N/2 and N inputs x 8 factors, each in a fresh process, "
+                         "with its peak RSS")
+    ap.add_argument("--engine-only", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--head-dir", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.engine_only:
+        engine_only(args.engine_only, args.model_dir, args.head_dir)
+        return
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -157,14 +166,25 @@ def main() -> None:
         for name, t in rows.items():
             print(f"| {name} | {t:.3f} | {t / floor_t:.2f} | {loop_t / t:.1f} |")
         if args.scale_inputs:
-            big = make_inputs(model_dir, args.scale_inputs, seed=1)
-            half = big[: args.scale_inputs // 2]
-            t_half = median_time(lambda: engine(half), 1)
-            t_full = median_time(lambda: engine(big), 1)
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            print(f"\n| inputs x 8 factors | engine s |\n| --- | ---: |\n"
-                  f"| {len(half)} | {t_half:.2f} |\n| {len(big)} | {t_full:.2f} |\n"
-                  f"\npeak RSS of this process: {rss:.0f} MB")
+            # Fresh processes, so peak RSS is the engine's alone (model + one experiment).
+            print("\n| inputs x 8 factors | engine s | peak RSS MB |\n| --- | ---: | ---: |")
+            for n in (args.scale_inputs // 4, args.scale_inputs // 2, args.scale_inputs):
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--engine-only", str(n), "--model-dir", str(model_dir),
+                     "--head-dir", str(head_dir)], capture_output=True, text=True, check=True)
+                secs, rss = proc.stdout.split()[-2:]
+                print(f"| {n} | {float(secs):.2f} | {float(rss):.0f} |")
+
+
+def engine_only(n: int, model_dir: Path, head_dir: Path) -> None:
+    """Time one experiment on ``n`` inputs in this process; print seconds and peak RSS (MB)."""
+    texts = make_inputs(model_dir, n, seed=1)
+    model = load_model(model_dir)
+    head = load_head(head_dir)
+    t0 = time.perf_counter()
+    run_experiment(head, texts, scale=FACTORS, model=model)
+    secs = time.perf_counter() - t0
+    print(secs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 if __name__ == "__main__":

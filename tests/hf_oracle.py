@@ -10,6 +10,7 @@ the head maths are right.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -91,5 +92,5 @@ def head_predict(head_dir: Path, features: torch.Tensor, logits_digits: list[int
     edges = cfg.get("bin_edges")
     if edges is None:
         return float(torch.argmax(out))
-    centres = [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)]
+    centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
     return float(torch.softmax(out, 0) @ torch.tensor(centres))

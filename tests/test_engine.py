@@ -54,10 +54,10 @@ def oracle_rows(oracle: Oracle, head_dir: Path, res, *, layer_type: str = "post"
               if cfg["head_type"] == "token" else None)
     layer, neuron = cfg["target_layer"], cfg["target_neuron"]
     clean, patched = [], []
-    for i, text in enumerate(res.inputs):
+    for text in res.inputs:
         n = len(oracle.ids(text)[0])
         read = n - 1
-        hs, logits, col = oracle.run(text, layer=layer, layer_type=layer_type, neuron=neuron)
+        hs, logits, _ = oracle.run(text, layer=layer, layer_type=layer_type, neuron=neuron)
         feats = logits[read] if digits else hs[fl][0, read]
         clean.append(head_predict(head_dir, feats, digits))
         pos = list(range(n)) if position == "all" else [read if position == "last" else position]
@@ -245,7 +245,7 @@ def test_upstream_head_is_explained_in_notes(tmp_path, model_dir):
 
 def test_input_errors(tmp_path, model_dir):
     head = make_head(tmp_path, model_dir, "h")
-    with pytest.raises(InputError, match="input 1 .* is empty"):
+    with pytest.raises(InputError, match=r"input 1 .* is empty"):
         run_experiment(head, ["ok", ""])
     with pytest.raises(InputError, match="context is 128 tokens"):
         run_experiment(head, ["word " * 200])

@@ -98,7 +98,7 @@ def test_missing_and_malformed_files(tmp_path, model_dir):
         load_head(head)
     head2 = write_head(tmp_path / "h2", model_dir, target_layer=0, target_neuron=1)
     (head2 / "head.pt").unlink()
-    with pytest.raises(HeadConfigError, match="no head.pt or head.safetensors"):
+    with pytest.raises(HeadConfigError, match=r"no head\.pt or head\.safetensors"):
         load_head(head2)
 
 

@@ -93,7 +93,7 @@ def test_bootstrap_matches_a_naive_loop():
 
 
 def test_bootstrap_needs_two_inputs():
-    s, r = stats.bootstrap_ci([[0.0, 1.0]], [[0.0, 1.0]])
+    s, _ = stats.bootstrap_ci([[0.0, 1.0]], [[0.0, 1.0]])
     assert math.isnan(s.lo) and "at least 2 inputs" in s.reason
 
 

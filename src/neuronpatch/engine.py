@@ -32,6 +32,7 @@ a call. Everything is deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from collections import OrderedDict
@@ -40,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -251,11 +251,8 @@ def _run_to(
     forward: Callable[[], Any],
 ) -> None:
     """Run ``forward`` with hooks attached; a capture hook may end it early."""
-    with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks):
-        try:
-            forward()
-        except _Stop:
-            pass
+    with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks), contextlib.suppress(_Stop):
+        forward()
 
 
 def _last_block(p: Plan, n_layers: int) -> int:
@@ -506,7 +503,8 @@ def _forward_rows(
         if "patched" in out:
             raise _Stop  # the rest of the forward cannot change what the head reads
 
-    hooks = [(p.unit_hook, _patch_hook(p.neuron, mask, target, out)), (p.feature_hook, capture)]
+    hooks: list[tuple[str, Callable[..., Any]]] = [
+        (p.unit_hook, _patch_hook(p.neuron, mask, target, out)), (p.feature_hook, capture)]
     if p.method == "full":
         tokens = _pad([enc.ids[i] for i in ii], 0)
         _run_to(model, hooks, lambda: model(tokens, return_type=None))
@@ -548,7 +546,7 @@ def run_experiment(
     inputs: Sequence[str] | None = None,
     *,
     scale: Sequence[float] | None = None,
-    set: Sequence[float] | None = None,  # noqa: A002 - mirrors the probe-file key
+    set: Sequence[float] | None = None,
     add: Sequence[float] | None = None,
     zero: bool = False,
     mean: bool = False,

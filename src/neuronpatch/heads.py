@@ -18,6 +18,7 @@ width, feature width, digit tokens) is checked by :meth:`Head.check_model`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import pickle
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional alias
+import torch.nn.functional as F
 from torch import Tensor
 
 from neuronpatch import units
@@ -99,7 +100,8 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
     feature_layer = _int(raw, "feature_layer", where, default=-1, allow_negative=True)
     feature_hook = raw.get("feature_hook")
     if feature_hook is not None and (not isinstance(feature_hook, str) or not feature_hook):
-        raise config_error(where, "feature_hook", feature_hook, "a hook name such as 'blocks.2.hook_resid_pre'")
+        raise config_error(where, "feature_hook", feature_hook,
+                           "a hook name such as 'blocks.2.hook_resid_pre'")
     token_pos = raw.get("token_pos", "last")
     if not (token_pos == "last" or (isinstance(token_pos, int) and not isinstance(token_pos, bool))):
         raise config_error(where, "token_pos", token_pos, "'last' or an integer position")
@@ -133,7 +135,7 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
                       for e in edges))
         if not ok:
             raise config_error(where, "bin_edges", edges, "a list of at least 2 finite numbers")
-        if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
+        if any(b <= a for a, b in itertools.pairwise(edges)):
             raise config_error(where, "bin_edges", edges, "strictly increasing numbers")
         if head_type != "classification":
             raise config_error(where, "bin_edges", edges, f"no bin_edges for head_type {head_type!r}")
@@ -246,7 +248,8 @@ class Head:
         if missing:
             raise self._bad("state dict", sorted(w), f"keys {sorted(expected)} (missing {sorted(missing)})")
         if unknown:
-            raise self._bad("state dict", sorted(w), f"only keys {sorted(expected)} (unexpected {sorted(unknown)})")
+            raise self._bad("state dict", sorted(w),
+                            f"only keys {sorted(expected)} (unexpected {sorted(unknown)})")
         out_w, out_b = w["output.weight"], w["output.bias"]
         if out_w.ndim != 2 or out_b.shape != (out_w.shape[0],):
             raise self._bad("output.weight/output.bias", (tuple(out_w.shape), tuple(out_b.shape)),
@@ -289,7 +292,7 @@ class Head:
         n_layers = int(mcfg.n_layers)
         if not 0 <= cfg.target_layer < n_layers:
             raise config_error(where, "target_layer", cfg.target_layer, f"an int in [0, {n_layers - 1}]")
-        width = int(mcfg.d_mlp) if cfg.layer_type in units.MLP_HIDDEN_TYPES else int(mcfg.d_model)
+        width = units.unit_width(model, cfg.layer_type)
         if not 0 <= cfg.target_neuron < width:
             raise config_error(where, "target_neuron", cfg.target_neuron,
                                f"an int in [0, {width - 1}] (the width of {cfg.layer_type})")

@@ -94,7 +94,7 @@ class Intervention:
 def build(
     *,
     scale: Iterable[float] = (),
-    set: Iterable[float] = (),  # noqa: A002 - mirrors the probe-file key and CLI flag
+    set: Iterable[float] = (),
     add: Iterable[float] = (),
     zero: bool = False,
     mean: bool = False,

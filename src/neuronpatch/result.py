@@ -260,8 +260,8 @@ def interpret(slope: float, r_squared: float, reason: str | None = None) -> list
     """Read a slope and R² the way the seed notebook does.
 
     Example:
-        >>> interpret(0.97, 0.99)[0]
-        'slope 0.970 ≈ 1: the head tracks the unit (a unit of activation moves the prediction by about one unit)'
+        >>> interpret(0.97, 0.99)[1]
+        'R² 0.990: strong, consistent relation'
     """
     if math.isnan(slope):
         return [f"slope undefined: {reason or 'no usable data'}"]

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional alias
+import torch.nn.functional as F
 from torch import Tensor
 
 from neuronpatch import units
@@ -170,7 +170,7 @@ def train_head(
                          + ", ".join(units.UNIT_HOOKS))
     bridge = load_model(model)
     n_layers = int(bridge.cfg.n_layers)
-    width = int(bridge.cfg.d_mlp if layer_type in units.MLP_HIDDEN_TYPES else bridge.cfg.d_model)
+    width = units.unit_width(bridge, layer_type)
     if not 0 <= layer < n_layers:
         raise InputError(f"--layer {layer} is invalid; expected an int in [0, {n_layers - 1}]")
     if not 0 <= neuron < width:
@@ -207,7 +207,7 @@ def train_head(
         x, y = natural_x, natural_y
 
     order = np.random.default_rng(seed + 1).permutation(len(data))
-    n_held = max(1, int(round(HELD_OUT_FRACTION * len(data))))
+    n_held = max(1, round(HELD_OUT_FRACTION * len(data)))
     held, train = torch.from_numpy(order[:n_held]), torch.from_numpy(order[n_held:])
     if len(train) < 2:
         raise InputError(f"only {len(data)} training texts; need at least 3")

@@ -16,7 +16,7 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 
 # layer_type (the seed's config key) → hook suffix under blocks.{L}.
 UNIT_HOOKS: Final[dict[str, str]] = {
@@ -51,6 +51,14 @@ _BLOCK_RE: Final = re.compile(r"^blocks\.(\d+)\.(.+)$")
 def unit_hook(layer: int, layer_type: str) -> str:
     """Hook name of a unit's activation tensor."""
     return f"blocks.{layer}.{UNIT_HOOKS[layer_type]}"
+
+
+def unit_width(model: Any, layer_type: str) -> int:
+    """How many units a layer type has in ``model`` (d_mlp for MLP neurons, else d_model)."""
+    width = model.cfg.d_mlp if layer_type in MLP_HIDDEN_TYPES else model.cfg.d_model
+    if width is None:
+        raise ValueError(f"the model has no {layer_type} units (no MLP width in its config)")
+    return int(width)
 
 
 def feature_hook_for_layer(feature_layer: int, *, n_layers: int) -> str:
