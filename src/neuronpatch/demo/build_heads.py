@@ -4,8 +4,9 @@ Run ``python -m neuronpatch.demo.build_heads [--out probes]``. It
 
 1. picks the most variable MLP neuron of layer 1 of ``neuronpatch-demo``
    (standard deviation of its last-token activation over corpus windows);
-2. picks demo inputs from held-out windows on which that neuron is clearly
-   active and spread out (a silent neuron makes every ``scale`` patch a no-op);
+2. picks demo inputs from held-out windows on which that neuron is active, its
+   activations spread evenly over its positive range (a silent neuron makes
+   every ``scale`` patch a no-op);
 3. trains the heads with :func:`neuronpatch.training.train_head`:
 
    ``demo_causal``       linear, reads hidden_states[L+1], interventional data
@@ -56,10 +57,14 @@ def demo_inputs(neuron: int, *, k: int = N_DEMO_INPUTS, seed: int = 7) -> list[s
     _, held = split()
     pool = text_windows(held, n=400, min_words=5, max_words=14, seed=seed)
     _, a = collect(model, pool, layer=LAYER, neuron=neuron, feature_layer=LAYER)
-    active = [i for i in a.argsort().tolist() if abs(float(a[i])) > 0.1]
-    # Evenly spaced ranks over the active windows: low, middle and high activations.
-    picks = [active[round(j * (len(active) - 1) / (k - 1))] for j in range(k)]
-    return [pool[i] for i in sorted(set(picks))]
+    # Targets evenly spaced over the neuron's positive range, so the inputs spread the
+    # activation out instead of piling up in GELU's flat negative lobe.
+    targets = torch.linspace(0.1, float(torch.quantile(a, 0.995)), k)
+    picks: list[int] = []
+    for t in targets:
+        order = (a - t).abs().argsort().tolist()
+        picks.append(next(i for i in order if i not in picks))
+    return [pool[i] for i in picks]
 
 
 def main() -> None:
