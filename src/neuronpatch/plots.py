@@ -185,6 +185,19 @@ _DRAW: dict[str, tuple[Callable[[Figure, ExperimentResult, str | None], None], t
 }
 
 
+def render(result: ExperimentResult, name: str, *, title: str | None = None) -> Figure:
+    """Draw one of :data:`FIGURES` and return the (unsaved) figure.
+
+    Example:
+        >>> fig = render(res, "pred_vs_act_regression.png")    # doctest: +SKIP
+    """
+    draw, size = _DRAW[name]
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    draw(fig, result, title)
+    return fig
+
+
 def write_figures(
     result: ExperimentResult, out_dir: str | Path, *, title: str | None = None, dpi: int = 110
 ) -> list[Path]:
@@ -208,10 +221,7 @@ def write_figures(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in FIGURES:
-        draw, size = _DRAW[name]
-        fig = Figure(figsize=size, layout="constrained")
-        FigureCanvasAgg(fig)
-        draw(fig, result, title)
+        fig = render(result, name, title=title)
         path = out / name
         fig.savefig(path, dpi=dpi)
         paths.append(path)
