@@ -7,13 +7,12 @@ plugin (one directory per probe), so both produce the same files.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuronpatch._io import atomic_write_text
 from neuronpatch.result import ExperimentResult, to_jsonable
 
 
@@ -28,16 +27,7 @@ class Artifacts:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically (temp file + rename): a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(data), f, indent=2, sort_keys=False, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
 def write_artifacts(
