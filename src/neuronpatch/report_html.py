@@ -133,6 +133,7 @@ def write_report(path: str | Path, records: Sequence[Mapping[str, Any]], *,
     """Write the page atomically.
 
     Example:
-        >>> write_report("report.html", [{"nodeid": "p.probe.yaml::a", "outcome": "passed"}])  # doctest: +SKIP
+        >>> records = [{"nodeid": "p.probe.yaml::a", "outcome": "passed"}]
+        >>> write_report("report.html", records)  # doctest: +SKIP
     """
     return atomic_write_text(path, render_report(records, title=title))
