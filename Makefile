@@ -13,10 +13,11 @@ $(PY): pyproject.toml constraints.txt
 	@touch $(PY)
 
 test: $(PY)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 tests probes
 
 demo: $(PY)
 	$(PY) -m neuronpatch.demo.run_demo
+	$(PY) -m pytest probes -v -p no:cacheprovider
 
 lint: $(PY)
 	.venv/bin/ruff check src tests benchmarks

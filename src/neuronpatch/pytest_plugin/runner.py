@@ -1,0 +1,358 @@
+"""The object behind the ``neuronpatch_runner`` fixture: run, check, write artifacts.
+
+One :class:`Runner` per pytest session (and per xdist worker). It imports the
+engine on first use, so loading the plugin or collecting probe files never
+imports torch; models are cached by the engine per process and heads here, so
+a session loads each model once.
+
+The path a probe takes, in functions anyone can call (the CLI, a baseline
+check, a fuzz loop)::
+
+    result   = runner.run(head_dir, **spec.run_kwargs())           # engine
+    verdict  = runner.evaluate(result, spec.expectations, node_id=...)  # check + artifacts
+    message  = report.probe_failure(...)                             # words
+
+Artifacts go to ``<artifacts root>/<sanitized node id>/``: ``summary.json``
+(the result's summary plus the expectation outcomes under ``"expectations"``)
+and the five figures of :func:`neuronpatch.plots.write_figures`. Distinct node
+ids map to distinct directories, so parallel workers never write the same file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import pytest
+
+if TYPE_CHECKING:
+    from neuronpatch.heads import Head
+    from neuronpatch.probes.expectations import Expectation, Outcome
+    from neuronpatch.result import ExperimentResult
+
+FigureMode = Literal["all", "failed", "none"]
+FIGURE_MODES: tuple[str, ...] = ("all", "failed", "none")
+DEFAULT_ARTIFACTS = ".neuronpatch/artifacts"
+
+# The notebook's five figures, as neuronpatch.plots writes them (stale copies are removed).
+FIGURE_NAMES: tuple[str, ...] = (
+    "baseline_correlation.png",
+    "scaling_experiment.png",
+    "pred_vs_act_change_all.png",
+    "pred_vs_act_regression.png",
+    "per_input_sensitivity.png",
+)
+
+# Metrics copied into JUnit XML properties (record_property) for every probe.
+KEY_METRICS: tuple[str, ...] = (
+    "slope", "intercept", "r_squared", "baseline_correlation", "weight_cosine",
+)
+
+SETTINGS_KEY = pytest.StashKey["Settings"]()
+RUNNER_KEY = pytest.StashKey["Runner"]()
+# Figures of the current test, for pytest-html (set by probes and neuronpatch_expect).
+FIGURES_KEY = pytest.StashKey[tuple[Path, ...]]()
+# Error texts of invalid probe documents, for the --collect-only summary.
+INVALID_KEY = pytest.StashKey[list[str]]()
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_NAME = 120
+
+
+def artifact_name(node_id: str) -> str:
+    """A directory name for a node id: readable, filesystem-safe and unique.
+
+    Characters outside ``[A-Za-z0-9._-]`` become ``_``; if that changed anything
+    (or the name had to be shortened), a short hash of the original id keeps
+    two ids that sanitize alike apart.
+
+    Example:
+        >>> artifact_name("probes/demo.probe.yaml::tracks")
+        'probes_demo.probe.yaml_tracks-fcc53917'
+        >>> artifact_name("plain-id")
+        'plain-id'
+    """
+    safe = _UNSAFE.sub("_", node_id).strip("._") or "probe"
+    if safe == node_id and len(safe) <= _MAX_NAME:
+        return safe
+    digest = hashlib.sha1(node_id.encode("utf-8")).hexdigest()[:8]
+    return f"{safe[:_MAX_NAME]}-{digest}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Session options (``--neuronpatch-*`` flags or ``neuronpatch_*`` ini keys).
+
+    Example:
+        >>> Settings(artifacts=Path(".neuronpatch/artifacts")).figures
+        'all'
+    """
+
+    artifacts: Path
+    device: str = "cpu"
+    batch_size: int = 64
+    figures: FigureMode = "all"
+
+
+def settings_from_config(config: pytest.Config) -> Settings:
+    """Read the options: command line first, then the ini key, then the default.
+
+    A relative ``--neuronpatch-artifacts`` is relative to where pytest was started;
+    a relative ``neuronpatch_artifacts`` ini value to the rootdir.
+
+    Raises:
+        pytest.UsageError: a bad batch size or figures mode (names the option).
+
+    Example:
+        >>> settings_from_config(config).device     # doctest: +SKIP
+        'cpu'
+    """
+
+    def option(flag: str, ini: str) -> tuple[str | None, str]:
+        value = config.getoption(flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            return value, flag
+        ini_value = str(config.getini(ini) or "").strip()
+        return (ini_value or None), f"ini key {ini}"
+
+    artifacts, where = option("--neuronpatch-artifacts", "neuronpatch_artifacts")
+    if artifacts is None:
+        root = config.rootpath / DEFAULT_ARTIFACTS
+    elif where.startswith("--"):
+        root = config.invocation_params.dir / artifacts
+    else:
+        root = config.rootpath / artifacts
+    device = option("--neuronpatch-device", "neuronpatch_device")[0] or "cpu"
+    raw_batch, where = option("--neuronpatch-batch-size", "neuronpatch_batch_size")
+    batch_size = 64
+    if raw_batch is not None:
+        try:
+            batch_size = int(raw_batch)
+        except ValueError:
+            batch_size = 0
+        if batch_size < 1:
+            raise pytest.UsageError(
+                f"{where} = {raw_batch!r} is invalid; expected a positive integer (rows per "
+                "forward pass)"
+            )
+    figures, where = option("--neuronpatch-figures", "neuronpatch_figures")
+    figures = figures or "all"
+    if figures not in FIGURE_MODES:
+        raise pytest.UsageError(
+            f"{where} = {figures!r} is invalid; expected one of {', '.join(FIGURE_MODES)}"
+        )
+    return Settings(artifacts=root, device=device, batch_size=batch_size,
+                    figures=cast(FigureMode, figures))
+
+
+def get_runner(config: pytest.Config) -> Runner:
+    """The session's runner (one per process, so one per xdist worker).
+
+    Example:
+        >>> get_runner(request.config).run("heads/causal", set=[0, 1])   # doctest: +SKIP
+    """
+    runner = config.stash.get(RUNNER_KEY, None)
+    if runner is None:
+        settings = config.stash.get(SETTINGS_KEY, None) or settings_from_config(config)
+        runner = config.stash[RUNNER_KEY] = Runner(settings)
+    return runner
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What was written for one probe or test."""
+
+    directory: Path
+    summary: Path | None = None
+    figures: tuple[Path, ...] = ()
+    figure_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcomes of the expectations and where the evidence was written."""
+
+    outcomes: Sequence[Outcome]
+    artifacts: Artifacts | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every expectation held."""
+        return all(o.passed for o in self.outcomes)
+
+
+class Runner:
+    """Runs experiments for probes and fixtures; loads each head (and model) once.
+
+    Example:
+        >>> def test_tracks(neuronpatch_runner):                     # doctest: +SKIP
+        ...     res = neuronpatch_runner.run("heads/causal", inputs=["The cat sat."],
+        ...                                  set=[0, 1, 2])
+        ...     assert 0.8 < res.slope < 1.2
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._heads: dict[Path, Head] = {}
+
+    def load_head(self, path: str | Path) -> Head:
+        """Load a head directory once per session (errors are the engine's one-liners)."""
+        key = Path(path).resolve()
+        if key not in self._heads:
+            from neuronpatch.heads import load_head
+
+            self._heads[key] = load_head(key)
+        return self._heads[key]
+
+    def run(
+        self,
+        head: Head | str | Path,
+        inputs: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> ExperimentResult:
+        """Run one patching experiment with the session's device and batch size.
+
+        Args:
+            head: a head directory (loaded once per session) or a loaded head.
+            inputs: the texts; default the engine's eight seed sentences.
+            **kwargs: anything :func:`neuronpatch.run_experiment` takes (``scale``,
+                ``set``, ``add``, ``zero``, ``mean``, ``interventions``, ``position``,
+                ``model``; ``device`` and ``batch_size`` override the session's).
+
+        Returns:
+            The engine's :class:`~neuronpatch.result.ExperimentResult`.
+
+        Example:
+            >>> res = runner.run("heads/causal", inputs=["a b"], set=[0, 1])  # doctest: +SKIP
+        """
+        from neuronpatch.engine import run_experiment
+
+        if isinstance(head, (str, Path)):
+            head = self.load_head(head)
+        kwargs.setdefault("device", self.settings.device)
+        kwargs.setdefault("batch_size", self.settings.batch_size)
+        return run_experiment(head, inputs, **kwargs)
+
+    # ----- check + artifacts -------------------------------------------------------
+    def artifact_dir(self, node_id: str) -> Path:
+        """``<artifacts root>/<sanitized node id>``."""
+        return self.settings.artifacts / artifact_name(node_id)
+
+    def evaluate(
+        self,
+        result: ExperimentResult,
+        expectations: Mapping[str, Any] | Iterable[Expectation],
+        *,
+        node_id: str,
+        title: str | None = None,
+        source: str | None = None,
+    ) -> Verdict:
+        """Check expectations and write this test's artifacts; never raises on a miss.
+
+        Example:
+            >>> v = runner.evaluate(res, {"slope": [0.8, 1.2]}, node_id="t.py::t")  # doctest: +SKIP
+            >>> v.passed, v.artifacts.directory                                    # doctest: +SKIP
+        """
+        from neuronpatch.probes.expectations import Measurements, check
+
+        measured = Measurements.of(result)
+        outcomes = check(measured, expectations)
+        passed = all(o.passed for o in outcomes)
+        mode = self.settings.figures
+        figures = mode == "all" or (mode == "failed" and not passed)
+        probe = {"name": title, "node_id": node_id, "source": source, "passed": passed}
+        artifacts = self.write_artifacts(
+            result, self.artifact_dir(node_id), outcomes=outcomes, probe=probe, figures=figures
+        )
+        return Verdict(outcomes=outcomes, artifacts=artifacts, metrics=measured.values)
+
+    def write_artifacts(
+        self,
+        result: ExperimentResult,
+        out_dir: str | Path,
+        *,
+        outcomes: Sequence[Outcome] = (),
+        probe: Mapping[str, Any] | None = None,
+        figures: bool = True,
+    ) -> Artifacts:
+        """Write ``summary.json`` (with outcomes under ``"expectations"``) and the figures.
+
+        A plotting failure does not hide the verdict: it is returned as
+        ``figure_error`` (and written to summary.json) for the report to show.
+
+        Example:
+            >>> runner.write_artifacts(res, "out/probe").summary   # doctest: +SKIP
+            PosixPath('out/probe/summary.json')
+        """
+        from neuronpatch import artifacts as files
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in FIGURE_NAMES:  # a figure from an earlier run would be mistaken for this one's
+            (out / name).unlink(missing_ok=True)
+        extra: dict[str, Any] = {"expectations": [o.to_dict() for o in outcomes]}
+        if probe is not None:
+            extra["probe"] = dict(probe)
+        title = probe.get("name") if probe else None
+        error = None
+        try:
+            written = files.write_artifacts(result, out, extra=extra, figures=figures, title=title)
+        except Exception as e:  # a broken plot must not mask the verdict
+            if not figures:
+                raise
+            error = f"{type(e).__name__}: {e}"
+            written = files.write_artifacts(
+                result, out, extra={**extra, "figures_error": error}, figures=False
+            )
+        return Artifacts(directory=written.directory, summary=written.summary,
+                         figures=tuple(written.figures), figure_error=error)
+
+
+class ExpectFixture:
+    """The ``neuronpatch_expect`` fixture: :func:`~neuronpatch.probes.expect` for a test,
+    plus what a probe gets: artifacts, JUnit properties, figures in pytest-html.
+
+    Example:
+        >>> def test_tracks(neuronpatch_runner, neuronpatch_expect):   # doctest: +SKIP
+        ...     res = neuronpatch_runner.run("heads/causal", set=[0, 1, 2])
+        ...     neuronpatch_expect(res, slope=[0.8, 1.2], r_squared={"min": 0.9})
+    """
+
+    def __init__(self, item: pytest.Item, runner: Runner) -> None:
+        self._item = item
+        self._runner = runner
+        self._calls = 0
+
+    def __call__(self, result: ExperimentResult, /, **ranges: Any) -> list[Outcome]:
+        """Check ``metric=range`` keywords; raise with the probe-style report on a miss."""
+        __tracebackhide__ = True
+        from neuronpatch.errors import ProbeSpecError
+        from neuronpatch.probes.expectations import caller_source, parse_expectations
+        from neuronpatch.pytest_plugin import report
+
+        if not ranges:
+            raise ProbeSpecError(
+                "neuronpatch_expect() got no expectations; expected metric=range keywords, "
+                "e.g. slope=[0.8, 1.2]"
+            )
+        expectations = parse_expectations(ranges, source=caller_source(1))
+        self._calls += 1
+        # A second call in the same test gets its own directory instead of overwriting.
+        node_id = self._item.nodeid if self._calls == 1 else f"{self._item.nodeid}#{self._calls}"
+        verdict = self._runner.evaluate(
+            result, expectations, node_id=node_id, title=self._item.name,
+            source=expectations[0].source,
+        )
+        report.record(self._item, verdict, FIGURES_KEY)
+        if not verdict.passed:
+            raise report.ProbeFailed(report.probe_failure(
+                f"test {self._item.name!r}", verdict,
+                head=report.shown_path(result.head_path, self._item.config.invocation_params.dir),
+                result=result, base=self._item.config.invocation_params.dir,
+            ))
+        return list(verdict.outcomes)
