@@ -1,0 +1,1 @@
+"""The embedded demo model, its corpus and training scripts."""
