@@ -471,6 +471,81 @@ class MarkSpec(_Strict):
         raise ValueError(f"got {value!r}; expected {allowed}")
 
 
+# Baseline metrics (neuronpatch.baselines.METRICS), repeated so the schema stays light.
+BASELINE_METRICS: tuple[str, ...] = (
+    "slope", "intercept", "r_squared", "slope_ci95", "r_squared_ci95", "baseline_correlation",
+    "per_input_slope", "per_input_r2", "weight_cosine",
+)
+# What a fuzz expectation can check: numbers of one generated input on its own.
+FUZZ_METRICS: tuple[str, ...] = (
+    "slope", "intercept", "r_squared", "activation", "prediction",
+    "mean_abs_prediction_change", "mean_abs_activation_change",
+)
+FUZZ_INPUTS: tuple[str, ...] = ("sentences", "tokens", "mutations")
+
+
+def _check_baseline_metric(name: str) -> str:
+    if name not in BASELINE_METRICS:
+        raise ValueError(f"{name!r} is not a baseline metric; expected one of "
+                         + ", ".join(BASELINE_METRICS))
+    return name
+
+
+def _check_fuzz_metric(name: str) -> str:
+    if name not in FUZZ_METRICS:
+        raise ValueError(f"{name!r} cannot be checked on one generated input; expected one of "
+                         + ", ".join(FUZZ_METRICS))
+    return name
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"got {value!r}; expected a tolerance > 0")
+    return value
+
+
+class BaselineSpec(_Strict):
+    """``baseline:``: where this probe's golden metrics live and how far they may move.
+
+    Example:
+        >>> BaselineSpec(tolerance={"slope": 0.05}).tolerance
+        {'slope': 0.05}
+    """
+
+    file: str | None = Field(default=None, description="relative to the probe file; default "
+                             "baselines/<probe name>.json")
+    tolerance: dict[Annotated[str, AfterValidator(_check_baseline_metric)],
+                    Annotated[float, AfterValidator(_positive)]] = Field(default_factory=dict)
+
+
+class FuzzSpec(_Strict):
+    """``fuzz:``: check ``expect`` on each input Hypothesis generates.
+
+    Example:
+        >>> FuzzSpec(expect={"slope": Range.parse({"min": 0.5})}).inputs
+        'sentences'
+    """
+
+    inputs: str = Field(default="sentences", description="sentences | tokens | mutations")
+    examples: Annotated[int, Field(ge=1, le=10_000)] = 25
+    max_words: Annotated[int, Field(ge=1, le=200)] = 12
+    expect: dict[Annotated[str, AfterValidator(_check_fuzz_metric)], RangeSpec]
+
+    @field_validator("inputs")
+    @classmethod
+    def _known_inputs(cls, value: str) -> str:
+        if value not in FUZZ_INPUTS:
+            raise ValueError(f"got {value!r}; expected one of {', '.join(FUZZ_INPUTS)}")
+        return value
+
+    @field_validator("expect")
+    @classmethod
+    def _not_empty(cls, value: dict[str, Range]) -> dict[str, Range]:
+        if not value:
+            raise ValueError("no expectation; expected at least one metric: range")
+        return value
+
+
 class ProbeSpec(_Strict):
     """One validated probe: which head, which inputs, which patches, which claims.
 
@@ -496,8 +571,8 @@ class ProbeSpec(_Strict):
     position: Annotated[str | int | None, BeforeValidator(_check_position)] = None
     expect: Expectations = Field(default_factory=dict)
     marks: list[MarkSpec] = Field(default_factory=list)
-    # Planned keys, each one model class: `baseline: BaselineSpec | None = None`,
-    # `fuzz: FuzzSpec | None = None`.
+    baseline: BaselineSpec | None = None
+    fuzz: FuzzSpec | None = None
 
     _doc: Document | None = PrivateAttr(default=None)
 

@@ -27,7 +27,7 @@ import pytest
 
 from neuronpatch.errors import NeuronpatchError, ProbeSpecError
 from neuronpatch.probes.schema import MarkSpec, ProbeSpec, iter_probe_file, probe_stem
-from neuronpatch.pytest_plugin import report
+from neuronpatch.pytest_plugin import ci, report
 from neuronpatch.pytest_plugin.runner import FIGURES_KEY, INVALID_KEY, get_runner
 
 if TYPE_CHECKING:
@@ -136,11 +136,49 @@ class ProbeItem(pytest.Item):
                 f"neuronpatch: figures for {self.name!r} not written: "
                 f"{verdict.artifacts.figure_error}"
             ))
+        messages: list[str] = []
+        status = "passed"
         if not verdict.passed:
-            raise report.ProbeFailed(report.probe_failure(
+            status = "failed"
+            messages.append(report.probe_failure(
                 f"probe {self.name!r}", verdict, head=self.head_text, result=self.result,
                 base=self.config.invocation_params.dir,
             ))
+        check = None
+        if ci.wanted(self):
+            check = ci.check_baseline(self, self.result, dict(verdict.metrics))
+            if check.status == "drifted":
+                status = "drifted" if status == "passed" else status
+                messages.append(check.message)
+            elif check.status == "missing":
+                status = "missing" if status == "passed" else status
+                if ci.missing_mode(self.config) == "fail":
+                    messages.append(check.message)
+            elif check.status == "updated":
+                status = "updated" if status == "passed" else status
+        if self.spec.fuzz is not None:
+            from neuronpatch.pytest_plugin import fuzz
+
+            found = fuzz.run_fuzz(
+                get_runner(self.config), self.head_dir, self.spec.fuzz, self.spec.run_kwargs(),
+                profile=self.config.getoption("hypothesis_profile", None), node_id=self.nodeid)
+            if found.counterexample is not None:
+                status = "failed"
+                messages.append(fuzz.describe(found, self.spec.fuzz, self.spec.where("fuzz", "expect")))
+        if self.config.getoption("neuronpatch_suggest_tolerances"):
+            import json
+
+            self.user_properties.append((ci.SUGGEST_PROP, json.dumps(ci.suggestion(self.result))))
+        self.user_properties.append((ci.STATUS_PROP, status))
+        if self.config.getoption("neuronpatch_report"):
+            self.user_properties.append((ci.RECORD_PROP, ci.make_record(
+                self, status, message="\n\n".join(messages),
+                outcomes=[o.to_dict() for o in verdict.outcomes], metrics=dict(verdict.metrics),
+                baseline=check, figures=self.stash.get(FIGURES_KEY, ()))))
+        if messages:
+            raise report.ProbeFailed("\n\n".join(messages))
+        if check is not None and check.status == "missing":
+            pytest.skip(check.message)
 
     def teardown(self) -> None:
         self.result = None  # results hold arrays; do not keep one per item alive

@@ -1,0 +1,128 @@
+"""``fuzz:`` in probe files: Hypothesis hunts for an input that breaks a claim.
+
+Each Hypothesis example is a small *batch* of generated inputs, run through the
+engine at once; ``fuzz.expect`` is checked on every input's own numbers (its
+own slope, R², activation, ...). When one input breaks a claim, Hypothesis
+shrinks the batch to that one input and the input to its plainest form, and
+the report shows the minimal text, its tokens, its numbers, the claim it broke
+and the figures of a run on that text alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neuronpatch.probes.schema import FuzzSpec
+    from neuronpatch.pytest_plugin.runner import Runner
+    from neuronpatch.result import ExperimentResult
+
+BATCH = 4  # generated inputs per engine run
+
+
+class Counterexample(AssertionError):
+    """A generated input on which a fuzz expectation failed."""
+
+    def __init__(self, text: str, metric: str, value: float, expected: str, numbers: dict[str, float]):
+        super().__init__(f"{metric} = {value:.6g} on {text!r}, expected {expected}")
+        self.text, self.metric, self.value, self.expected, self.numbers = (
+            text, metric, value, expected, numbers)
+
+
+def input_metrics(res: ExperimentResult, i: int) -> dict[str, float]:
+    """The numbers of input ``i`` alone (what ``fuzz.expect`` checks)."""
+    row = res.per_input[i]
+    return {
+        "slope": row.slope, "intercept": row.fit.intercept, "r_squared": row.r2,
+        "activation": row.clean_activation, "prediction": row.clean_prediction,
+        "mean_abs_prediction_change": sum(abs(v) for v in row.prediction_change) / len(row.prediction_change),
+        "mean_abs_activation_change": sum(abs(v) for v in row.activation_change) / len(row.activation_change),
+    }
+
+
+def strategy(spec: FuzzSpec, inputs: list[str] | None, tokenizer: Any, n_ctx: int) -> Any:
+    """The Hypothesis strategy of one batch of generated texts."""
+    from hypothesis import strategies as st
+
+    from neuronpatch import strategies as ns
+    from neuronpatch.engine import DEFAULT_INPUTS
+
+    texts = list(inputs or DEFAULT_INPUTS)
+    if spec.inputs == "sentences":
+        one = ns.sentences(texts=texts, tokenizer=tokenizer, max_words=spec.max_words)
+    elif spec.inputs == "mutations":
+        one = ns.mutations(texts)
+    else:
+        one = ns.decoded(ns.token_ids(tokenizer, max_size=min(spec.max_words * 2, n_ctx)), tokenizer)
+    return st.lists(one, min_size=1, max_size=BATCH)
+
+
+@dataclass
+class FuzzOutcome:
+    """What a fuzz run found: nothing (``counterexample`` None) or a minimal failing input."""
+
+    examples: int
+    counterexample: Counterexample | None = None
+    tokens: list[str] | None = None
+    artifacts: Path | None = None
+
+
+def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[str, Any],
+             *, profile: str | None, node_id: str) -> FuzzOutcome:
+    """Run Hypothesis over generated inputs; return the shrunk counterexample, if any."""
+    from hypothesis import given, settings
+
+    from neuronpatch.models import load_model
+    from neuronpatch.probes.expectations import Range
+    from neuronpatch.strategies import default_profile, register_profiles
+
+    register_profiles()
+    head = runner.load_head(head_dir)
+    model = load_model(head.config.base_model_name, device=runner.settings.device,
+                       weight_processing=head.config.weight_processing)
+    kwargs = {k: v for k, v in run_kwargs.items() if k != "inputs"}
+    checks: dict[str, Range] = dict(spec.expect)
+    seen = [0]
+
+    def check_batch(texts: list[str]) -> None:
+        seen[0] += 1
+        res = runner.run(head, texts, model=model, **kwargs)
+        for i, text in enumerate(texts):
+            numbers = input_metrics(res, i)
+            for metric, rng in checks.items():
+                value = numbers[metric]
+                if math.isnan(value) or not rng.contains(value):
+                    raise Counterexample(text, metric, value, rng.text, numbers)
+
+    base = settings.get_profile(profile or default_profile())
+    test = settings(base, max_examples=spec.examples)(
+        given(strategy(spec, run_kwargs.get("inputs"), model.tokenizer, int(model.cfg.n_ctx)))(
+            check_batch))
+    try:
+        test()
+    except Counterexample as found:
+        tokens = model.tokenizer.convert_ids_to_tokens(
+            model.tokenizer.encode(found.text, add_special_tokens=False))
+        out = runner.artifact_dir(node_id) / "fuzz_counterexample"
+        res = runner.run(head, [found.text], model=model, **kwargs)
+        runner.write_artifacts(res, out, probe={"name": f"counterexample of {node_id}"})
+        return FuzzOutcome(seen[0], found, list(tokens), out)
+    return FuzzOutcome(seen[0])
+
+
+def describe(outcome: FuzzOutcome, spec: FuzzSpec, where: str) -> str:
+    """The failure text of a fuzz counterexample."""
+    ce = outcome.counterexample
+    assert ce is not None
+    nums = ", ".join(f"{k} {v:.4g}" for k, v in ce.numbers.items())
+    return "\n".join([
+        f"fuzz ({spec.inputs}, up to {spec.examples} examples) found a counterexample, shrunk to:",
+        f"  text:     {ce.text!r}",
+        f"  tokens:   {outcome.tokens}",
+        f"  broke:    {ce.metric} = {ce.value:.6g}, expected {ce.expected}  at {where}",
+        f"  numbers:  {nums}",
+        f"  figures:  {outcome.artifacts}/",
+    ])
