@@ -164,7 +164,8 @@ class ProbeItem(pytest.Item):
                 profile=self.config.getoption("hypothesis_profile", None), node_id=self.nodeid)
             if found.counterexample is not None:
                 status = "failed"
-                messages.append(fuzz.describe(found, self.spec.fuzz, self.spec.where("fuzz", "expect")))
+                where = self.spec.where("fuzz", "expect", found.counterexample.metric)
+                messages.append(fuzz.describe(found, self.spec.fuzz, where))
         if self.config.getoption("neuronpatch_suggest_tolerances"):
             import json
 

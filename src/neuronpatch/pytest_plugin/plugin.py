@@ -48,7 +48,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     ci.add_options(group, parser)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
+    # Before Hypothesis's own plugin loads `--hypothesis-profile=neuronpatch-ci`, the
+    # profile must exist; Hypothesis is imported only when one of ours is asked for.
+    profile = config.getoption("hypothesis_profile", None)
+    if isinstance(profile, str) and profile.startswith("neuronpatch-"):
+        from neuronpatch.strategies import register_profiles
+
+        register_profiles()
     # Validate options up front so a typo fails the session once, not every probe.
     config.stash[SETTINGS_KEY] = settings_from_config(config)
     ci.check_options(config)
