@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 _TOKENIZER_TEXT = (
@@ -30,21 +29,14 @@ _TOKENIZER_TEXT = (
 
 
 def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    """A deterministic byte-level BPE tokenizer (digits are single tokens)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_TOKENIZER_TEXT] * 4, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-    )
+    """A deterministic byte-level BPE tokenizer (digits are single tokens).
+
+    The same recipe as the demo model's tokenizer, on a few sentences.
+    """
+    from neuronpatch.demo.train_model import train_tokenizer
+
+    tok: PreTrainedTokenizerFast = train_tokenizer([_TOKENIZER_TEXT] * 4, vocab_size=vocab_size)
+    return tok
 
 
 def tiny_gpt2(

@@ -28,18 +28,39 @@ if TYPE_CHECKING:
 STATUS_PROP = "neuronpatch.status"
 RECORD_PROP = "neuronpatch.record"
 SUGGEST_PROP = "neuronpatch.suggested_tolerance"
-STATE_KEY = pytest.StashKey["RunState"]()
-REPORT_PATH_KEY = pytest.StashKey[Path]()
 MISSING_MODES = ("fail", "skip")
 
 
-@dataclass
 class RunState:
-    """What the controller gathers from every probe's reports."""
+    """Statuses, records and suggestions of this session's probes (controller side).
 
-    statuses: dict[str, str] = field(default_factory=dict)
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
-    suggestions: dict[str, dict[str, float]] = field(default_factory=dict)
+    Registered as a plugin object per session, so it sees ``pytest_runtest_logreport``
+    for local and xdist-worker reports alike, and leaves nothing behind.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.statuses: dict[str, str] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+        self.suggestions: dict[str, dict[str, float]] = {}
+        self.report_path: Path | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        collect_report(self, report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.report_path = write_html(self)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        line = summary_line(self)
+        if not line:
+            return
+        terminalreporter.write_sep("-", "neuronpatch")
+        terminalreporter.line(line)
+        for nodeid, tol in self.suggestions.items():
+            terminalreporter.line(f"  suggested baseline.tolerance for {nodeid}: {tol}")
+        if self.report_path is not None:
+            terminalreporter.line(f"  HTML report: {self.report_path}")
 
 
 def add_options(group: Any, parser: pytest.Parser) -> None:
@@ -165,16 +186,9 @@ def make_record(item: ProbeItem, outcome: str, *, message: str = "",
 
 
 # ----- controller side ------------------------------------------------------------------
-def state(config: pytest.Config) -> RunState:
-    if STATE_KEY not in config.stash:
-        config.stash[STATE_KEY] = RunState()
-    return config.stash[STATE_KEY]
-
-
-def collect_report(config: pytest.Config, report: pytest.TestReport) -> None:
+def collect_report(st: RunState, report: pytest.TestReport) -> None:
     """Gather statuses and records from a (possibly remote) test report."""
     props = dict(report.user_properties)
-    st = state(config)
     if STATUS_PROP in props and report.when == "call":
         st.statuses[report.nodeid] = str(props[STATUS_PROP])
     elif report.when == "setup" and report.failed and report.nodeid not in st.statuses and (
@@ -190,9 +204,8 @@ def collect_report(config: pytest.Config, report: pytest.TestReport) -> None:
         st.suggestions[report.nodeid] = json.loads(str(props[SUGGEST_PROP]))
 
 
-def summary_line(config: pytest.Config) -> str | None:
+def summary_line(st: RunState) -> str | None:
     """``neuronpatch: N probes: a passed, b failed, c drifted, d missing baseline``."""
-    st = state(config)
     if not st.statuses:
         return None
     counts: dict[str, int] = {}
@@ -205,7 +218,8 @@ def summary_line(config: pytest.Config) -> str | None:
     return f"neuronpatch: {len(st.statuses)} probes: " + ", ".join(parts)
 
 
-def write_html(config: pytest.Config) -> Path | None:
+def write_html(st: RunState) -> Path | None:
+    config = st.config
     target = config.getoption("neuronpatch_report")
     if not target or hasattr(config, "workerinput"):
         return None
@@ -213,9 +227,9 @@ def write_html(config: pytest.Config) -> Path | None:
 
     outcome_names = {"missing": "missing-baseline", "updated": "passed"}
     records = []
-    for nodeid, rec in state(config).records.items():
+    for nodeid, rec in st.records.items():
         rec = dict(rec)
-        status = state(config).statuses.get(nodeid, rec.get("outcome", "passed"))
+        status = st.statuses.get(nodeid, rec.get("outcome", "passed"))
         rec["outcome"] = outcome_names.get(status, status)
         records.append(rec)
     return write_report(config.invocation_params.dir / target, records)

@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 # Same as neuronpatch.probes.schema.PROBE_SUFFIXES, repeated so that loading the plugin
 # does not import the schema (pydantic, yaml).
 PROBE_SUFFIXES = (".probe.yaml", ".probe.yml")
-# The session's config, for pytest_runtest_logreport (whose hook gets no config).
-_CONFIG: list[pytest.Config] = []
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,6 +58,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Validate options up front so a typo fails the session once, not every probe.
     config.stash[SETTINGS_KEY] = settings_from_config(config)
     ci.check_options(config)
+    # Run statuses, the summary line and the HTML report live on a per-session object.
+    config.pluginmanager.register(ci.RunState(config), "neuronpatch-run-state")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
 
 
@@ -85,33 +85,7 @@ def pytest_runtest_makereport(
     return report
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    # Runs on the controller for reports from xdist workers too (user_properties travel).
-    config = _CONFIG[0] if _CONFIG else None
-    if config is not None:
-        ci.collect_report(config, report)
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _CONFIG[:] = [session.config]
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    path = ci.write_html(session.config)
-    if path is not None:
-        session.config.stash[ci.REPORT_PATH_KEY] = path
-
-
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    line = ci.summary_line(config)
-    if line:
-        terminalreporter.write_sep("-", "neuronpatch")
-        terminalreporter.line(line)
-        for nodeid, tol in ci.state(config).suggestions.items():
-            terminalreporter.line(f"  suggested baseline.tolerance for {nodeid}: {tol}")
-        path = config.stash.get(ci.REPORT_PATH_KEY, None)
-        if path is not None:
-            terminalreporter.line(f"  HTML report: {path}")
     invalid = config.stash.get(INVALID_KEY, [])
     if invalid and config.option.collectonly:
         terminalreporter.section("neuronpatch: invalid probe files", sep="=", red=True)
