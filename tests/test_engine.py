@@ -327,3 +327,21 @@ def test_clean_runs_are_shared_between_experiments(tmp_path, model_dir):
         np.testing.assert_array_equal(first.clean_prediction, again.clean_prediction)
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("feature_layer", [LAYER + 1, -1])
+def test_transformer_lens_coordinates_opt_in(tmp_path, model_dir, oracle, feature_layer):
+    plain = make_head(tmp_path, model_dir, "plain", feature_layer=feature_layer)
+    folded = make_head(tmp_path, model_dir, "folded", feature_layer=feature_layer,
+                       weight_processing="transformer_lens")
+    res = run_experiment(folded, TEXTS, set=[0.0, 1.0, 2.0])
+    full = run_experiment(folded, TEXTS, set=[0.0, 1.0, 2.0], method="full")
+    np.testing.assert_allclose(res.patched_prediction, full.patched_prediction, atol=1e-5)
+    hf = run_experiment(plain, TEXTS, set=[0.0, 1.0, 2.0])
+    if feature_layer != -1:
+        # Centring the writing weights moves residual-stream coordinates: the same head
+        # reads other numbers. (After ln_f they agree here: a fresh GPT-2's ln_f is the
+        # identity affine map, so folding it changes nothing.)
+        assert np.abs(hf.clean_prediction - res.clean_prediction).max() > 1e-3
+    clean, _ = oracle_rows(oracle, plain, hf)
+    np.testing.assert_allclose(hf.clean_prediction, clean, atol=1e-5)
