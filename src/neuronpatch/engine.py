@@ -214,7 +214,8 @@ def write_direction(
     basis vector.
     """
     if layer_type in ("post", "mlp_post"):
-        return model.W_out[layer, neuron].detach().float().clone()
+        # One block's W_out, not model.W_out: that stacks every layer's matrix first.
+        return model.blocks[layer].mlp.W_out[neuron].detach().float().clone()
     if layer_type in ("pre", "mlp_pre"):
         return None
     e = torch.zeros(int(model.cfg.d_model))
