@@ -69,6 +69,6 @@ def _warm_up_outside_pytester(head: Path) -> None:
 
     run_experiment(head, inputs=["warm up"], set=[0, 1])
     for name in ("neuronpatch.plots", "matplotlib.pyplot", "pytest_html.extras"):
-        # plots may not be there yet; the figure tests skip then
+        # pytest_html is optional: without it the pytest-html test is the only one affected
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
