@@ -345,3 +345,19 @@ def test_transformer_lens_coordinates_opt_in(tmp_path, model_dir, oracle, featur
         assert np.abs(hf.clean_prediction - res.clean_prediction).max() > 1e-3
     clean, _ = oracle_rows(oracle, plain, hf)
     np.testing.assert_allclose(hf.clean_prediction, clean, atol=1e-5)
+
+
+@pytest.mark.parametrize("feature_layer", [LAYER, LAYER + 1, -1])
+def test_collect_with_set_values_matches_hf(model_dir, oracle, feature_layer):
+    from neuronpatch import load_model
+    from neuronpatch.engine import collect
+
+    values = [float(v) for v in np.linspace(-2.0, 3.0, len(TEXTS))]
+    feats, acts = collect(load_model(model_dir), TEXTS, layer=LAYER, neuron=NEURON,
+                          feature_layer=feature_layer, set_values=values, batch_size=2)
+    assert acts.tolist() == pytest.approx(values)
+    for i, text in enumerate(TEXTS):
+        last = len(oracle.ids(text)[0]) - 1
+        hs, _, _ = oracle.run(text, layer=LAYER, layer_type="post", neuron=NEURON, positions=[last],
+                              fn=lambda a, v=values[i]: torch.full_like(a, v))
+        np.testing.assert_allclose(feats[i].numpy(), hs[feature_layer][0, last].numpy(), atol=1e-5)

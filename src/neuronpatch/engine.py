@@ -408,8 +408,11 @@ def _patched_rows(
     affine: Tensor,
     batch_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Patched activations ``[n, n_iv]`` and features ``[n * n_iv, width]`` for a chunk."""
-    n_iv = affine.shape[0]
+    """Patched activations ``[n, n_iv]`` and features ``[n * n_iv, width]`` for a chunk.
+
+    ``affine[k, j]`` is ``(α, β)`` of intervention ``j`` on input ``chunk[k]``.
+    """
+    n_iv = affine.shape[1]
     # Rows sharing a prefix/suffix shape can share a forward (sparse route).
     pairs = [(k, j) for k in range(len(chunk)) for j in range(n_iv)]
     if p.method == "sparse":
@@ -418,7 +421,7 @@ def _patched_rows(
     feats: list[Tensor] = [torch.empty(0)] * (len(chunk) * n_iv)
     for rows in _row_batches(pairs, batch_size, p, enc, chunk):
         kk = [k for k, _ in rows]
-        alpha, beta = affine[[j for _, j in rows]].unbind(-1)
+        alpha, beta = affine[kk, [j for _, j in rows]].unbind(-1)
         clean_at = torch.stack([clean.unit[k][enc.measure_pos[chunk[k]]] for k in kk])
         clean_f = torch.stack([clean.features[k] for k in kk])
         new = clean_at * alpha + beta  # the unit's patched value where it is measured
@@ -625,7 +628,8 @@ def run_experiment(
         clean_act[idx] = torch.stack([clean.unit[k][enc.measure_pos[i]] for k, i in enumerate(chunk)])
         clean_f = torch.stack(clean.features)
         clean_pred[idx] = head.predict(clean_f, digit_ids)
-        a, f = _patched_rows(model, p, enc, chunk, clean, affine, batch_size)
+        a, f = _patched_rows(model, p, enc, chunk, clean,
+                             affine.expand(len(chunk), -1, -1), batch_size)
         act[idx] = a
         f = f.reshape(len(chunk), len(ivs), -1)
         patched_pred = head.predict(f.flatten(0, 1), digit_ids).reshape(len(chunk), len(ivs))
@@ -727,22 +731,12 @@ def collect(
             feats.append(clean_f)
             acts.append(clean_a)
         else:
+            # One "set" intervention per text, with its own value: α = 0, β = value.
             value = torch.tensor([float(set_values[i]) for i in chunk])
-            if p.method == "upstream":
-                f = clean_f
-            elif p.method == "linear":
-                assert p.direction is not None
-                f = clean_f + (value - clean_a)[:, None] * p.direction
-            else:
-                f = torch.empty_like(clean_f)
-                pairs = sorted(((k, 0) for k in range(len(chunk))),
-                               key=lambda kj: enc.read_pos[chunk[kj[0]]])
-                for rows in _row_batches(pairs, batch_size, p, enc, chunk):
-                    kk = [k for k, _ in rows]
-                    f[kk] = _forward_rows(model, p, enc, chunk, clean, kk, torch.zeros(len(kk)),
-                                          value[kk], clean_f[kk])
+            affine = torch.stack([torch.zeros_like(value), value], dim=-1)[:, None, :]
+            a, f = _patched_rows(model, p, enc, chunk, clean, affine, batch_size)
             feats.append(f)
-            acts.append(value)
+            acts.append(a[:, 0])
         bar.update(len(chunk))
     bar.close()
     return torch.cat(feats), torch.cat(acts)
