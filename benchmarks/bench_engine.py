@@ -1,190 +1,127 @@
-"""Engine speed as ratios to one clean forward, all measured in one run.
+"""Engine speed as multiples of one clean batched HF forward, on three architectures.
 
-Reference task (DESIGN.md): a gpt2-small-sized GPT-2 with random weights
-(``GPT2Config()``, no download), 8 inputs of 16 tokens, 8 scale factors,
-neuron 481 of layer 8, a linear head on the final hidden state.
+Reference task: 8 inputs of ~16 tokens, 8 scale factors, neuron 481 of layer 8,
+a linear head on the final state (transformer_lens coordinates), random weights
+at gpt2-small / pythia-160m sizes (and a Llama of that size with grouped-query
+attention). Every repetition draws fresh inputs, so no cache is ever timed.
 
-Contenders, each timed as the median of ``--repeats`` runs after a warm-up:
+    python benchmarks/bench_engine.py --repeats 5
 
-* ``floor``: one clean batched forward of the 8 inputs (``GPT2LMHeadModel``);
-* ``notebook loop``: the seed notebook's method on HF directly: per input and
-  factor, one hooked forward to read the activation and one to predict;
-* ``engine (full)``: ``run_experiment(method="full")``, every patched row a
-  whole forward;
-* ``engine (auto)``: ``run_experiment()``, the route the engine picks.
-
-Usage: ``python benchmarks/bench_engine.py [--repeats 5] [--inputs 8] [--scale-inputs 256]``.
-Prints a Markdown table for README. Machines are noisy: compare ratios from one run.
+Columns: the engine's default route; one clean batched forward (the floor); a
+hand-written pass of HF forward hooks over all 64 patched rows at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
+import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from neuronpatch import load_head, load_model, run_experiment
-from neuronpatch.engine import clear_clean_cache
+from neuronpatch import run_experiment
+from neuronpatch.models import clear_cache, load_model
 from neuronpatch.testing import tiny_tokenizer, write_head
 
-LAYER, NEURON = 8, 481
+WORDS = ("the cat dog sat on mat quick brown fox jumps over lazy model learns attention numbers "
+         "three four five and machine learning transformers process sequences researchers study").split()
+SIZES = {
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
+    "gpt_neox": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                     intermediate_size=3072, max_position_embeddings=2048),
+    "llama": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                  intermediate_size=3072, max_position_embeddings=2048),
+}
 FACTORS = [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]
-WORDS = ("the", "cat", "sat", "on", "mat", "machine", "learning", "models", "can", "be",
-         "difficult", "to", "interpret", "transformers", "use", "attention", "mechanisms",
-         "process", "sequences", "quick", "brown", "fox", "jumps", "over", "lazy", "dog")
 
 
-def make_model(root: Path) -> Path:
-    path = root / "gpt2-small-random"
+def make(root: Path, arch: str) -> Path:
     tok = tiny_tokenizer()
+    cfg = AutoConfig.for_model(arch, vocab_size=50304, **SIZES[arch])
+    cfg.bos_token_id = cfg.eos_token_id = tok.eos_token_id
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(path)  # 124M params, random
+    path = root / arch
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
-def make_inputs(model_dir: Path, n: int, n_tokens: int = 16, seed: int = 0) -> list[str]:
-    """``n`` texts of exactly ``n_tokens`` tokens each."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    g = torch.Generator().manual_seed(seed)
-    texts = []
-    while len(texts) < n:
-        words: list[str] = []
-        while len(tok.encode(" ".join(words), add_special_tokens=False)) < n_tokens:
-            words.append(WORDS[int(torch.randint(len(WORDS), (1,), generator=g))])
-        text = " ".join(words)
-        if len(tok.encode(text, add_special_tokens=False)) == n_tokens:
-            texts.append(text)
-    return texts
+def inputs(rng: random.Random, n: int = 8) -> list[str]:
+    return [" ".join(rng.choice(WORDS) for _ in range(14)) + "." for _ in range(n)]
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def floor(model, texts: list[str]) -> None:
+    tok = model.tokenizer
+    rows = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    with torch.inference_mode():
+        model.hf(input_ids=ids, attention_mask=mask)
 
 
-def notebook_loop(hf: GPT2LMHeadModel, ids: list[torch.Tensor], w: torch.Tensor,
-                  b: torch.Tensor) -> list[float]:
-    """The seed's method, run on HF: two full forwards per (input, factor)."""
-    act_module = hf.transformer.h[LAYER].mlp.act
-    preds = []
-    for x in ids:
-        pos = x.shape[1] - 1
-        for f in FACTORS:
-            def patch(m, i, o, f=f, pos=pos):
-                o = o.clone()
-                o[0, pos, NEURON] = o[0, pos, NEURON] * f
-                return o
+def hooks_pass(model, texts: list[str]) -> None:
+    """64 patched rows (8 inputs × 8 factors) in one forward with a plain HF hook."""
+    tok = model.tokenizer
+    rows = [tok(t)["input_ids"] for t in texts for _ in FACTORS]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    f = torch.tensor(FACTORS * len(texts))
+    proj = model.arch.mlp_out_proj[8]
 
-            h = act_module.register_forward_hook(patch)
-            try:
-                with torch.no_grad():
-                    hf(x)  # forward 1: read the patched activation
-                    out = hf(x, output_hidden_states=True)  # forward 2: the prediction
-            finally:
-                h.remove()
-            preds.append(float(out.hidden_states[-1][0, pos] @ w + b))
-    return preds
+    def pre(m, args):
+        x = args[0].clone()
+        x[:, -1, 481] *= f
+        return (x,)
+
+    h = proj.register_forward_pre_hook(pre)
+    try:
+        with torch.inference_mode():
+            model.hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    finally:
+        h.remove()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--inputs", type=int, default=8)
-    ap.add_argument("--scale-inputs", type=int, default=0,
-                    help="also time N/4, N/2 and N inputs x 8 factors, each in a fresh process, "
-                         "with its peak RSS")
-    ap.add_argument("--engine-only", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    ap.add_argument("--head-dir", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--archs", nargs="+", default=list(SIZES))
     args = ap.parse_args()
-    if args.engine_only:
-        engine_only(args.engine_only, args.model_dir, args.head_dir)
-        return
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = make_model(root)
-        head_dir = write_head(root / "head", model_dir, target_layer=LAYER, target_neuron=NEURON,
-                              feature_layer=-1)
-        texts = make_inputs(model_dir, args.inputs)
-        model = load_model(model_dir)
-        head = load_head(head_dir)
-        hf = GPT2LMHeadModel.from_pretrained(model_dir).eval()
-        ids = [torch.tensor([model.tokenizer.encode(t, add_special_tokens=False)]) for t in texts]
-        batch = torch.cat(ids)
-        sd = torch.load(head_dir / "head.pt", weights_only=True)
-        w, b = sd["output.weight"][0], sd["output.bias"][0]
-
-        def floor() -> None:
-            with torch.inference_mode():
-                hf(batch)
-
-        def engine(inputs: list[str], **kw: object) -> object:
-            clear_clean_cache()  # time the clean pass too, as a first run would
-            return run_experiment(head, inputs, scale=FACTORS, model=model, **kw)  # type: ignore[arg-type]
-
-        rows = {
-            "floor: one clean batched forward": median_time(floor, args.repeats),
-            "notebook loop (HF, 2 forwards per input x factor)": median_time(
-                lambda: notebook_loop(hf, ids, w, b), max(1, args.repeats // 2)),
-            "engine, method=full": median_time(lambda: engine(texts, method="full"), args.repeats),
-            "engine, method=recompute": median_time(lambda: engine(texts, method="recompute"),
-                                                    args.repeats),
-            "engine, auto": median_time(lambda: engine(texts), args.repeats),
-        }
-        auto = engine(texts)
-        # The engine and the loop must agree before their times mean anything.
-        loop_preds = torch.tensor(notebook_loop(hf, ids, w, b)).reshape(len(texts), len(FACTORS))
-        err = float((loop_preds - torch.from_numpy(auto.patched_prediction)).abs().max())
-        floor_t = rows["floor: one clean batched forward"]
-        loop_t = rows["notebook loop (HF, 2 forwards per input x factor)"]
-        print(f"\n{len(texts)} inputs x {len(FACTORS)} scale factors, gpt2-small size, "
-              f"layer {LAYER} neuron {NEURON}, linear head on hidden_states[-1]; "
-              f"engine route: {auto.method}; max |engine - loop| prediction = {err:.2e}\n")
-        print("| run | median s | x floor | loop / this |")
-        print("| --- | ---: | ---: | ---: |")
-        for name, t in rows.items():
-            print(f"| {name} | {t:.3f} | {t / floor_t:.2f} | {loop_t / t:.1f} |")
-        if args.scale_inputs:
-            # Fresh processes, so peak RSS is the engine's alone (model + one experiment).
-            print("\n| inputs x 8 factors | engine s | peak RSS MB |\n| --- | ---: | ---: |")
-            for n in (args.scale_inputs // 4, args.scale_inputs // 2, args.scale_inputs):
-                proc = subprocess.run(
-                    [sys.executable, __file__, "--engine-only", str(n), "--model-dir", str(model_dir),
-                     "--head-dir", str(head_dir)], capture_output=True, text=True, check=True)
-                secs, rss = proc.stdout.split()[-2:]
-                print(f"| {n} | {float(secs):.2f} | {float(rss):.0f} |")
-
-
-def engine_only(n: int, model_dir: Path, head_dir: Path) -> None:
-    """Time one experiment on ``n`` inputs in this process; print seconds and peak RSS (MB)."""
-    texts = make_inputs(model_dir, n, seed=1)
-    model = load_model(model_dir)
-    head = load_head(head_dir)
-    t0 = time.perf_counter()
-    run_experiment(head, texts, scale=FACTORS, model=model)
-    secs = time.perf_counter() - t0
-    print(secs, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(f"| architecture | floor s | engine × floor | HF hooks × floor | route |")
+        print("| --- | ---: | ---: | ---: | --- |")
+        for arch in args.archs:
+            path = make(root, arch)
+            model = load_model(str(path), device="cpu")
+            head = write_head(root / f"head-{arch}", path, target_layer=8, target_neuron=481,
+                              feature_layer=-1, coordinates="transformer_lens")
+            rng = random.Random(1)
+            times: dict[str, list[float]] = {"floor": [], "engine": [], "hooks": []}
+            route = ""
+            for rep in range(args.repeats + 1):
+                for name in ("floor", "engine", "hooks"):
+                    texts = inputs(rng)  # fresh inputs every repetition and every column
+                    t0 = time.perf_counter()
+                    if name == "floor":
+                        floor(model, texts)
+                    elif name == "engine":
+                        route = run_experiment(head, texts, scale=FACTORS, model=model).method
+                    else:
+                        hooks_pass(model, texts)
+                    if rep:  # the first repetition warms up
+                        times[name].append(time.perf_counter() - t0)
+            fl = statistics.median(times["floor"])
+            print(f"| {arch} | {fl:.3f} | {statistics.median(times['engine']) / fl:.2f} "
+                  f"({min(times['engine']) / fl:.2f}–{max(times['engine']) / fl:.2f}) | "
+                  f"{statistics.median(times['hooks']) / fl:.2f} | {route} |", flush=True)
+            clear_cache()
 
 
 if __name__ == "__main__":

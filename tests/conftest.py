@@ -47,8 +47,10 @@ def probe_heads(tmp_path_factory: pytest.TempPathFactory) -> ProbeHeads:
     root = tmp_path_factory.mktemp("probe_heads")
     model = tiny_gpt2(root / "model", n_layer=2)
     heads = root / "heads"
-    write_head(heads / "causal", model, target_layer=0, target_neuron=3, feature_layer=1)
-    write_head(heads / "blind", model, target_layer=1, target_neuron=3, feature_layer=1)
+    write_head(heads / "causal", model, target_layer=0, target_neuron=3, feature_layer=1,
+               coordinates="hf")
+    write_head(heads / "blind", model, target_layer=1, target_neuron=3, feature_layer=1,
+               coordinates="hf")
     # The oracle, from the files alone: Δfeatures = Δa · W_out[3], prediction = w · features + b.
     w = torch.load(heads / "causal" / "head.pt", weights_only=True)["output.weight"][0]
     from safetensors.torch import load_file

@@ -1,94 +1,171 @@
-"""An independent reference for the engine: plain HF transformers and its own hooks.
+"""An independent reference for the engine: HF transformers run directly, with its own hooks.
 
-Nothing here imports neuronpatch's engine, units or heads. Each input is run
-alone (no padding, no batching) through ``GPT2LMHeadModel`` with
-``output_hidden_states=True``; patches are applied with ordinary torch forward
-hooks on HF modules; head predictions are written out with tensor algebra from
-the state dict. If the engine and this file agree, both the hook placement and
-the head maths are right.
+Nothing here imports neuronpatch's engine, architecture, coordinates or heads.
+Each input is run alone (no padding, no batching, no cache) through the HF
+model's full forward; patches are ordinary torch forward hooks on HF modules
+found through a hand-written table below; features come from
+``output_hidden_states`` (or a hook on the last block for its pre-norm output);
+``transformer_lens`` coordinates come from the centring identities of a
+LayerNorm model written out by hand. Head predictions are tensor algebra on
+the state dict, written as the seed pipeline's ``ActivationPredictor`` defines them.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, GPT2LMHeadModel
+import torch.nn.functional as F
+
+# model_type -> (blocks path, MLP output projection, MLP write, attention write), relative
+# to the model / to each block. Written from each architecture's modeling file.
+TABLE: dict[str, tuple[str, str, str, str]] = {
+    "gpt2": ("transformer.h", "mlp.c_proj", "mlp", "attn"),
+    "gpt_neox": ("gpt_neox.layers", "mlp.dense_4h_to_h", "mlp", "attention"),
+    "llama": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
+    "mistral": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
+    "qwen2": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
+    "qwen3": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
+    "gemma": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
+    "gemma2": ("model.layers", "mlp.down_proj", "post_feedforward_layernorm", "post_attention_layernorm"),
+    "opt": ("model.decoder.layers", "fc2", "fc2", "self_attn"),
+    "gptj": ("transformer.h", "mlp.fc_out", "mlp", "attn"),
+    "phi": ("model.layers", "mlp.fc2", "mlp", "self_attn"),
+    "phi3": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
+    "bloom": ("transformer.h", "mlp.dense_4h_to_h", "mlp.dense_4h_to_h", "self_attention.dense"),
+    "gpt_bigcode": ("transformer.h", "mlp.c_proj", "mlp", "attn"),
+}
+# LayerNorm (mean-subtracting) models; the rest use RMSNorm.
+LAYERNORM = {"gpt2", "gpt_neox", "opt", "gptj", "phi", "bloom", "gpt_bigcode"}
 
 
 class Oracle:
+    """One model, run input by input, patched with plain forward hooks."""
+
     def __init__(self, model_dir: Path) -> None:
-        self.model = GPT2LMHeadModel.from_pretrained(model_dir).eval()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
         self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.type = self.model.config.model_type
+        blocks, self.out_proj, self.mlp_w, self.attn_w = TABLE[self.type]
+        self.blocks = self.model.get_submodule(blocks)
+        self.ln = self.type in LAYERNORM
+        self.d = self.model.get_input_embeddings().weight.shape[1]
 
-    def ids(self, text: str) -> torch.Tensor:
-        return torch.tensor([self.tok.encode(text, add_special_tokens=False)])
+    def ids(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])  # the tokenizer's defaults, as the pipeline
 
-    def _patch_hooks(
-        self, layer: int, layer_type: str, neuron: int, positions: list[int],
-        fn: Callable[[torch.Tensor], torch.Tensor], record: dict[str, Any],
-    ) -> list[Any]:
-        block = self.model.transformer.h[layer]
+    def _site(self, layer: int, layer_type: str) -> tuple[Any, str]:
+        block = self.blocks[layer]
+        return {
+            "post": (block.get_submodule(self.out_proj), "in"),
+            "mlp_out": (block.get_submodule(self.mlp_w), "out"),
+            "attn_out": (block.get_submodule(self.attn_w), "out"),
+            "resid_post": (block, "out"),
+            "resid_pre": (block, "in"),
+        }[layer_type]
 
-        def patch(t: torch.Tensor) -> torch.Tensor:
-            t = t.clone()
-            col = t[0, :, neuron]
-            for p in positions:
-                col[p] = fn(col[p])
-            t[0, :, neuron] = col
-            record.setdefault("values", []).append(t[0, :, neuron].clone())
-            return t
+    def run(self, text: str, *, cfg: dict[str, Any], patch: tuple[list[int], float, float] | None = None,
+            ) -> tuple[float, float | None, torch.Tensor]:
+        """(clean unit value at the measured position, patched value, features) for one input.
 
-        if layer_type == "post":
-            # GPT2MLP: c_fc -> act -> c_proj; the neuron is the output of `act`.
-            return [block.mlp.act.register_forward_hook(lambda m, i, o: patch(o))]
-        if layer_type == "mlp_out":
-            return [block.mlp.register_forward_hook(lambda m, i, o: patch(o))]
-        if layer_type == "resid_pre":
-            def pre(m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                return (patch(args[0]), *args[1:]), kwargs
-            return [block.register_forward_pre_hook(pre, with_kwargs=True)]
-        raise NotImplementedError(layer_type)
+        ``patch``: (positions, alpha, beta); the unit value is measured at the first position
+        (or at the read position when every position is patched).
+        """
+        coords = cfg.get("coordinates", "transformer_lens")
+        layer, neuron, lt = cfg["target_layer"], cfg["target_neuron"], cfg.get("layer_type", "post")
+        centre_unit = coords == "transformer_lens" and self.ln and lt != "post"
+        ids = torch.tensor([self.ids(text)])
+        n = ids.shape[1]
+        read = n - 1 if cfg.get("token_pos", "last") == "last" else cfg["token_pos"] % n
+        module, where = self._site(layer, lt)
+        rec: dict[str, Any] = {}
 
-    def run(
-        self, text: str, *, layer: int, layer_type: str, neuron: int,
-        positions: list[int] | None = None,
-        fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-        """Hidden states, logits and the unit's column for one input (patched if fn)."""
-        record: dict[str, Any] = {}
-        ids = self.ids(text)
-        handles = []
-        fn_ = fn if fn is not None else (lambda a: a)
-        handles = self._patch_hooks(layer, layer_type, neuron,
-                                    positions if positions is not None else [], fn_, record)
+        def edit(t: torch.Tensor) -> torch.Tensor:
+            t3 = t.reshape(1, n, -1).clone()
+            col = t3[0, :, neuron].clone()
+            c = col - t3[0].mean(-1) if centre_unit else col
+            rec["clean"] = c.clone()
+            if patch is not None:
+                positions, alpha, beta = patch
+                delta = torch.zeros(n)
+                for q in positions:
+                    delta[q] = alpha * c[q] + beta - c[q]
+                t3[0, :, neuron] = col + delta
+                rec["delta"] = delta
+            return t3.reshape(t.shape)
+
+        if where == "in":
+            def pre(m: Any, args: Any, kwargs: Any) -> Any:
+                if args:
+                    return (edit(args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
+            h = module.register_forward_pre_hook(pre, with_kwargs=True)
+        else:
+            def post(m: Any, args: Any, out: Any) -> Any:
+                if isinstance(out, tuple):
+                    return (edit(out[0]), *out[1:])
+                return edit(out)
+            h = module.register_forward_hook(post)
+        last_block: dict[str, torch.Tensor] = {}
+        h2 = self.blocks[-1].register_forward_hook(
+            lambda m, a, o: last_block.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))
         try:
             with torch.no_grad():
                 out = self.model(ids, output_hidden_states=True)
         finally:
-            for h in handles:
-                h.remove()
-        return out.hidden_states, out.logits[0], record["values"][0]
+            h.remove()
+            h2.remove()
+        if cfg["head_type"] == "token":
+            feats = out.logits[0, read]
+        else:
+            fl = cfg.get("feature_layer", -1)
+            if coords == "hf":
+                feats = out.hidden_states[fl][0, read]
+            else:
+                L = fl % len(self.blocks)
+                x = last_block["x"][0] if len(self.blocks) - 1 == L else out.hidden_states[L + 1][0]
+                feats = x[read]
+                if self.ln:
+                    feats = feats - feats.mean()
+                    if lt != "post" and "delta" in rec:
+                        feats = feats + rec["delta"][read] / self.d
+        if patch is None:
+            return float(rec["clean"][read]), None, feats.float()
+        positions, alpha, beta = patch
+        m = read if len(positions) > 1 else positions[0]
+        c = float(rec["clean"][m])
+        patched = alpha * c + beta if m in positions else c
+        return c, patched, feats.float()
+
+    def digit_ids(self) -> list[int]:
+        return [self.tok.encode(str(i))[-1] for i in range(10)]
 
 
-def head_predict(head_dir: Path, features: torch.Tensor, logits_digits: list[int] | None = None) -> float:
-    """The head's prediction for one feature vector, written out by hand."""
+def head_predict(head_dir: Path, feats: torch.Tensor, digit_ids: list[int] | None = None) -> float:
+    """The seed pipeline's prediction for one feature vector, written out by hand."""
     cfg = json.loads((head_dir / "config.json").read_text())
+    hc = cfg.get("head_config", {}) or {}
     if cfg["head_type"] == "token":
-        assert logits_digits is not None
-        p = torch.softmax(features[logits_digits], 0)
-        return float(sum(i * p[i] for i in range(10)))
+        assert digit_ids is not None
+        p = torch.softmax(feats[digit_ids], 0)
+        e = float(sum(i * p[i] for i in range(10)))
+        if cfg.get("activation_mean") is not None and cfg.get("activation_std") is not None:
+            e = (e / 9.0 * 4 - 2) * cfg["activation_std"] + cfg["activation_mean"]
+        return e
     sd = torch.load(head_dir / "head.pt", weights_only=True)
-    x = features
+    x = feats
     if "hidden.weight" in sd:
-        x = torch.nn.functional.gelu(sd["hidden.weight"] @ x + sd["hidden.bias"])
+        act = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}[hc.get("activation", "gelu")]
+        x = act(sd["hidden.weight"] @ x + sd["hidden.bias"])
     out = sd["output.weight"] @ x + sd["output.bias"]
     if cfg["head_type"] == "regression":
-        return float(out[0])
+        v = float(out[0])
+        return v * hc["output_scale"] if hc.get("output_scale") is not None else v
     edges = cfg.get("bin_edges")
     if edges is None:
         return float(torch.argmax(out))

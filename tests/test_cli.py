@@ -32,7 +32,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def head(tmp_path: Path, model_dir: Path) -> Path:
     return write_head(tmp_path / "head", model_dir, target_layer=0, target_neuron=3,
-                      feature_layer=1)
+                      feature_layer=1, coordinates="hf")
 
 
 def test_run_prints_the_notebook_tables_and_writes_artifacts(head, tmp_path, capsys):

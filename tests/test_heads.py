@@ -38,6 +38,13 @@ def edit_config(head: Path, **changes: object) -> None:
         ({"token_pos": "first"}, r"key 'token_pos' = 'first' .* 'last' or an integer"),
         ({"weight_processing": "fold"}, r"key 'weight_processing' = 'fold'"),
         ({"head_config": {"dropout": 1.5}}, r"key 'head_config.dropout' = 1.5 .* \[0, 1\)"),
+        ({"head_config": {"activaton": "relu"}}, r"key 'head_config.activaton' .* did you mean 'activation'"),
+        ({"head_config": {"temperature": 2}}, r"key 'head_config.temperature' .* no such key"),
+        ({"head_config": {"activation": "tanh"}}, r"key 'head_config.activation' = 'tanh' .* gelu, relu, silu"),
+        ({"head_config": {"class_name": "ClassificationHead"}}, r"'RegressionHead' for head_type"),
+        ({"feature_layr": 2}, r"key 'feature_layr' .* did you mean 'feature_layer'"),
+        ({"coordinates": "tl"}, r"key 'coordinates' = 'tl' .* transformer_lens, hf"),
+        ({"weight_processing": "none", "coordinates": "transformer_lens"}, r"agreement with coordinates"),
         ({"base_model_name": ""}, r"key 'base_model_name'"),
     ],
 )
@@ -55,7 +62,8 @@ def test_config_errors_at_load(tmp_path, model_dir, changes, pattern):
     [
         ({"target_layer": 5}, r"key 'target_layer' = 5 is invalid; expected an int in \[0, 1\]"),
         ({"target_neuron": 64}, r"key 'target_neuron' = 64 .* \[0, 63\]"),
-        ({"feature_layer": 7}, r"key 'feature_layer' = 7 .* \[-3, 2\]"),
+        ({"feature_layer": 7}, r"key 'feature_layer' = 7 .* \[-2, 1\] \(transformer_lens"),
+        ({"feature_layer": 7, "coordinates": "hf"}, r"key 'feature_layer' = 7 .* \[-3, 2\] \(hf"),
         ({"feature_hook": "blocks.9.nothing"}, r"key 'feature_hook' = 'blocks.9.nothing'"),
     ],
 )

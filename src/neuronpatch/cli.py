@@ -121,7 +121,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     res = run_experiment(
         args.head_dir, texts, scale=args.scale, set=args.set, add=args.add, zero=args.zero,
         mean=args.mean, position=position,
-        batch_size=args.batch_size, device=args.device, progress=True,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, method=args.route,
+        progress=True,
     )
     print(format_report(res))
     art = write_artifacts(res, args.out)
@@ -137,12 +138,13 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
         model=args.model, layer=args.layer, neuron=args.neuron, layer_type=args.layer_type,
         feature_layer=args.feature_layer, head_type=args.type, hidden_dim=args.hidden_dim,
         bins=args.bins, intervene=args.intervene, corpus=args.corpus, windows=args.windows,
-        seed=args.seed, out=args.out, progress=True,
+        seed=args.seed, out=args.out, coordinates=args.coordinates, progress=True,
     )
     data = "interventional" if args.intervene else "natural"
     print(f"Trained a {args.type} head on {rep.n_train} {data} windows "
           f"({rep.n_held_out} held out) for {args.layer_type} L{args.layer} N{args.neuron} "
-          f"of {args.model}, reading hidden_states[{args.feature_layer}]")
+          f"of {args.model}, reading feature_layer {args.feature_layer} "
+          f"({args.coordinates} coordinates)")
     print(f"  unit activation: mean {rep.activation_mean:.4f}, sd {rep.activation_std:.4f}")
     print(f"  R²        train {rep.train_r2:.4f}   held-out {rep.held_out_r2:.4f}")
     if rep.train_accuracy is not None and rep.held_out_accuracy is not None:
@@ -170,8 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where to patch: last, all or an index (default: the head's token_pos)")
     run.add_argument("--out", type=Path, default=Path("neuronpatch-out"),
                      help="directory for summary.json and figures (default: ./neuronpatch-out)")
-    run.add_argument("--batch-size", type=int, default=64, help="rows per forward pass")
-    run.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    run.add_argument("--batch-size", type=int, default=128, help="rows per forward pass")
+    run.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda:N")
+    run.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                     help="model dtype (default float32)")
+    run.add_argument("--route", default="auto", choices=("auto", "upstream", "linear", "kv", "full"),
+                     help="force an engine route (default: the cheapest exact one)")
     run.set_defaults(func=_cmd_run)
 
     th = sub.add_parser("train-head", help="train a prediction head (seed artifact format)")
@@ -191,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="text file (documents split by blank lines); default: the demo corpus")
     th.add_argument("--windows", type=int, default=3000, help="text windows to collect")
     th.add_argument("--seed", type=int, default=0)
+    th.add_argument("--coordinates", default="transformer_lens", choices=("transformer_lens", "hf"),
+                    help="coordinates of --feature-layer and the written head (default transformer_lens)")
     th.add_argument("--out", type=Path, required=True, help="head directory to write")
     th.set_defaults(func=_cmd_train_head)
     return parser

@@ -7,44 +7,46 @@ add or mean-ablate) at the patched position, let the change flow through the
 rest of the model up to where the head reads its features, and record the new
 prediction ``p'``. If the head reads the unit, ``p' − p`` follows ``a' − a``.
 
-How the work is laid out (never one full forward per (input, value), as a
-hand-written loop would):
+Every number comes from the model's own forward (its own attention, positions,
+norms and cache); the engine only reads and edits tensors at the sites of
+:mod:`neuronpatch.architecture`, and turns them into the head's coordinates
+with the identities of :mod:`neuronpatch.coordinates`. Routes, cheapest first:
 
-1. **One clean pass** over the inputs, right-padded into batches. In a causal
-   model no real position attends to a later one, so right padding changes no
-   number at a real position; the last *real* token of each row is read. The
-   pass stops as soon as the last hook it needs has fired.
-2. **The patched rows** (inputs × interventions) then go through the model
-   together, in chunks of ``batch_size`` rows, by the cheapest exact route:
+``upstream``  the head reads before the unit: nothing can change, so the slope
+              is exactly 0 (checked once with a real patched run);
+``linear``    the head reads the residual stream right after the unit, at the
+              patched position: patched features are the clean ones plus
+              ``Δa`` times the unit's write direction (checked once against a
+              real patched run; on a mismatch the engine steps aside to ``kv``);
+``kv``        one forward over every input's prefix (the tokens before the
+              patch) keeps the model's own KV cache; each input's cache is
+              repeated once per intervention plus once clean, and only the
+              positions from the patch to the read position are run again;
+``full``      every row, every position, from the start (the reference, and
+              what ``position: all`` needs).
 
-   ``upstream``  the head reads at or before the unit: nothing can change, no
-                 forward at all, the slope is exactly 0;
-   ``linear``    the head reads the residual stream right after the unit: the
-                 patched features are the clean ones plus ``Δa`` times the
-                 unit's write direction, no forward at all;
-   ``recompute`` restart from the residual stream entering the unit's block
-                 (saved by the clean pass) and stop where the features are read;
-   ``full``      a whole forward per patched row (reference and fallback).
-
-Hooks are only attached inside ``model.hooks(...)`` contexts and never outlive
-a call. Everything is deterministic.
+Inputs are left-padded with explicit ``position_ids`` and an attention mask,
+so a batch gives the numbers each input gives alone. Hooks live only inside
+one call. Everything is deterministic.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
-from neuronpatch import units
+from neuronpatch import architecture, coordinates
+from neuronpatch.architecture import Site
+from neuronpatch.coordinates import Plan
 from neuronpatch.errors import InputError
 from neuronpatch.heads import Head, load_head
 from neuronpatch.interventions import Intervention, build, normalize
@@ -53,10 +55,10 @@ from neuronpatch.result import ExperimentResult
 from neuronpatch.stats import weight_cosine
 
 if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
+    from neuronpatch.models import LoadedModel
 
-Method = Literal["auto", "upstream", "linear", "sparse", "recompute", "full"]
-METHODS: tuple[str, ...] = ("auto", "upstream", "linear", "sparse", "recompute", "full")
+Method = Literal["auto", "upstream", "linear", "kv", "full"]
+METHODS: tuple[str, ...] = ("auto", "upstream", "linear", "kv", "full")
 
 # The seed notebook's eight test sentences: the default inputs.
 DEFAULT_INPUTS: tuple[str, ...] = (
@@ -72,12 +74,16 @@ DEFAULT_INPUTS: tuple[str, ...] = (
 
 # A unit whose clean activation is this small cannot be moved by scaling.
 _SILENT = 1e-6
+# How far a shortcut route may be from a real patched run before it steps aside
+# (relative to the features' scale; float32 noise is ~1e-6).
+_CHECK_RTOL = 1e-4
 
 
 class _Stop(Exception):
     """Raised from a capture hook once everything needed has been read."""
 
 
+# --------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
 class Encoded:
     """Tokenized inputs with the positions the experiment uses."""
@@ -88,41 +94,54 @@ class Encoded:
     measure_pos: list[int]  # where the unit's activation change is measured
 
 
+def tokenize(model: LoadedModel, text: str, prepend_bos: bool | None) -> list[int]:
+    """Token ids as the seed pipeline makes them: the HF tokenizer with its defaults.
+
+    ``prepend_bos`` True/False overrides whether a BOS token starts the input.
+    """
+    tok = model.tokenizer
+    if prepend_bos is None:
+        return [int(i) for i in tok(text)["input_ids"]]
+    ids = [int(i) for i in tok(text, add_special_tokens=False)["input_ids"]]
+    if prepend_bos:
+        bos = tok.bos_token_id
+        if bos is None:
+            raise InputError("prepend_bos is true but the tokenizer has no BOS token")
+        ids = [int(bos), *ids]
+    return ids
+
+
 def encode(
-    model: TransformerBridge,
+    model: LoadedModel,
     texts: Sequence[str],
     *,
-    prepend_bos: bool,
+    prepend_bos: bool | None,
     token_pos: str | int,
     position: str | int,
 ) -> Encoded:
-    """Tokenize with the model's own HF tokenizer and resolve positions.
+    """Tokenize and resolve positions.
 
     Raises:
         InputError: an empty input, one longer than the model's context, or a
             position outside an input.
     """
-    tok = model.tokenizer
-    n_ctx = int(model.cfg.n_ctx)
+    n_ctx = model.n_ctx
     ids_all, read, patch, measure = [], [], [], []
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputError(f"input {i} is {type(text).__name__}, expected a string")
-        ids = list(tok.encode(text, add_special_tokens=False))
-        if prepend_bos:
-            if tok.bos_token_id is None:
-                raise InputError("prepend_bos is true but the tokenizer has no BOS token")
-            ids = [int(tok.bos_token_id), *ids]
-        if not ids or not text.strip():
+        if not text.strip():
             raise InputError(f"input {i} ({text!r}) is empty; every input needs at least one token")
-        if len(ids) > n_ctx:
+        ids = tokenize(model, text, prepend_bos)
+        if not ids:
+            raise InputError(f"input {i} ({text!r}) has no tokens")
+        if n_ctx is not None and len(ids) > n_ctx:
             raise InputError(f"input {i} ({_short(text)!r}) has {len(ids)} tokens; the model's "
                              f"context is {n_ctx} tokens")
         n = len(ids)
         r = _resolve(token_pos, n, what="token_pos", i=i, text=text)
         if position == "all":
-            p = list(range(n))
-            m = r
+            p, m = list(range(n)), r
         else:
             one = _resolve(position, n, what="position", i=i, text=text)
             p, m = [one], one
@@ -150,384 +169,396 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-@dataclass(frozen=True)
-class Plan:
-    """Where to patch, where to read, and which route the patched rows take."""
+# --------------------------------------------------------------------------- one pass
+@dataclass
+class _Rows:
+    """What a pass measured, one row per (input, intervention) plus a clean row per input."""
 
-    unit_hook: str
-    neuron: int
-    feature_hook: str
-    start_layer: int
-    method: str
-    direction: Tensor | None  # the unit's write direction in the residual stream
-
-
-def plan(head: Head, model: TransformerBridge, method: str = "auto", position: str | int = "last",
-         *, patch_is_read: bool = True) -> Plan:
-    """Choose hooks and the cheapest exact route for ``head`` on ``model``.
-
-    ``patch_is_read`` says that every input is patched exactly at the position
-    the head reads; only then does a patch reach the features linearly.
-    """
-    if method not in METHODS:
-        raise ValueError(f"method {method!r} is unknown; expected one of {', '.join(METHODS)}")
-    cfg = head.config
-    n_layers = int(model.cfg.n_layers)
-    unit = units.unit_hook(cfg.target_layer, cfg.layer_type)
-    feature = head.feature_hook(n_layers)
-    direction = write_direction(model, cfg.target_layer, cfg.target_neuron, cfg.layer_type)
-    unit_order = units.hook_order(unit, n_layers=n_layers)
-    feat_order = units.hook_order(feature, n_layers=n_layers)
-    upstream = feat_order < unit_order
-    # Straight after the unit, in the residual stream, with nothing nonlinear between.
-    after = (cfg.target_layer + 1, 0)
-    linear = patch_is_read and direction is not None and feature.endswith("hook_resid_pre") and (
-        (feat_order == after and cfg.layer_type in ("post", "mlp_post", "mlp_out", "resid_post"))
-        or (feat_order == unit_order and cfg.layer_type == "resid_pre")
-    )
-    # Recomputing only the patched position onward needs one patched position, a causal
-    # model, and absolute position embeddings (already inside the saved residual stream).
-    standard = (model.cfg.positional_embedding_type == "standard"
-                and getattr(model.cfg, "attention_dir", "causal") == "causal")
-    sparse = position != "all" and standard
-    if method == "auto":
-        method = ("upstream" if upstream else "linear" if linear
-                  else "sparse" if sparse else "recompute")
-    elif method == "upstream" and not upstream:
-        raise ValueError(f"method 'upstream' needs a head that reads before {unit}; it reads {feature}")
-    elif method == "linear" and not linear:
-        raise ValueError(f"method 'linear' needs a head reading the residual stream right after "
-                         f"{unit}, at the patched position")
-    elif method == "sparse" and not sparse:
-        method = "recompute"  # e.g. position "all": every position changes, recompute them all
-    if method == "recompute" and not standard:
-        method = "full"  # blocks of rotary models need position embeddings passed in
-    return Plan(unit, cfg.target_neuron, feature, cfg.target_layer, method, direction)
-
-
-def write_direction(
-    model: TransformerBridge, layer: int, neuron: int, layer_type: str
-) -> Tensor | None:
-    """The residual-stream direction a unit writes to (None for pre-activations).
-
-    An MLP neuron writes its row of ``W_out``; a residual-stream unit is its own
-    basis vector.
-    """
-    if layer_type in ("post", "mlp_post"):
-        # One block's W_out, not model.W_out: that stacks every layer's matrix first.
-        return model.blocks[layer].mlp.W_out[neuron].detach().float().clone()
-    if layer_type in ("pre", "mlp_pre"):
-        return None
-    e = torch.zeros(int(model.cfg.d_model))
-    e[neuron] = 1.0
-    return e
+    clean_unit: Tensor  # [rows] the unit's clean value where it is measured
+    patched_unit: Tensor  # [rows] the value the intervention asked for there
+    features: Tensor  # [rows, width] in the head's coordinates
+    guard: Tensor | None = None  # [rows, width] features in hf coordinates (the guard)
 
 
 @dataclass
-class _Clean:
-    """What the clean pass keeps per input (cropped to what the patched rows need)."""
+class _Batch:
+    """Token rows for one forward: left-padded, with positions and where to patch/read."""
 
-    unit: list[Tensor]  # [n_tokens] the unit's activation at every position
-    features: list[Tensor]  # [width] features (or logits) at the read position
-    resid: list[Tensor]  # [n_tokens, d_model] residual entering the start block
-    kv: list[dict[int, tuple[Tensor, Tensor]]]  # layer -> clean (k, v) [heads, p, d_head]
-
-
-def _batches(n: int, size: int) -> Iterator[range]:
-    for lo in range(0, n, size):
-        yield range(lo, min(n, lo + size))
-
-
-def _pad(rows: Sequence[Sequence[int]], pad_id: int) -> Tensor:
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
+    ids: Tensor  # [R, S]
+    mask: Tensor  # [R, P + S] attention mask including any cached prefix
+    positions: Tensor  # [R, S]
+    patch: Tensor  # [R, S] bool: positions to patch
+    measure: Tensor  # [R] column of the measured unit value
+    read: Tensor  # [R] column of the read position
+    alpha: Tensor  # [R]
+    beta: Tensor  # [R]
+    cache: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _run_to(
-    model: TransformerBridge,
-    fwd_hooks: list[tuple[str, Callable[..., Any]]],
-    forward: Callable[[], Any],
-) -> None:
-    """Run ``forward`` with hooks attached; a capture hook may end it early."""
-    with torch.inference_mode(), model.hooks(fwd_hooks=fwd_hooks), contextlib.suppress(_Stop):
-        forward()
+def _forward_kwargs(model: LoadedModel) -> dict[str, Any]:
+    params = inspect.signature(model.hf.forward).parameters
+    kw: dict[str, Any] = {"return_dict": True}
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
+    return kw
 
 
-def _last_block(p: Plan, n_layers: int) -> int:
-    """The last block a patched row must run through before its features are read."""
-    layer = units.hook_layer(p.feature_hook)
-    if layer is None:
-        return n_layers - 1  # ln_final / unembed: every block
-    order = units.hook_order(p.feature_hook, n_layers=n_layers)
-    return layer - 1 if order == (layer, 0) else layer  # resid_pre L is block L-1's output
+def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _Rows:
+    """Run the model's own forward on ``b`` with the patch and capture hooks attached.
 
+    ``guard``: a second feature site to read unchanged (the coordinate guard).
+    """
+    R = b.ids.shape[0]
+    ar = torch.arange(R, device=model.device)
+    got: dict[str, Tensor] = {}
+    n = p.neuron
+    wanted = {"clean", "features"} | ({"guard"} if guard is not None else set())
 
-def _clean_pass(
-    model: TransformerBridge, p: Plan, enc: Encoded, chunk: range, *, stop_at_unit: bool = False
-) -> _Clean:
-    """One batched clean forward over ``chunk`` of the inputs, capturing what is needed."""
-    n_layers = int(model.cfg.n_layers)
-    n_heads, d_head = int(model.cfg.n_heads), int(model.cfg.d_head)
-    wanted: dict[str, str] = {"unit": p.unit_hook}
-    if not stop_at_unit:
-        wanted["features"] = p.feature_hook
-        if p.method in ("recompute", "sparse"):
-            wanted["resid"] = f"blocks.{p.start_layer}.hook_resid_pre"
-        if p.method == "sparse":
-            # Every block the patched rows enter needs the clean prefix keys/values.
-            for layer in range(p.start_layer, max(p.start_layer, _last_block(p, n_layers)) + 1):
-                wanted[f"k{layer}"] = f"blocks.{layer}.attn.hook_k"
-                wanted[f"v{layer}"] = f"blocks.{layer}.attn.hook_v"
-    read = tuple(enc.read_pos[i] for i in chunk)
-    rows = tuple(tuple(enc.ids[i]) for i in chunk)
-    # What each capture is called in the clean-run cache: same hook, same slice, same tensor.
-    names = {key: (key if key in ("unit", "features") else "full", hook,
-                   p.neuron if key == "unit" else read if key == "features" else None)
-             for key, hook in wanted.items()}
-    store = _clean_store(model, rows)
-    missing = {key: hook for key, hook in wanted.items() if names[key] not in store}
+    def done() -> None:
+        if wanted <= got.keys():
+            raise _Stop  # nothing later in the forward can change what was read
+
+    def patch(t: Tensor) -> Tensor:
+        col = t[..., n].float()
+        c = col - t.float().mean(-1) if p.centre_unit else col
+        target = b.alpha[:, None] * c + b.beta[:, None]
+        delta = torch.where(b.patch, target - c, torch.zeros_like(c))
+        got["clean"] = c[ar, b.measure]
+        got["patched"] = torch.where(b.patch[ar, b.measure], target[ar, b.measure], c[ar, b.measure])
+        got["delta_read"] = delta[ar, b.read]
+        out = t.clone()
+        out[..., n] = (col + delta).to(t.dtype)
+        if wanted <= got.keys():
+            raise _Stop  # the features were read before the unit: an upstream head
+        return out
+
+    def capture(t: Tensor) -> None:
+        f = t[ar, b.read].float()
+        if p.centre_features:
+            f = f - f.mean(-1, keepdim=True)
+        if p.offset:
+            f = f + (got["delta_read"] / p.d_model)[:, None]
+        got["features"] = f
+        done()
+
+    def capture_guard(t: Tensor) -> None:
+        got["guard"] = t[ar, b.read].float()
+        done()
+
+    handles = [architecture.attach(model.arch, p.unit, patch, R)]
+    if p.feature.kind != "logits":
+        handles.append(architecture.attach(model.arch, p.feature, capture, R))
+    if guard is not None:
+        handles.append(architecture.attach(model.arch, guard, capture_guard, R))
+    try:
+        with torch.inference_mode(), contextlib.suppress(_Stop):
+            out = model.hf(input_ids=b.ids, attention_mask=b.mask, position_ids=b.positions,
+                           past_key_values=b.cache, use_cache=b.cache is not None, **_forward_kwargs(model))
+            if p.feature.kind == "logits":
+                got["features"] = out.logits[:, -1].float()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = wanted - got.keys()
     if missing:
-        got: dict[str, Tensor] = {}
-        read_t = torch.tensor(read)
-
-        def grab(key: str) -> Callable[..., None]:
-            def hook(act: Tensor, hook: Any) -> None:
-                if key == "unit":
-                    got[key] = act[..., p.neuron].detach().clone()
-                elif key == "features":
-                    got[key] = act[torch.arange(act.shape[0]), read_t].detach().clone()
-                else:
-                    got[key] = act.detach().clone()
-                if len(got) == len(missing):
-                    raise _Stop  # nothing later in the forward is needed
-
-            return hook
-
-        tokens = _pad(rows, 0)
-        _run_to(model, [(hook, grab(key)) for key, hook in missing.items()],
-                lambda: model(tokens, return_type=None))
-        for key, tensor in got.items():
-            store[names[key]] = tensor
-        _evict(model)
-    got = {key: store[names[key]] for key in wanted}
-    clean = _Clean([], [], [], [])
-    for k, i in enumerate(chunk):
-        n = len(enc.ids[i])
-        clean.unit.append(got["unit"][k, :n])
-        if stop_at_unit:
-            continue
-        clean.features.append(got["features"][k])
-        if "resid" in got:
-            clean.resid.append(got["resid"][k, :n])
-        kv: dict[int, tuple[Tensor, Tensor]] = {}
-        prefix = enc.patch_pos[i][0]
-        for key in wanted:
-            if key.startswith("k"):
-                layer = int(key[1:])
-                # [pos, heads, d_head] (or [pos, d_model]) → [heads, prefix, d_head]
-                kk, vv = got[key][k, :prefix], got[f"v{layer}"][k, :prefix]
-                kv[layer] = (kk.reshape(prefix, n_heads, d_head).transpose(0, 1),
-                             vv.reshape(prefix, n_heads, d_head).transpose(0, 1))
-        clean.kv.append(kv)
-    return clean
+        raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
+                           f"(missing {sorted(missing)})")
+    return _Rows(got["clean"], got["patched"], got["features"], got.get("guard"))
 
 
-# Clean runs are shared by every experiment on the same model and token rows (probes on
-# one head and input set, a mean-ablation pre-pass, repeated runs): per model, an LRU of
-# captured tensors keyed by the rows, bounded in bytes.
-CLEAN_CACHE_BYTES = 256 * 2**20
-_CLEAN_CACHE: weakref.WeakKeyDictionary[Any, OrderedDict[Any, dict[Any, Tensor]]] = (
-    weakref.WeakKeyDictionary())
+def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
 
 
-def _clean_store(model: TransformerBridge, rows: tuple[tuple[int, ...], ...]) -> dict[Any, Tensor]:
-    per_model = _CLEAN_CACHE.setdefault(model, OrderedDict())
-    store = per_model.setdefault(rows, {})
-    per_model.move_to_end(rows)
-    return store
+def _pad_id(model: LoadedModel) -> int:
+    tok = model.tokenizer
+    for cand in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
 
 
-def _evict(model: TransformerBridge) -> None:
-    per_model = _CLEAN_CACHE[model]
-    size = sum(t.numel() * t.element_size() for s in per_model.values() for t in s.values())
-    while size > CLEAN_CACHE_BYTES and len(per_model) > 1:
-        _, dropped = per_model.popitem(last=False)
-        size -= sum(t.numel() * t.element_size() for t in dropped.values())
+# --------------------------------------------------------------------------- routes
+def _full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
+               guard: Site | None = None) -> _Rows:
+    """Every row from the start: inputs × (interventions) in one left-padded batch.
 
-
-def clear_clean_cache() -> None:
-    """Forget every cached clean run (for benchmarks that time the clean pass itself)."""
-    _CLEAN_CACHE.clear()
-
-
-class _PrefixCache:
-    """Stands in for a KV cache: prepends the clean run's keys/values of earlier positions.
-
-    The bridge's attention calls ``update(k, v, layer_idx)`` with the keys and
-    values of the positions being computed and attends over what it returns,
-    with a causal mask offset by the prefix length.
+    ``affine[k, j]`` is ``(α, β)`` of row ``j`` of input ``idx[k]``.
     """
+    m = affine.shape[1]
+    dev = model.device
+    ends = [max(enc.read_pos[i], enc.measure_pos[i], max(enc.patch_pos[i])) + 1 for i in idx]
+    rows = [enc.ids[i][:e] for i, e in zip(idx, ends, strict=True)]
+    ids, mask, pos = _left_pad(rows, _pad_id(model), dev)
+    S = ids.shape[1]
+    pads = [S - len(r) for r in rows]
+    patch = torch.zeros(len(idx), S, dtype=torch.bool)
+    for k, i in enumerate(idx):
+        for q in enc.patch_pos[i]:
+            patch[k, pads[k] + q] = True
+    measure = torch.tensor([pads[k] + enc.measure_pos[i] for k, i in enumerate(idx)])
+    read = torch.tensor([pads[k] + enc.read_pos[i] for k, i in enumerate(idx)])
+    rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
+    b = _Batch(ids=rep(ids), mask=rep(mask), positions=rep(pos), patch=rep(patch).to(dev),
+               measure=rep(measure).to(dev), read=rep(read).to(dev),
+               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev))
+    return _run(model, p, b, guard)
 
-    def __init__(self, kv: dict[int, tuple[Tensor, Tensor]]) -> None:
-        self.kv = kv
 
-    def update(self, k: Tensor, v: Tensor, layer_idx: int, *args: Any, **kwargs: Any
-               ) -> tuple[Tensor, Tensor]:
-        pk, pv = self.kv[layer_idx]
-        return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2)
+def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
+             guard: Site | None = None) -> _Rows:
+    """One prefix forward keeps the model's cache; each row re-runs only patch..read.
 
-
-def _patch_hook(neuron: int, mask: Tensor, target: Tensor, out: dict[str, Tensor]
-                ) -> Callable[..., Tensor]:
-    """A hook writing ``target`` into the unit at the masked positions of each row.
-
-    Targets are computed from the clean run (``α·a_clean + β``), so the change
-    in activation is exact: a patch that changes nothing changes nothing.
+    Every input in ``idx`` has one patched position at or before its read
+    position, and the same number of tokens from the patch to the read position.
     """
+    from transformers import DynamicCache
 
-    def hook(act: Tensor, hook: Any) -> Tensor:
-        patched = act.clone()
-        patched[..., neuron] = torch.where(mask, target.to(act.dtype), act[..., neuron])
-        out["patched"] = torch.ones(())
-        if "features" in out:  # the head read before the unit: nothing later matters
-            raise _Stop
-        return patched
+    m = affine.shape[1]
+    dev = model.device
+    first = [enc.patch_pos[i][0] for i in idx]
+    prefixes = [enc.ids[i][:q] for i, q in zip(idx, first, strict=True)]
+    suffixes = [enc.ids[i][q: enc.read_pos[i] + 1] for i, q in zip(idx, first, strict=True)]
+    s = len(suffixes[0])
+    assert all(len(x) == s for x in suffixes) and all(prefixes), "one suffix length, non-empty prefixes"
+    pids, pmask, ppos = _left_pad(prefixes, _pad_id(model), dev)
+    cache = DynamicCache(config=model.hf.config)
+    with torch.inference_mode():
+        model.hf(input_ids=pids, attention_mask=pmask, position_ids=ppos, past_key_values=cache,
+                 use_cache=True, **_forward_kwargs(model))
+    cache.batch_repeat_interleave(m)
+    lengths = torch.tensor([len(x) for x in prefixes], device=dev)
+    sids = torch.tensor(suffixes, dtype=torch.long, device=dev)
+    spos = lengths[:, None] + torch.arange(s, device=dev)[None, :]
+    smask = torch.cat([pmask, torch.ones(len(idx), s, dtype=pmask.dtype, device=dev)], dim=1)
+    patch = torch.zeros(len(idx) * m, s, dtype=torch.bool, device=dev)
+    patch[:, 0] = True
+    R = len(idx) * m
+    rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
+    b = _Batch(ids=rep(sids), mask=rep(smask), positions=rep(spos), patch=patch,
+               measure=torch.zeros(R, dtype=torch.long, device=dev),
+               read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
+               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev), cache=cache)
+    return _run(model, p, b, guard)
 
-    return hook
+
+def _unit_columns(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int]) -> list[Tensor]:
+    """The unit's clean value at every patched position of each input (for ``mean``)."""
+    ids, mask, pos = _left_pad([enc.ids[i] for i in idx], _pad_id(model), model.device)
+    got: dict[str, Tensor] = {}
+
+    def grab(t: Tensor) -> None:
+        col = t[..., p.neuron].float()
+        got["col"] = col - t.float().mean(-1) if p.centre_unit else col
+        raise _Stop
+
+    handle = architecture.attach(model.arch, p.unit, grab, ids.shape[0])
+    try:
+        with torch.inference_mode(), contextlib.suppress(_Stop):
+            model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, **_forward_kwargs(model))
+    finally:
+        handle.remove()
+    S = ids.shape[1]
+    return [got["col"][k, S - len(enc.ids[i]):][enc.patch_pos[i]].cpu() for k, i in enumerate(idx)]
 
 
-def _patched_rows(
-    model: TransformerBridge,
-    p: Plan,
-    enc: Encoded,
-    chunk: range,
-    clean: _Clean,
-    affine: Tensor,
-    batch_size: int,
-) -> tuple[Tensor, Tensor]:
-    """Patched activations ``[n, n_iv]`` and features ``[n * n_iv, width]`` for a chunk.
+# --------------------------------------------------------------------------- routing
+@dataclass(frozen=True)
+class Route:
+    """The route the patched rows take, and why."""
 
-    ``affine[k, j]`` is ``(α, β)`` of intervention ``j`` on input ``chunk[k]``.
+    method: str
+    reason: str
+
+
+def _linear_direction(model: LoadedModel, p: Plan, enc: Encoded) -> Tensor | None:
+    """The features' change per unit of the unit's change, when that is a constant vector.
+
+    Holds when every input is patched at its read position and the features are
+    the residual stream right after the unit's write (or the unit itself).
     """
-    n_iv = affine.shape[1]
-    # Rows sharing a prefix/suffix shape can share a forward (sparse route).
-    pairs = [(k, j) for k in range(len(chunk)) for j in range(n_iv)]
-    if p.method == "sparse":
-        pairs.sort(key=lambda kj: (enc.patch_pos[chunk[kj[0]]][0], enc.read_pos[chunk[kj[0]]]))
-    acts = torch.empty(len(chunk), n_iv)
-    feats: list[Tensor] = [torch.empty(0)] * (len(chunk) * n_iv)
-    for rows in _row_batches(pairs, batch_size, p, enc, chunk):
-        kk = [k for k, _ in rows]
-        alpha, beta = affine[kk, [j for _, j in rows]].unbind(-1)
-        clean_at = torch.stack([clean.unit[k][enc.measure_pos[chunk[k]]] for k in kk])
-        clean_f = torch.stack([clean.features[k] for k in kk])
-        new = clean_at * alpha + beta  # the unit's patched value where it is measured
-        if p.method == "upstream":
-            f = clean_f  # the head reads before the unit: nothing to run
-        elif p.method == "linear":
-            assert p.direction is not None
-            f = clean_f + (new - clean_at)[:, None] * p.direction
+    if p.upstream or any(pp != [r] for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True)):
+        return None
+    u, f, n_layers = p.unit, p.feature, model.n_layers
+    after = (f.kind == "block_out" and f.layer == u.layer) or (f.kind == "block_in" and f.layer == u.layer + 1)
+    d = model.d_model
+    if u.kind == "mlp_post" and after:
+        proj = model.arch.mlp_out_proj[u.layer]
+        w = next(proj.parameters())
+        e = torch.zeros(1, 1, model.unit_width(True), dtype=w.dtype, device=w.device)
+        with torch.inference_mode():
+            base = proj(e)
+            e[..., p.neuron] = 1
+            direction = (proj(e) - base).reshape(-1).float()
+        if p.centre_features:
+            direction = direction - direction.mean()
+        return direction
+    same = f == u or (u.kind == "block_out" and f.kind == "block_in" and f.layer == u.layer + 1)
+    if (u.kind in ("mlp_write", "block_out") and after) or (u.kind == "block_in" and same) or same:
+        if f.kind == "final_norm" or f.layer >= n_layers:
+            return None
+        direction = torch.zeros(d, device=model.device)
+        direction[p.neuron] = 1.0
+        return direction
+    return None
+
+
+def choose_route(model: LoadedModel, p: Plan, enc: Encoded, method: str) -> Route:
+    """Pick the cheapest exact route, or check that a forced one can serve.
+
+    Raises:
+        InputError: a forced route cannot serve this experiment.
+    """
+    if method not in METHODS:
+        raise InputError(f"route {method!r} is unknown; expected one of {', '.join(METHODS)}")
+    single = all(len(pp) == 1 for pp in enc.patch_pos)
+    invisible = single and all(pp[0] > r for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True))
+    linear = _linear_direction(model, p, enc) is not None
+    options = {
+        "upstream": (p.upstream or invisible,
+                     f"the head reads {p.feature}, before {p.unit}" if p.upstream
+                     else "every patch comes after the read position"),
+        "linear": (linear, f"the head reads {p.feature} right after {p.unit}, at the patched position"),
+        "kv": (single, "one patched position per input: the model's own KV cache serves the prefix"),
+        "full": (True, "every row re-run from the start" + ("" if single else " (position: all)")),
+    }
+    if method == "auto":
+        for name in ("upstream", "linear", "kv", "full"):
+            ok, why = options[name]
+            if ok:
+                return Route(name, why)
+    ok, why = options[method]
+    if not ok:
+        need = {"upstream": "a head that reads before the unit",
+                "linear": "a head reading the residual stream right after the unit, at the patched position",
+                "kv": "one patched position per input (not position: all)"}[method]
+        raise InputError(f"route {method!r} cannot serve this experiment: it needs {need}")
+    return Route(method, f"forced; {why}")
+
+
+def _patched(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: Tensor, route: str,
+             guard: Site | None) -> _Rows:
+    """Rows for inputs ``idx``: for each, a clean row then one per intervention."""
+    if route == "full" or any(len(enc.patch_pos[i]) != 1 for i in idx):
+        return _full_rows(model, p, enc, idx, affine, guard)
+    # kv: group inputs by how many tokens lie from the patch to the read position.
+    groups: dict[int, list[int]] = {}
+    direct: list[int] = []
+    for k, i in enumerate(idx):
+        q, r = enc.patch_pos[i][0], enc.read_pos[i]
+        if q == 0 or q > r:
+            direct.append(k)  # nothing to cache before the patch, or the patch is invisible
         else:
-            f = _forward_rows(model, p, enc, chunk, clean, kk, alpha, beta, clean_f)
-        for r, (k, j) in enumerate(rows):
-            acts[k, j] = new[r]
-            feats[k * n_iv + j] = f[r]
-    return acts, torch.stack(feats)
+            groups.setdefault(r - q + 1, []).append(k)
+    parts: list[tuple[list[int], _Rows]] = []
+    if direct:
+        parts.append((direct, _full_rows(model, p, enc, [idx[k] for k in direct], affine[direct], guard)))
+    for ks in groups.values():
+        parts.append((ks, _kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard)))
+    return _merge(parts, len(idx), affine.shape[1])
 
 
-def _row_batches(
-    pairs: list[tuple[int, int]], size: int, p: Plan, enc: Encoded, chunk: range
-) -> Iterator[list[tuple[int, int]]]:
-    """Bounded batches of rows; for the sparse route, rows of one prefix/suffix shape."""
-    batch: list[tuple[int, int]] = []
-    shape: tuple[int, int] | None = None
-    for k, j in pairs:
-        i = chunk[k]
-        this = (enc.patch_pos[i][0], enc.read_pos[i]) if p.method == "sparse" else (0, 0)
-        if batch and (len(batch) == size or this != shape):
-            yield batch
-            batch = []
-        batch.append((k, j))
-        shape = this
-    if batch:
-        yield batch
+def _merge(parts: list[tuple[list[int], _Rows]], n: int, m: int) -> _Rows:
+    if len(parts) == 1 and parts[0][0] == list(range(n)):
+        return parts[0][1]
+    first = parts[0][1]
+    width = first.features.shape[-1]
+    out = _Rows(torch.empty(n, m), torch.empty(n, m), torch.empty(n, m, width),
+                None if first.guard is None else torch.empty(n, m, first.guard.shape[-1]))
+    for ks, rows in parts:
+        out.clean_unit[ks] = rows.clean_unit.reshape(len(ks), m).cpu()
+        out.patched_unit[ks] = rows.patched_unit.reshape(len(ks), m).cpu()
+        out.features[ks] = rows.features.reshape(len(ks), m, -1).cpu()
+        if out.guard is not None and rows.guard is not None:
+            out.guard[ks] = rows.guard.reshape(len(ks), m, -1).cpu()
+    return _Rows(out.clean_unit.reshape(-1), out.patched_unit.reshape(-1), out.features.reshape(n * m, -1),
+                 None if out.guard is None else out.guard.reshape(n * m, -1))
 
 
-def _forward_rows(
-    model: TransformerBridge,
-    p: Plan,
-    enc: Encoded,
-    chunk: range,
-    clean: _Clean,
-    kk: list[int],
-    alpha: Tensor,
-    beta: Tensor,
-    clean_f: Tensor,
-) -> Tensor:
-    """Features of patched rows, run through the model (``sparse``, ``recompute``, ``full``)."""
-    ii = [chunk[k] for k in kk]
-    cache: _PrefixCache | None = None
-    if p.method == "sparse":
-        first, read0 = enc.patch_pos[ii[0]][0], enc.read_pos[ii[0]]
-        if read0 < first:
-            return clean_f  # patched after the read position: causally invisible to the head
-        # Only positions first..read change; earlier ones come from the clean run's K/V.
-        width = read0 - first + 1
-        mask = torch.zeros(len(ii), width, dtype=torch.bool)
-        mask[:, 0] = True
-        unit = torch.stack([clean.unit[k][first : read0 + 1] for k in kk])
-        read = torch.full((len(ii),), width - 1)
-        x = torch.stack([clean.resid[k][first : read0 + 1] for k in kk])
-        cache = _PrefixCache({
-            layer: (torch.stack([clean.kv[k][layer][0] for k in kk]),
-                    torch.stack([clean.kv[k][layer][1] for k in kk]))
-            for layer in clean.kv[kk[0]]
-        })
-    else:
-        lengths = [len(enc.ids[i]) for i in ii]
-        width = max(lengths)
-        mask = torch.zeros(len(ii), width, dtype=torch.bool)
-        unit = torch.zeros(len(ii), width)
-        for r, (k, i) in enumerate(zip(kk, ii, strict=True)):
-            mask[r, enc.patch_pos[i]] = True
-            unit[r, : lengths[r]] = clean.unit[k]
-        read = torch.tensor([enc.read_pos[i] for i in ii])
-        if p.method == "recompute":
-            x = torch.zeros(len(ii), width, int(model.cfg.d_model))
-            for r, k in enumerate(kk):
-                x[r, : lengths[r]] = clean.resid[k]
-    target = unit * alpha[:, None] + beta[:, None]
-    out: dict[str, Tensor] = {}
-
-    def capture(act: Tensor, hook: Any) -> None:
-        out["features"] = act[torch.arange(act.shape[0]), read].detach().clone()
-        if "patched" in out:
-            raise _Stop  # the rest of the forward cannot change what the head reads
-
-    hooks: list[tuple[str, Callable[..., Any]]] = [
-        (p.unit_hook, _patch_hook(p.neuron, mask, target, out)), (p.feature_hook, capture)]
-    if p.method == "full":
-        tokens = _pad([enc.ids[i] for i in ii], 0)
-        _run_to(model, hooks, lambda: model(tokens, return_type=None))
-    else:
-        _run_to(model, hooks, lambda: _blocks_from(model, x, p.start_layer, cache))
-    if "features" not in out or "patched" not in out:
-        raise RuntimeError(f"hooks {p.unit_hook} / {p.feature_hook} did not fire during the patched run")
-    return out["features"]
+def _chunks(n: int, size: int) -> Iterator[list[int]]:
+    for lo in range(0, n, size):
+        yield list(range(lo, min(n, lo + size)))
 
 
-def _blocks_from(model: TransformerBridge, x: Tensor, start: int, cache: _PrefixCache | None) -> None:
-    """The forward pass from block ``start`` on, through ln_final and unembed."""
-    kwargs = {} if cache is None else {"past_key_values": cache}
-    for block in model.blocks[start:]:
-        y = block(x, **kwargs)
-        x = y[0] if isinstance(y, tuple) else y
-    model.unembed(model.ln_final(x))
+@dataclass
+class _Measured:
+    clean_act: Tensor  # [n]
+    clean_feat: Tensor  # [n, width]
+    act: Tensor  # [n, n_iv]
+    feat: Tensor  # [n, n_iv, width]
+    guard_feat: Tensor | None  # [n, width] hf-coordinate clean features
 
 
+def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route, *,
+            batch_size: int, guard: Site | None = None, progress: Any = None) -> _Measured:
+    """Clean and patched activations and features for every input and intervention.
+
+    ``affine[i, j]`` is ``(α, β)`` of intervention ``j`` on input ``i``.
+    """
+    n, n_iv = affine.shape[:2]
+    m = n_iv + 1
+    identity = torch.tensor([1.0, 0.0]).expand(n, 1, 2)
+    full_affine = torch.cat([identity, affine], dim=1)  # row 0 of each input: clean
+    per_chunk = max(1, batch_size // (1 if route.method in ("upstream", "linear") else m))
+    clean_act, clean_feat, act, feat, guards = [], [], [], [], []
+    for idx in _chunks(n, per_chunk):
+        if route.method in ("upstream", "linear"):
+            rows = _patched(model, p, enc, idx, identity[idx], "kv", guard)
+            c_act, c_feat = rows.clean_unit.cpu(), rows.features.cpu()
+            new = c_act[:, None] * affine[idx, :, 0] + affine[idx, :, 1]
+            if route.method == "upstream":
+                f = c_feat[:, None, :].expand(-1, n_iv, -1)
+            else:
+                direction = _linear_direction(model, p, enc)
+                assert direction is not None
+                f = c_feat[:, None, :] + (new - c_act[:, None])[..., None] * direction.cpu()
+            clean_act.append(c_act)
+            clean_feat.append(c_feat)
+            act.append(new)
+            feat.append(f)
+            if rows.guard is not None:
+                guards.append(rows.guard.cpu())
+        else:
+            rows = _patched(model, p, enc, idx, full_affine[idx], route.method, guard)
+            k = len(idx)
+            cu = rows.clean_unit.reshape(k, m).cpu()
+            pu = rows.patched_unit.reshape(k, m).cpu()
+            fe = rows.features.reshape(k, m, -1).cpu()
+            clean_act.append(cu[:, 0])
+            clean_feat.append(fe[:, 0])
+            act.append(pu[:, 1:])
+            feat.append(fe[:, 1:])
+            if rows.guard is not None:
+                guards.append(rows.guard.reshape(k, m, -1)[:, 0].cpu())
+        if progress is not None:
+            progress.update(len(idx) * n_iv)
+    return _Measured(torch.cat(clean_act), torch.cat(clean_feat), torch.cat(act), torch.cat(feat),
+                     torch.cat(guards) if guards else None)
+
+
+def _check_shortcut(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route,
+                    got: _Measured) -> str | None:
+    """Compare a shortcut route with a real patched run on the first input; None if they agree."""
+    real = measure(model, p, enc, affine[:1], Route("kv", "check"), batch_size=affine.shape[1] + 1)
+    want, have = real.feat[0], got.feat[0]
+    scale = float(want.abs().max()) + 1.0
+    err = float((want - have).abs().max())
+    if err > _CHECK_RTOL * scale:
+        return (f"route {route.method!r} assumes {route.reason}, but a real patched run differs by "
+                f"{err:.3g} on input 0")
+    return None
+
+
+# --------------------------------------------------------------------------- API
 class _NoBar:
     def update(self, n: int) -> None:
         pass
@@ -556,9 +587,10 @@ def run_experiment(
     mean: bool = False,
     interventions: Sequence[Intervention] | None = None,
     position: str | int | None = None,
-    model: TransformerBridge | None = None,
-    batch_size: int = 64,
-    device: str = "cpu",
+    model: LoadedModel | None = None,
+    batch_size: int = 128,
+    device: str = "auto",
+    dtype: str = "float32",
     method: Method = "auto",
     progress: bool = False,
 ) -> ExperimentResult:
@@ -573,9 +605,10 @@ def run_experiment(
         interventions: explicit :class:`Intervention` objects (instead of the above).
         position: where to patch: ``"last"`` real token, ``"all"`` positions, or
             an index (negative counts from the end); default the head's ``token_pos``.
-        model: a bridge to use instead of loading the head's base model.
+        model: a loaded model to use instead of loading the head's base model.
         batch_size: rows per forward pass; bounds memory.
-        device: torch device for the model.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the model.
         method: ``"auto"`` picks the cheapest exact route; the others force one
             (``"full"`` is the slow reference).
         progress: show a progress bar over patched rows.
@@ -590,11 +623,11 @@ def run_experiment(
     """
     if not isinstance(head, Head):
         head = load_head(head)
-    if batch_size < 1:
-        raise InputError(f"batch_size {batch_size} is invalid; expected a positive integer")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size {batch_size!r} is invalid; expected a positive integer")
     cfg = head.config
     if model is None:
-        model = load_model(cfg.base_model_name, device=device, weight_processing=cfg.weight_processing)
+        model = load_model(cfg.base_model_name, device=device, dtype=dtype)
     head.check_model(model)
     texts = list(DEFAULT_INPUTS if inputs is None else inputs)
     if interventions is None:
@@ -604,45 +637,47 @@ def run_experiment(
         ivs = normalize(interventions)
     pos = cfg.token_pos if position is None else position
     enc = encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos, position=pos)
-    patch_is_read = all(pp == [r] for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True))
-    p = plan(head, model, method, pos, patch_is_read=patch_is_read)
+    p = coordinates.plan(cfg, model, where=head.config_path)
+    route = choose_route(model, p, enc, method)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
     n = len(texts)
     mean_act = 0.0
     if any(iv.kind == "mean" for iv in ivs):
         # Mean ablation needs the mean over *all* inputs before any row is patched.
-        units_ = [u for c in _batches(n, batch_size)
-                  for u in _clean_pass(model, p, enc, c, stop_at_unit=True).unit]
-        mean_act = float(torch.cat([u[pp] for u, pp in zip(units_, enc.patch_pos, strict=True)]).mean())
-    affine = torch.tensor([iv.affine(mean_act) for iv in ivs], dtype=torch.float32)  # [n_iv, 2]
+        cols = [c for idx in _chunks(n, batch_size) for c in _unit_columns(model, p, enc, idx)]
+        mean_act = float(torch.cat(cols).mean())
+    affine = torch.tensor([iv.affine(mean_act) for iv in ivs], dtype=torch.float32)
+    affine = affine[None].expand(n, -1, -1).contiguous()
+    guard = _guard_site(head, model, p)
 
-    # Stream over inputs: memory holds one chunk's clean run and patched rows at a time.
-    clean_act = torch.empty(n)
-    clean_pred = torch.empty(n)
-    act = torch.empty(n, len(ivs))
-    pred = torch.empty(n, len(ivs))
     bar = _progress(n * len(ivs), progress)
-    for chunk in _batches(n, batch_size):
-        clean = _clean_pass(model, p, enc, chunk)
-        idx = torch.tensor(list(chunk))
-        clean_act[idx] = torch.stack([clean.unit[k][enc.measure_pos[i]] for k, i in enumerate(chunk)])
-        clean_f = torch.stack(clean.features)
-        clean_pred[idx] = head.predict(clean_f, digit_ids)
-        a, f = _patched_rows(model, p, enc, chunk, clean,
-                             affine.expand(len(chunk), -1, -1), batch_size)
-        act[idx] = a
-        f = f.reshape(len(chunk), len(ivs), -1)
-        patched_pred = head.predict(f.flatten(0, 1), digit_ids).reshape(len(chunk), len(ivs))
-        # Rows whose features did not move get the clean prediction bit for bit, rather
-        # than the same number through a differently shaped matmul (1e-8 apart).
-        unmoved = (f == clean_f[:, None]).all(-1)
-        pred[idx] = torch.where(unmoved, clean_pred[idx][:, None], patched_pred)
-        bar.update(len(chunk) * len(ivs))
+    got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, progress=bar)
     bar.close()
+    if route.method in ("upstream", "linear"):
+        mismatch = _check_shortcut(model, p, enc, affine, route, got)
+        if mismatch is not None:
+            if method != "auto":
+                raise InputError(mismatch)
+            route = choose_route(model, p, enc, "kv" if all(len(x) == 1 for x in enc.patch_pos) else "full")
+            route = Route(route.method, f"{mismatch}; stepped aside to {route.method}")
+            got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard)
 
+    clean_pred = head.predict(got.clean_feat, digit_ids)
+    flat = got.feat.reshape(n * len(ivs), -1)
+    patched_pred = head.predict(flat, digit_ids).reshape(n, len(ivs))
+    # Rows whose features did not move get the clean prediction bit for bit.
+    unmoved = (got.feat == got.clean_feat[:, None]).all(-1)
+    pred = torch.where(unmoved, clean_pred[:, None], patched_pred)
+    notes = _notes(texts, got.clean_act, ivs, p, route)
+    if guard is not None and got.guard_feat is not None:
+        note = _coordinate_guard(head, got, clean_pred)
+        if note:
+            notes.append(note)
     cos = math.nan
-    if head.linear_weight is not None and p.direction is not None and not cfg.feature_hook:
-        cos = weight_cosine(head.linear_weight.numpy(), p.direction.numpy())[0]
+    if head.linear_weight is not None and not p.upstream:
+        direction = _linear_direction(model, p, enc)
+        if direction is not None:
+            cos = weight_cosine(head.linear_weight.numpy(), direction.cpu().numpy())[0]
     return ExperimentResult(
         head_path=str(head.path),
         model_name=cfg.base_model_name,
@@ -650,29 +685,65 @@ def run_experiment(
         target_layer=cfg.target_layer,
         target_neuron=cfg.target_neuron,
         layer_type=cfg.layer_type,
-        unit_hook=p.unit_hook,
-        feature_hook=p.feature_hook,
+        unit_hook=f"{p.unit}:{p.neuron}",
+        feature_hook=str(p.feature),
         token_pos=cfg.token_pos,
         patch_position=str(pos),
-        method=p.method,
+        method=route.method,
         inputs=tuple(texts),
         n_tokens=tuple(len(ids) for ids in enc.ids),
         positions=tuple(enc.measure_pos),
         interventions=tuple(ivs),
-        clean_activation=clean_act.double().numpy(),
+        clean_activation=got.clean_act.double().numpy(),
         clean_prediction=clean_pred.double().numpy(),
-        patched_activation=act.double().numpy(),
+        patched_activation=got.act.double().numpy(),
         patched_prediction=pred.double().numpy(),
         write_direction_cosine=cos,
-        notes=tuple(_notes(texts, clean_act, ivs, p)),
+        notes=tuple(notes),
     )
 
 
-def _notes(texts: Sequence[str], clean_act: Tensor, ivs: Sequence[Intervention], p: Plan) -> list[str]:
-    notes = []
-    if p.method == "upstream":
-        notes.append(f"the head reads {p.feature_hook}, at or before {p.unit_hook}: no patch of "
-                     "the unit can reach it, so its causal slope is exactly 0")
+def _guard_site(head: Head, model: LoadedModel, p: Plan) -> Site | None:
+    """The hf-coordinate feature site, when the head's coordinates were assumed, not written."""
+    cfg = head.config
+    if cfg.coordinates_given or cfg.head_type == "token" or cfg.feature_hook:
+        return None
+    try:
+        site = coordinates.feature_site(cfg, model.n_layers, "hf", head.config_path)
+    except Exception:
+        return None
+    return None if site == p.feature else site
+
+
+def _coordinate_guard(head: Head, got: _Measured, clean_pred: Tensor) -> str | None:
+    """Warn when the head predicts its unit clearly better in hf coordinates."""
+    if len(clean_pred) < 5:
+        return None  # too few inputs for a correlation to say anything
+    act = got.clean_act.double()
+    r_tl = _pearson(act, clean_pred.double())
+    assert got.guard_feat is not None
+    r_hf = _pearson(act, head.predict(got.guard_feat).double())
+    if math.isfinite(r_hf) and r_hf > 0.8 and (not math.isfinite(r_tl) or r_hf > r_tl + 0.3):
+        msg = (f"{head.config_path}: the head predicts its unit better in hf coordinates (baseline r "
+               f"{r_hf:.3f}) than in the assumed transformer_lens coordinates (r {r_tl:.3f}); if it was "
+               'trained on HF hidden states, add "coordinates": "hf" to config.json')
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        return msg
+    return None
+
+
+def _pearson(a: Tensor, b: Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    den = float(a.norm() * b.norm())
+    return float(a @ b) / den if den > 0 else math.nan
+
+
+def _notes(texts: Sequence[str], clean_act: Tensor, ivs: Sequence[Intervention], p: Plan,
+           route: Route) -> list[str]:
+    notes = [f"route {route.method}: {route.reason}"]
+    if route.method == "upstream" and p.upstream:
+        notes.append(f"the head reads {p.feature}, before {p.unit}: no patch of the unit can reach "
+                     "it, so its causal slope is exactly 0")
     silent = [i for i, a in enumerate(clean_act.tolist()) if abs(a) < _SILENT]
     if silent and any(iv.kind == "scale" for iv in ivs):
         which = ", ".join(f"{i} ({_short(texts[i], 24)!r})" for i in silent[:5])
@@ -683,15 +754,16 @@ def _notes(texts: Sequence[str], clean_act: Tensor, ivs: Sequence[Intervention],
 
 
 def collect(
-    model: TransformerBridge,
+    model: LoadedModel,
     texts: Sequence[str],
     *,
     layer: int,
     neuron: int,
     layer_type: str = "post",
     feature_layer: int = -1,
+    coordinates_: str = "transformer_lens",
     set_values: Sequence[float] | None = None,
-    batch_size: int = 64,
+    batch_size: int = 128,
     progress: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Features at the last token and the unit's activation there, for each text.
@@ -706,37 +778,27 @@ def collect(
 
     Example:
         >>> feats, acts = collect(load_model("neuronpatch-demo"), ["The cat sat."],  # doctest: +SKIP
-        ...                       layer=1, neuron=43, feature_layer=2)
+        ...                       layer=1, neuron=301, feature_layer=1)
     """
     from neuronpatch.heads import HeadConfig
 
-    d_model = int(model.cfg.d_model)
-    # A zero head stands in for "whatever reads these features": only its hooks matter.
     cfg = HeadConfig(base_model_name="<collect>", target_layer=layer, target_neuron=neuron,
-                     layer_type=layer_type, feature_layer=feature_layer)
-    reader = Head(Path("<collect>"), cfg, {"output.weight": torch.zeros(1, d_model),
-                                          "output.bias": torch.zeros(1)})
-    reader.check_model(model)
-    enc = encode(model, texts, prepend_bos=False, token_pos="last", position="last")
-    p = plan(reader, model, "auto", "last")
+                     layer_type=layer_type, feature_layer=feature_layer, coordinates=coordinates_,
+                     coordinates_given=True)
+    enc = encode(model, texts, prepend_bos=None, token_pos="last", position="last")
+    p = coordinates.plan(cfg, model)
     if set_values is not None and len(set_values) != len(texts):
         raise ValueError(f"{len(set_values)} set_values for {len(texts)} texts")
-    feats, acts = [], []
-    bar = _progress(len(texts), progress, desc="collecting")
-    for chunk in _batches(len(texts), batch_size):
-        clean = _clean_pass(model, p, enc, chunk)
-        clean_f = torch.stack(clean.features)
-        clean_a = torch.stack([clean.unit[k][enc.read_pos[i]] for k, i in enumerate(chunk)])
-        if set_values is None:
-            feats.append(clean_f)
-            acts.append(clean_a)
-        else:
-            # One "set" intervention per text, with its own value: α = 0, β = value.
-            value = torch.tensor([float(set_values[i]) for i in chunk])
-            affine = torch.stack([torch.zeros_like(value), value], dim=-1)[:, None, :]
-            a, f = _patched_rows(model, p, enc, chunk, clean, affine, batch_size)
-            feats.append(f)
-            acts.append(a[:, 0])
-        bar.update(len(chunk))
+    n = len(texts)
+    bar = _progress(n, progress, desc="collecting")
+    if set_values is None:
+        affine = torch.tensor([[[1.0, 0.0]]]).expand(n, 1, 2)
+    else:
+        values = torch.tensor([float(v) for v in set_values])
+        affine = torch.stack([torch.zeros(n), values], dim=-1)[:, None, :]
+    route = choose_route(model, p, enc, "auto")
+    if route.method == "upstream":
+        route = Route("kv", "collect")
+    got = measure(model, p, enc, affine.contiguous(), route, batch_size=batch_size, progress=bar)
     bar.close()
-    return torch.cat(feats), torch.cat(acts)
+    return got.feat[:, 0], got.act[:, 0]

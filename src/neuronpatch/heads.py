@@ -18,6 +18,7 @@ width, feature width, digit tokens) is checked by :meth:`Head.check_model`.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -34,13 +35,29 @@ from torch import Tensor
 
 from neuronpatch import units
 from neuronpatch.errors import HeadConfigError, UnsafeArtifactError, config_error
-from neuronpatch.models import WEIGHT_PROCESSING
 
 if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
+    from neuronpatch.models import LoadedModel
 
 HEAD_TYPES: tuple[str, ...] = ("regression", "classification", "token")
-_KNOWN_HEAD_CONFIG = frozenset({"hidden_dim", "dropout", "digit_tokens", "n_classes", "output_dim"})
+COORDINATES: tuple[str, ...] = ("transformer_lens", "hf")
+ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "silu")
+# The seed pipeline's head classes, checked against head_type.
+_CLASS_NAMES = {"RegressionHead": "regression", "ClassificationHead": "classification",
+                "TokenPredictionHead": "token"}
+# head_config keys: honoured, checked against the weights or the model, or training-only.
+_HEAD_CONFIG_KEYS = frozenset({"hidden_dim", "dropout", "activation", "output_scale", "digit_tokens",
+                               "class_name", "input_dim", "num_classes", "class_weights"})
+# Top-level keys: read, checked, or metadata the seed pipeline writes.
+_TOP_KEYS = frozenset({"base_model_name", "target_layer", "target_neuron", "layer_type", "feature_layer",
+                       "feature_hook", "token_pos", "prepend_bos", "head_type", "head_config", "bin_edges",
+                       "coordinates", "weight_processing", "activation_mean", "activation_std", "d_model",
+                       "weights"})
+# Keys some pipelines add as records; never read, never warned about.
+_QUIET_KEYS = frozenset({"timestamp", "created_at", "description", "version", "metrics", "training",
+                         "training_config", "train_config", "dataset", "notes", "git_commit", "seed",
+                         "neuronpatch"})
+_OLD_WEIGHT_PROCESSING = {"transformer_lens": "transformer_lens", "none": "hf"}
 
 
 @dataclass(frozen=True)
@@ -54,13 +71,22 @@ class HeadConfig:
     feature_layer: int = -1
     feature_hook: str | None = None
     token_pos: str | int = "last"
-    prepend_bos: bool = False
+    prepend_bos: bool | None = None  # None: whatever the tokenizer does by default
     head_type: str = "regression"
     hidden_dim: int | None = None
     dropout: float = 0.0
+    activation: str = "gelu"
+    output_scale: float | None = None
     digit_tokens: tuple[int, ...] | None = None
     bin_edges: tuple[float, ...] | None = None
-    weight_processing: str = "none"
+    coordinates: str = "transformer_lens"
+    coordinates_given: bool = False  # False: the default was assumed (see the engine's guard)
+    activation_mean: float | None = None
+    activation_std: float | None = None
+    d_model: int | None = None
+    input_dim: int | None = None
+    num_classes: int | None = None
+    weights_file: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -78,42 +104,74 @@ def _int(cfg: Mapping[str, Any], key: str, where: Path, *, default: Any = ..., l
     return v
 
 
+def _number(cfg: Mapping[str, Any], key: str, where: Path, shown: str) -> float | None:
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise config_error(where, shown, v, "a finite number or null")
+    return float(v)
+
+
+def _unknown_key(key: str, known: frozenset[str], where: Path, shown: str) -> HeadConfigError | None:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.75)
+    if close:
+        return config_error(where, shown, key, f"a known key: did you mean {close[0]!r}?")
+    return None
+
+
 def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
     """Validate a config.json mapping (model-independent checks).
 
+    A key that could change a number is never ignored: unknown ``head_config``
+    keys are errors, and an unknown top-level key close to a known one is an
+    error that suggests the spelling; other unknown top-level keys are kept in
+    ``extra`` and warned about once.
+
     Example:
         >>> parse_config({"base_model_name": "m", "target_layer": 1, "target_neuron": 4},
-        ...              Path("h/config.json")).layer_type
-        'post'
+        ...              Path("h/config.json")).coordinates
+        'transformer_lens'
     """
     if not isinstance(raw, Mapping):
         raise HeadConfigError(f"{where}: expected a JSON object at the top level, got {type(raw).__name__}")
+    for key in raw:
+        if key not in _TOP_KEYS and key not in _QUIET_KEYS:
+            err = _unknown_key(key, _TOP_KEYS, where, key)
+            if err is not None:
+                raise err
     name = raw.get("base_model_name")
     if not isinstance(name, str) or not name:
         raise config_error(where, "base_model_name", name,
-                           "a model name: local directory, HF id or 'neuronpatch-demo'")
+                           "a model name: local directory, HF id, TransformerLens name or 'neuronpatch-demo'")
     layer = _int(raw, "target_layer", where)
     neuron = _int(raw, "target_neuron", where)
     layer_type = raw.get("layer_type", "post")
-    if layer_type not in units.UNIT_HOOKS:
-        raise config_error(where, "layer_type", layer_type, "one of " + ", ".join(units.UNIT_HOOKS))
+    if layer_type not in units.UNIT_SITES:
+        raise config_error(where, "layer_type", layer_type, "one of " + ", ".join(units.UNIT_SITES))
     feature_layer = _int(raw, "feature_layer", where, default=-1, allow_negative=True)
     feature_hook = raw.get("feature_hook")
     if feature_hook is not None and (not isinstance(feature_hook, str) or not feature_hook):
         raise config_error(where, "feature_hook", feature_hook,
-                           "a hook name such as 'blocks.2.hook_resid_pre'")
+                           "a hook name such as 'blocks.2.hook_resid_post'")
     token_pos = raw.get("token_pos", "last")
     if not (token_pos == "last" or (isinstance(token_pos, int) and not isinstance(token_pos, bool))):
         raise config_error(where, "token_pos", token_pos, "'last' or an integer position")
-    prepend_bos = raw.get("prepend_bos", False)
-    if not isinstance(prepend_bos, bool):
-        raise config_error(where, "prepend_bos", prepend_bos, "true or false")
+    prepend_bos = raw.get("prepend_bos")
+    if prepend_bos is not None and not isinstance(prepend_bos, bool):
+        raise config_error(where, "prepend_bos", prepend_bos, "true, false or null (the tokenizer's default)")
     head_type = raw.get("head_type", "regression")
     if head_type not in HEAD_TYPES:
         raise config_error(where, "head_type", head_type, "one of " + ", ".join(HEAD_TYPES))
+    coords, given = _coordinates(raw, where)
     hc = raw.get("head_config", {}) or {}
     if not isinstance(hc, Mapping):
         raise config_error(where, "head_config", hc, "an object")
+    for key in hc:
+        if key not in _HEAD_CONFIG_KEYS:
+            err = _unknown_key(key, _HEAD_CONFIG_KEYS, where, f"head_config.{key}")
+            raise err or config_error(where, f"head_config.{key}", hc[key],
+                                      "no such key; head_config takes " + ", ".join(sorted(_HEAD_CONFIG_KEYS)))
     hidden_dim = hc.get("hidden_dim")
     if hidden_dim is not None and (isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int)
                                    or hidden_dim < 1):
@@ -121,6 +179,25 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
     dropout = hc.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise config_error(where, "head_config.dropout", dropout, "a number in [0, 1)")
+    activation = hc.get("activation", "gelu")
+    if activation not in ACTIVATIONS:
+        raise config_error(where, "head_config.activation", activation, "one of " + ", ".join(ACTIVATIONS))
+    output_scale = _number(hc, "output_scale", where, "head_config.output_scale")
+    class_name = hc.get("class_name")
+    if class_name is not None and _CLASS_NAMES.get(class_name) != head_type:
+        expected = next(k for k, v in _CLASS_NAMES.items() if v == head_type)
+        raise config_error(where, "head_config.class_name", class_name,
+                           f"{expected!r} for head_type {head_type!r}")
+    input_dim = hc.get("input_dim")
+    if input_dim is not None and (isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1):
+        raise config_error(where, "head_config.input_dim", input_dim, "a positive integer")
+    num_classes = hc.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 2):
+        raise config_error(where, "head_config.num_classes", num_classes, "an integer >= 2")
+    d_model = raw.get("d_model")
+    if d_model is not None and (isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1):
+        raise config_error(where, "d_model", d_model, "a positive integer")
     digits = hc.get("digit_tokens")
     if digits is not None:
         if (not isinstance(digits, list) or len(digits) != 10
@@ -140,25 +217,53 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
         if head_type != "classification":
             raise config_error(where, "bin_edges", edges, f"no bin_edges for head_type {head_type!r}")
         edges = tuple(float(e) for e in edges)
-    wp = raw.get("weight_processing", "none")
-    if wp not in WEIGHT_PROCESSING:
-        raise config_error(where, "weight_processing", wp, "one of " + ", ".join(WEIGHT_PROCESSING))
-    known = {"base_model_name", "target_layer", "target_neuron", "layer_type", "feature_layer",
-             "feature_hook", "token_pos", "prepend_bos", "head_type", "head_config", "bin_edges",
-             "weight_processing"}
-    extra = {k: v for k, v in raw.items() if k not in known}
-    extra.update({f"head_config.{k}": v for k, v in hc.items() if k not in _KNOWN_HEAD_CONFIG})
+    mean = _number(raw, "activation_mean", where, "activation_mean")
+    std = _number(raw, "activation_std", where, "activation_std")
+    if std is not None and std < 0:
+        raise config_error(where, "activation_std", std, "a number >= 0")
+    weights_file = raw.get("weights")
+    if weights_file is not None and weights_file not in ("head.pt", "head.safetensors"):
+        raise config_error(where, "weights", weights_file, "'head.pt' or 'head.safetensors'")
+    extra = {k: v for k, v in raw.items() if k not in _TOP_KEYS and k not in _QUIET_KEYS}
+    if extra:
+        warnings.warn(f"{where}: unknown key(s) {', '.join(sorted(extra))} are not read", UserWarning,
+                      stacklevel=2)
     return HeadConfig(
         base_model_name=name, target_layer=layer, target_neuron=neuron, layer_type=layer_type,
         feature_layer=feature_layer, feature_hook=feature_hook, token_pos=token_pos,
         prepend_bos=prepend_bos, head_type=head_type, hidden_dim=hidden_dim,
-        dropout=float(dropout), digit_tokens=digits, bin_edges=edges, weight_processing=wp,
-        extra=extra,
+        dropout=float(dropout), activation=activation, output_scale=output_scale, digit_tokens=digits,
+        bin_edges=edges, coordinates=coords, coordinates_given=given, activation_mean=mean,
+        activation_std=std, d_model=d_model, input_dim=input_dim, num_classes=num_classes,
+        weights_file=weights_file, extra=extra,
     )
 
 
-def _load_weights(path: Path) -> dict[str, Tensor]:
+def _coordinates(raw: Mapping[str, Any], where: Path) -> tuple[str, bool]:
+    coords = raw.get("coordinates")
+    if coords is not None and coords not in COORDINATES:
+        raise config_error(where, "coordinates", coords, "one of " + ", ".join(COORDINATES))
+    old = raw.get("weight_processing")
+    if old is not None:
+        if old not in _OLD_WEIGHT_PROCESSING:
+            raise config_error(where, "weight_processing", old,
+                               "'transformer_lens' or 'none' (old spelling; write 'coordinates' instead)")
+        if coords is not None and _OLD_WEIGHT_PROCESSING[old] != coords:
+            raise config_error(where, "weight_processing", old,
+                               f"agreement with coordinates={coords!r} (or drop weight_processing)")
+        coords = _OLD_WEIGHT_PROCESSING[old]
+    return (coords or "transformer_lens"), coords is not None
+
+
+def _load_weights(path: Path, named: str | None = None) -> dict[str, Tensor]:
     pt, st = path / "head.pt", path / "head.safetensors"
+    if named is None and pt.is_file() and st.is_file():
+        raise HeadConfigError(f"{path}: holds both head.pt and head.safetensors; set \"weights\" in "
+                              "config.json to the one to use, or remove the other")
+    if named == "head.pt":
+        st = path / "<not used>"
+    elif named == "head.safetensors":
+        pt = path / "<not used>"
     if st.is_file():
         from safetensors.torch import load_file
 
@@ -202,7 +307,8 @@ class Head:
     def __init__(self, path: Path, config: HeadConfig, weights: Mapping[str, Tensor]) -> None:
         self.path = path
         self.config = config
-        self.weights = {k: v.float() for k, v in weights.items()}
+        # A pipeline classifier also saves its training-only class_weights buffer.
+        self.weights = {k: v.float() for k, v in weights.items() if k != "class_weights"}
         self._check_weights()
 
     @property
@@ -269,61 +375,58 @@ class Head:
         if cfg.head_type == "classification":
             if n_out < 2:
                 raise self._bad("output.weight", tuple(out_w.shape), "at least 2 classes")
+            if cfg.num_classes is not None and cfg.num_classes != n_out:
+                raise config_error(self.config_path, "head_config.num_classes", cfg.num_classes,
+                                   f"{n_out} (the classes in output.weight)")
             if cfg.bin_edges is not None and len(cfg.bin_edges) != n_out + 1:
                 raise config_error(self.config_path, "bin_edges", list(cfg.bin_edges),
                                    f"{n_out + 1} edges (n_classes + 1; the head has {n_out} classes)")
 
     # ------------------------------------------------------------------ model
-    def feature_hook(self, n_layers: int) -> str:
-        """The hook whose values this head reads (logits for token heads)."""
-        if self.config.head_type == "token":
-            return "unembed.hook_out"
-        if self.config.feature_hook:
-            return self.config.feature_hook
-        try:
-            return units.feature_hook_for_layer(self.config.feature_layer, n_layers=n_layers)
-        except ValueError:
-            raise config_error(self.config_path, "feature_layer", self.config.feature_layer,
-                               f"an index into hidden_states in [-{n_layers + 1}, {n_layers}]") from None
-
-    def check_model(self, model: TransformerBridge) -> None:
+    def check_model(self, model: LoadedModel) -> None:
         """Validate what depends on the model: layer, unit index, widths, digit tokens."""
-        cfg, mcfg, where = self.config, model.cfg, self.config_path
-        n_layers = int(mcfg.n_layers)
+        from neuronpatch import coordinates
+
+        cfg, where = self.config, self.config_path
+        n_layers = model.n_layers
         if not 0 <= cfg.target_layer < n_layers:
             raise config_error(where, "target_layer", cfg.target_layer, f"an int in [0, {n_layers - 1}]")
-        width = units.unit_width(model, cfg.layer_type)
+        width = model.unit_width(cfg.layer_type in units.MLP_HIDDEN_TYPES)
         if not 0 <= cfg.target_neuron < width:
             raise config_error(where, "target_neuron", cfg.target_neuron,
                                f"an int in [0, {width - 1}] (the width of {cfg.layer_type})")
-        hook = self.feature_hook(n_layers)
-        if hook not in model.hook_dict:
-            raise config_error(where, "feature_hook", hook, "a hook name of this model (see model.hook_dict)")
-        if self.input_dim is not None and self.input_dim != int(mcfg.d_model) and not cfg.feature_hook:
-            raise self._bad("input width", self.input_dim,
-                            f"{int(mcfg.d_model)} (d_model of {cfg.base_model_name})")
+        coordinates.feature_site(cfg, n_layers, where=where)  # raises on a bad feature_layer / feature_hook
+        d_model = model.d_model
+        for key, value in (("d_model", cfg.d_model), ("head_config.input_dim", cfg.input_dim)):
+            if value is not None and value != d_model:
+                raise config_error(where, key, value, f"{d_model} (d_model of {cfg.base_model_name})")
+        if self.input_dim is not None and self.input_dim != d_model:
+            raise self._bad("input width", self.input_dim, f"{d_model} (d_model of {cfg.base_model_name})")
         if cfg.head_type == "token":
             ids = self.digit_token_ids(model)
-            vocab = int(mcfg.d_vocab)
+            vocab = model.vocab_size
             if any(i >= vocab for i in ids):
-                raise config_error(where, "head_config.digit_tokens", list(ids), f"ids below d_vocab={vocab}")
+                raise config_error(where, "head_config.digit_tokens", list(ids), f"ids below the vocabulary size {vocab}")
 
-    def digit_token_ids(self, model: TransformerBridge) -> tuple[int, ...]:
-        """Token ids of "0".."9": from the config, else resolved through the tokenizer."""
+    def digit_token_ids(self, model: LoadedModel) -> tuple[int, ...]:
+        """Token ids of "0".."9": from the config, else as the seed pipeline finds them.
+
+        The pipeline takes ``tokenizer.encode(str(i))[-1]``: the last id, with the
+        tokenizer's default special tokens.
+        """
         if self.config.digit_tokens is not None:
             return self.config.digit_tokens
-        ids = []
-        for d in "0123456789":
-            enc = model.tokenizer.encode(d, add_special_tokens=False)
-            if len(enc) != 1:
-                raise config_error(self.config_path, "head_config.digit_tokens", None,
-                                   f"explicit ids: the tokenizer splits {d!r} into {len(enc)} tokens")
-            ids.append(enc[0])
-        return tuple(ids)
+        return tuple(int(model.tokenizer.encode(str(d))[-1]) for d in range(10))
 
     # ---------------------------------------------------------------- forward
     def predict(self, features: Tensor, digit_ids: Tensor | None = None) -> Tensor:
-        """Predictions for a batch of feature vectors.
+        """Predictions for a batch of feature vectors, as the seed pipeline computes them.
+
+        Regression and classification: dropout (the identity at evaluation) →
+        [``hidden`` → ``activation``] → ``output`` (× ``output_scale`` for
+        regression). Token heads: the expectation of the digit under the softmax
+        over the ten digit logits, mapped onto ``[mean − 2·std, mean + 2·std]``
+        when ``activation_mean`` and ``activation_std`` are given.
 
         Args:
             features: ``[rows, width]`` features; for token heads, ``[rows, vocab]`` logits.
@@ -336,18 +439,25 @@ class Head:
         x = features.float()
         if cfg.head_type == "token":
             assert digit_ids is not None, "token heads need digit_ids"
-            probs = torch.softmax(x[:, digit_ids], dim=-1)
-            return probs @ torch.arange(10, dtype=probs.dtype)
+            probs = torch.softmax(x[:, digit_ids.to(x.device)], dim=-1)
+            value = probs @ torch.arange(10, dtype=probs.dtype, device=probs.device)
+            if cfg.activation_mean is not None and cfg.activation_std is not None:
+                value = (value / 9.0 * 4.0 - 2.0) * cfg.activation_std + cfg.activation_mean
+            return value
         if "hidden.weight" in w:
-            x = F.gelu(F.linear(x, w["hidden.weight"], w["hidden.bias"]))
+            x = _ACTIVATION_FNS[cfg.activation](F.linear(x, w["hidden.weight"], w["hidden.bias"]))
         out = F.linear(x, w["output.weight"], w["output.bias"])
         if cfg.head_type == "regression":
-            return out[:, 0]
+            out = out[:, 0]
+            return out * cfg.output_scale if cfg.output_scale is not None else out
         if cfg.bin_edges is None:
             return out.argmax(-1).to(out.dtype)
         edges = torch.tensor(cfg.bin_edges, dtype=out.dtype)
         centres = (edges[:-1] + edges[1:]) / 2
         return torch.softmax(out, dim=-1) @ centres
+
+
+_ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 def load_head(path: str | Path) -> Head:
@@ -376,5 +486,5 @@ def load_head(path: str | Path) -> Head:
     ).exists():
         weights: dict[str, Tensor] = {}
     else:
-        weights = _load_weights(path)
+        weights = _load_weights(path, config.weights_file)
     return Head(path.resolve(), config, weights)

@@ -1,38 +1,88 @@
-"""Loading models: TransformerLens bridges over HF checkpoints, offline, cached.
+"""Loading models: Hugging Face causal decoders, offline, cached per process.
 
-``load_model`` boots a TransformerLens 4 ``TransformerBridge`` and switches on
-compatibility mode for the classic hook names (``blocks.L.mlp.hook_post``...).
-By default no weight processing is applied (no LayerNorm folding, no
-centring), so residual-stream values are HF's own ``output_hidden_states``:
-the coordinates prediction heads are trained in. A head config may opt into
-TransformerLens coordinates with ``"weight_processing": "transformer_lens"``.
+A model is the HF ``AutoModelForCausalLM`` itself, run by its own code, plus
+its tokenizer and an :class:`~neuronpatch.architecture.Architecture` that says
+which of its modules hold each site. Names resolve, in order, to the embedded
+``neuronpatch-demo`` model, a local directory, a TransformerLens model name or
+alias (``gpt2``, ``pythia-70m``) mapped to its HF id, and an HF id already in
+the local cache. Nothing here touches the network.
 
-Nothing here touches the network: HF offline mode is switched on before
-transformers is imported, and names resolve to a local directory, a snapshot
-already in the local HF cache, or the embedded ``neuronpatch-demo`` model.
+Only causal decoders are served: an encoder (BERT), an encoder-decoder or a
+recurrent/state-space model is refused at load, by name, because patching
+assumes that no position sees a later one.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
+from neuronpatch.architecture import Architecture
 from neuronpatch.errors import ModelLoadError
-
-if TYPE_CHECKING:
-    from transformer_lens.model_bridge import TransformerBridge
 
 DEMO_MODEL = "neuronpatch-demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
-WeightProcessing = Literal["none", "transformer_lens"]
-WEIGHT_PROCESSING: tuple[str, ...] = ("none", "transformer_lens")
+DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
 
-_CACHE: dict[tuple[str, str, str], Any] = {}
+_CACHE: dict[tuple[str, str, str], LoadedModel] = {}
 _LOCK = threading.Lock()
-# How many times a model was actually booted; tests and the plugin check "one load".
+# How many times a model was actually loaded; tests and the plugin check "one load".
 load_count = 0
+
+# Model types whose attention is not causal, or that keep a recurrent state.
+_NOT_CAUSAL_DECODERS = ("bert", "roberta", "modernbert", "deberta", "electra", "albert", "distilbert",
+                        "xlm-roberta", "camembert", "mamba", "mamba2", "falcon_mamba", "rwkv",
+                        "recurrent_gemma", "jamba", "bamba", "zamba2", "falcon_h1", "nemotron_h",
+                        "granitemoehybrid", "lfm2", "lfm2_moe", "qwen3_next", "olmo_hybrid",
+                        "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+
+
+@dataclass
+class LoadedModel:
+    """A causal decoder ready for patching."""
+
+    hf: Any  # transformers.PreTrainedModel
+    tokenizer: Any
+    arch: Architecture
+    name: str
+    path: Path
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.arch.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return int(self.hf.get_input_embeddings().weight.shape[1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_output_embeddings().weight.shape[0])
+
+    @property
+    def n_ctx(self) -> int | None:
+        cfg = self.hf.config
+        for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+            v = getattr(cfg, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    def unit_width(self, mlp: bool) -> int:
+        """Width of the MLP's neurons (``mlp``) or of the residual stream."""
+        if not mlp:
+            return self.d_model
+        proj = next((m for m in self.arch.mlp_out_proj if m is not None), None)
+        if proj is None:
+            raise ModelLoadError(f"{self.arch.name}: no MLP output projection found")
+        w = proj.weight
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
+        return int(w.shape[0] if type(proj).__name__ == "Conv1D" else w.shape[1])
 
 
 def _go_offline() -> None:
@@ -43,7 +93,10 @@ def _go_offline() -> None:
 
 
 def resolve_model_path(name: str | os.PathLike[str]) -> Path:
-    """Find a model locally: a directory, the embedded demo, or the HF cache.
+    """Find a model locally: the embedded demo, a directory, or the HF cache.
+
+    TransformerLens names and aliases (``gpt2-small``, ``pythia-70m``) are mapped
+    to their HF ids first.
 
     Raises:
         ModelLoadError: nothing local matches; the message lists what was tried.
@@ -58,74 +111,132 @@ def resolve_model_path(name: str | os.PathLike[str]) -> Path:
             raise ModelLoadError(f"the embedded model {DEMO_MODEL!r} is missing from {DEMO_MODEL_DIR}")
         return DEMO_MODEL_DIR
     path = Path(text).expanduser()
+    tried = [f"local directory {path}"]
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model directory {path} has no config.json")
         return path.resolve()
     _go_offline()
-    try:
-        from huggingface_hub import snapshot_download
+    candidates = []
+    official = _official_name(text)
+    if official is not None:
+        candidates.append(official)
+        tried.append(f"TransformerLens name {text!r} → {official!r}")
+    if text not in candidates:
+        candidates.append(text)
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id=text, local_files_only=True))
-    except Exception as e:  # any failure here means "not available offline"
-        raise ModelLoadError(
-            f"model {text!r} not found: it is not a local directory, not {DEMO_MODEL!r}, "
-            "and not in the local Hugging Face cache (neuronpatch never downloads)"
-        ) from e
+    for repo in candidates:
+        try:
+            return Path(snapshot_download(repo_id=repo, local_files_only=True))
+        except Exception:  # any failure here means "not available offline"
+            tried.append(f"HF cache {repo!r}")
+    raise ModelLoadError(f"model {text!r} not found (neuronpatch never downloads); tried: "
+                         + "; ".join(tried) + f"; and the embedded {DEMO_MODEL!r}")
+
+
+def _official_name(name: str) -> str | None:
+    try:
+        from transformer_lens.supported_models import get_official_model_name
+
+        return str(get_official_model_name(name))
+    except Exception:
+        return None
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """``"auto"`` is CUDA when available, else CPU; anything else as torch reads it."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"device {device!r} is invalid; expected auto, cpu, cuda or cuda:N") from e
+
+
+def resolve_dtype(dtype: str = "float32") -> Any:
+    import torch
+
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is invalid; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
 
 
 def load_model(
     name: str | os.PathLike[str] = DEMO_MODEL,
     *,
-    device: str = "cpu",
-    weight_processing: str = "none",
-) -> TransformerBridge:
-    """Boot (once per process) a TransformerBridge in compatibility mode.
+    device: str = "auto",
+    dtype: str = "float32",
+) -> LoadedModel:
+    """Load (once per process) a causal decoder and describe its sites.
 
     Args:
-        name: local directory, HF id present in the local cache, or ``"neuronpatch-demo"``.
-        device: torch device string.
-        weight_processing: ``"none"`` (HF coordinates) or ``"transformer_lens"``.
+        name: ``"neuronpatch-demo"``, a local directory, a TransformerLens name, or
+            an HF id present in the local cache.
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...
+        dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``.
 
     Returns:
-        The bridge, in eval mode. The same object for the same arguments.
+        The :class:`LoadedModel`, in eval mode; the same object for the same arguments.
+
+    Raises:
+        ModelLoadError: not found locally, not a causal decoder, or not described
+            by TransformerLens; the message names the model.
 
     Example:
-        >>> model = load_model("neuronpatch-demo")       # doctest: +SKIP
-        >>> model.cfg.n_layers                            # doctest: +SKIP
+        >>> model = load_model("neuronpatch-demo", device="cpu")   # doctest: +SKIP
+        >>> model.n_layers                                          # doctest: +SKIP
         4
     """
     global load_count
-    if weight_processing not in WEIGHT_PROCESSING:
-        raise ModelLoadError(
-            f"weight_processing {weight_processing!r} is unknown; expected one of "
-            f"{', '.join(WEIGHT_PROCESSING)}"
-        )
     path = resolve_model_path(name)
-    key = (str(path), device, weight_processing)
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    key = (str(path), str(dev), dtype)
     with _LOCK:
         if key in _CACHE:
             return _CACHE[key]
         _go_offline()
-        from transformer_lens.model_bridge import TransformerBridge
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from neuronpatch.architecture import describe
+
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as e:
+            raise ModelLoadError(f"could not read the config of model {os.fspath(name)!r} at {path}: {e}") from e
+        _refuse_non_causal(config, os.fspath(name))
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in CLI output
         try:
-            bridge = TransformerBridge.boot_transformers(str(path), device=device)
-            bridge.enable_compatibility_mode(no_processing=weight_processing == "none")
+            hf = AutoModelForCausalLM.from_pretrained(path, dtype=dt)
+            tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as e:
-            raise ModelLoadError(f"could not boot model {os.fspath(name)!r} from {path}: {e}") from e
+            raise ModelLoadError(f"could not load model {os.fspath(name)!r} from {path}: {e}") from e
         finally:
             if bar_was_on:
                 hf_logging.enable_progress_bar()
-        bridge.eval()
-        for p in bridge.parameters():
+        hf.to(dev).eval()
+        for p in hf.parameters():
             p.requires_grad_(False)
-        _CACHE[key] = bridge
+        arch = describe(hf)
+        model = LoadedModel(hf=hf, tokenizer=tokenizer, arch=arch, name=os.fspath(name), path=path,
+                            device=dev, dtype=dt)
+        _CACHE[key] = model
         load_count += 1
-        return bridge
+        return model
+
+
+def _refuse_non_causal(config: Any, name: str) -> None:
+    mt = str(getattr(config, "model_type", ""))
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"model {name!r} ({mt}) is an encoder-decoder; neuronpatch patches "
+                             "causal decoders only")
+    if mt in _NOT_CAUSAL_DECODERS or mt.endswith("bert"):
+        raise ModelLoadError(f"model {name!r} is a {mt} model, which is not a causal attention decoder "
+                             "(bidirectional or recurrent); neuronpatch patches causal decoders only")
 
 
 def clear_cache() -> None:

@@ -71,6 +71,59 @@ def tiny_gpt2(
     return path
 
 
+# Small sizes every architecture accepts; set through each config's own attribute names.
+_TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=64, max_position_embeddings=128, head_dim=8)
+
+
+def tiny_model(path: str | Path, model_type: str, *, seed: int = 0, std: float = 0.3) -> Path:
+    """Write a tiny random causal LM of any HF architecture, with every parameter random.
+
+    Norm gains and biases are random too (gain ``1 + N(0, std)``, bias ``N(0, std)``):
+    default initialisation (gain 1, bias 0) hides code that drops them. Grouped-query
+    attention (2 KV heads for 4 query heads) and a short sliding window are used where
+    the architecture has them.
+
+    Example:
+        >>> tiny_model(tmp_path / "llama", "llama")   # doctest: +SKIP
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer()
+    cfg = AutoConfig.for_model(model_type)
+    sizes = {**_TINY, "vocab_size": len(tokenizer)}
+    if isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[: sizes["num_hidden_layers"]]
+    for key, value in sizes.items():
+        if hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {}):
+            setattr(cfg, key, value)
+    for key in ("n_inner", "ffn_dim"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, 64)
+    if hasattr(cfg, "rotary_dim"):
+        cfg.rotary_dim = 4
+    if hasattr(cfg, "word_embed_proj_dim"):
+        cfg.word_embed_proj_dim = 32
+    if getattr(cfg, "sliding_window", None) is not None:
+        cfg.sliding_window = 5
+    cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if hasattr(cfg, "pad_token_id"):
+        cfg.pad_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * std
+            is_norm = "norm" in name.lower() or "ln" in name.lower().split(".")[-2:][0]
+            p.copy_(1.0 + noise if (is_norm and name.endswith("weight") and p.dim() == 1) else noise)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_head(
     path: str | Path,
     base_model: str | Path,
@@ -97,7 +150,8 @@ def write_head(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if d_model is None:
-        d_model = json.loads((Path(base_model) / "config.json").read_text())["n_embd"]
+        mcfg = json.loads((Path(base_model) / "config.json").read_text())
+        d_model = int(mcfg.get("n_embd") or mcfg.get("hidden_size") or mcfg["d_model"])
     out_dim = n_classes if head_type == "classification" else 1
     head_config: dict[str, Any] = dict(extra.pop("head_config", {}))
     if state_dict is None:

@@ -151,6 +151,7 @@ def train_head(
     epochs: int = 300,
     seed: int = 0,
     texts: Sequence[str] | None = None,
+    coordinates: str = "transformer_lens",
     progress: bool = False,
 ) -> TrainReport:
     """Collect training pairs, fit a head, write ``config.json`` + ``head.pt`` to ``out``.
@@ -165,20 +166,25 @@ def train_head(
     """
     if head_type not in ("regression", "classification"):
         raise InputError(f"--type {head_type!r} is invalid; expected regression or classification")
-    if layer_type not in units.UNIT_HOOKS:
+    if layer_type not in units.UNIT_SITES:
         raise InputError(f"--layer-type {layer_type!r} is invalid; expected one of "
-                         + ", ".join(units.UNIT_HOOKS))
+                         + ", ".join(units.UNIT_SITES))
+    if coordinates not in ("transformer_lens", "hf"):
+        raise InputError(f"--coordinates {coordinates!r} is invalid; expected transformer_lens or hf")
     bridge = load_model(model)
-    n_layers = int(bridge.cfg.n_layers)
-    width = units.unit_width(bridge, layer_type)
+    n_layers = bridge.n_layers
+    width = bridge.unit_width(layer_type in units.MLP_HIDDEN_TYPES)
     if not 0 <= layer < n_layers:
         raise InputError(f"--layer {layer} is invalid; expected an int in [0, {n_layers - 1}]")
     if not 0 <= neuron < width:
         raise InputError(f"--neuron {neuron} is invalid; expected an int in [0, {width - 1}] "
                          f"(the width of {layer_type} in {model})")
-    if not -(n_layers + 1) <= feature_layer <= n_layers:
+    if coordinates == "hf" and not -(n_layers + 1) <= feature_layer <= n_layers:
         raise InputError(f"--feature-layer {feature_layer} is invalid; expected an int in "
                          f"[-{n_layers + 1}, {n_layers}] (an index into hidden_states)")
+    if coordinates == "transformer_lens" and not -n_layers <= feature_layer < n_layers:
+        raise InputError(f"--feature-layer {feature_layer} is invalid; expected an int in "
+                         f"[-{n_layers}, {n_layers - 1}] (a block whose resid_post is read)")
     if head_type == "classification" and bins < 2:
         raise InputError(f"--bins {bins} is invalid; expected at least 2")
     if windows < 10 and texts is None:
@@ -186,13 +192,13 @@ def train_head(
     data = list(texts) if texts is not None else corpus_windows(corpus, n=windows, seed=seed)
     # Windows of symbol-heavy text can outgrow the context; they are dropped, not truncated,
     # so every target is the activation at the window's own last token.
-    n_ctx = int(bridge.cfg.n_ctx)
-    data = [t for t in data if 0 < len(bridge.tokenizer.encode(t, add_special_tokens=False)) <= n_ctx]
+    n_ctx = bridge.n_ctx or 10**9
+    data = [t for t in data if t.strip() and 0 < len(bridge.tokenizer(t)["input_ids"]) <= n_ctx]
     if not data:
         raise InputError("no training texts fit the model's context")
 
     kw = dict(layer=layer, neuron=neuron, layer_type=layer_type, feature_layer=feature_layer,
-              progress=progress)
+              coordinates_=coordinates, progress=progress)
     natural_x, natural_y = collect(bridge, data, **kw)  # type: ignore[arg-type]
     if intervene:
         # Values drawn independently of the text, over the unit's natural range widened by
@@ -215,7 +221,7 @@ def train_head(
     config: dict[str, Any] = {
         "base_model_name": model, "target_layer": layer, "target_neuron": neuron,
         "layer_type": layer_type, "feature_layer": feature_layer, "token_pos": "last",
-        "prepend_bos": False, "head_type": head_type,
+        "coordinates": coordinates, "head_type": head_type,
         "head_config": {"hidden_dim": hidden_dim, "dropout": 0.0},
     }
     acc_train = acc_held = None

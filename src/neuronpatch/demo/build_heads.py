@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from neuronpatch.architecture import Site, attach
 from neuronpatch.demo.corpus import split, text_windows
 from neuronpatch.engine import collect
 from neuronpatch.models import DEMO_MODEL, load_model
@@ -39,13 +40,17 @@ def most_variable_neuron(layer: int, *, n: int = 1000, seed: int = 123) -> tuple
     texts = text_windows(train, n=n, min_words=4, max_words=24, seed=seed)
     rows = []
 
-    def grab(act: torch.Tensor, hook: object) -> None:
+    def grab(act: torch.Tensor) -> None:
         rows.append(act[0, -1].clone())
 
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", grab)]):
-        for text in texts:  # one at a time: the last position is the last real token
-            ids = model.tokenizer.encode(text, add_special_tokens=False)[-int(model.cfg.n_ctx):]
-            model(torch.tensor([ids]), stop_at_layer=layer + 1)
+    handle = attach(model.arch, Site("mlp_post", layer), grab, 1)
+    try:
+        with torch.inference_mode():
+            for text in texts:  # one at a time: the last position is the last real token
+                ids = model.tokenizer(text)["input_ids"][-(model.n_ctx or 10**9):]
+                model.hf(torch.tensor([ids]))
+    finally:
+        handle.remove()
     sd = torch.stack(rows).std(0)
     best = int(sd.argmax())
     return best, float(sd[best])
@@ -71,18 +76,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("probes"))
     ap.add_argument("--windows", type=int, default=3000)
+    ap.add_argument("--inputs", action="store_true", help="also rewrite probes/inputs/demo.txt")
     args = ap.parse_args()
     neuron, sd = most_variable_neuron(LAYER)
     print(f"most variable neuron of layer {LAYER}: {neuron} (sd {sd:.3f})")
-    inputs = demo_inputs(neuron)
-    (args.out / "inputs").mkdir(parents=True, exist_ok=True)
-    (args.out / "inputs" / "demo.txt").write_text("\n".join(inputs) + "\n")
+    if args.inputs:
+        inputs = demo_inputs(neuron)
+        (args.out / "inputs").mkdir(parents=True, exist_ok=True)
+        (args.out / "inputs" / "demo.txt").write_text("\n".join(inputs) + "\n")
+    # transformer_lens coordinates: feature_layer L reads block L's output (resid_post).
     heads = {
-        "demo_causal": dict(feature_layer=LAYER + 1, intervene=True),
-        "demo_natural": dict(feature_layer=LAYER + 1, intervene=False),
+        "demo_causal": dict(feature_layer=LAYER, intervene=True),
+        "demo_natural": dict(feature_layer=LAYER, intervene=False),
         "demo_final": dict(feature_layer=-1, intervene=True),
-        "demo_upstream": dict(feature_layer=LAYER, intervene=False),
-        "demo_classifier": dict(feature_layer=LAYER + 1, intervene=True,
+        "demo_upstream": dict(feature_layer=LAYER - 1, intervene=False),
+        "demo_classifier": dict(feature_layer=LAYER, intervene=True,
                                 head_type="classification", bins=8, hidden_dim=32),
     }
     for name, kw in heads.items():

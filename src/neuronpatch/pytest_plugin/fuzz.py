@@ -81,8 +81,7 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
 
     register_profiles()
     head = runner.load_head(head_dir)
-    model = load_model(head.config.base_model_name, device=runner.settings.device,
-                       weight_processing=head.config.weight_processing)
+    model = load_model(head.config.base_model_name, device=runner.settings.device)
     kwargs = {k: v for k, v in run_kwargs.items() if k != "inputs"}
     checks: dict[str, Range] = dict(spec.expect)
     seen = [0]
@@ -99,7 +98,7 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
 
     base = settings.get_profile(profile or default_profile())
     test = settings(base, max_examples=spec.examples)(
-        given(strategy(spec, run_kwargs.get("inputs"), model.tokenizer, int(model.cfg.n_ctx)))(
+        given(strategy(spec, run_kwargs.get("inputs"), model.tokenizer, int(model.n_ctx or 1024)))(
             check_batch))
     try:
         test()

@@ -1,0 +1,115 @@
+"""Coordinates: which tensors a head's numbers refer to, as a plan for the engine.
+
+A head config names a unit (``target_layer``, ``target_neuron``, ``layer_type``)
+and features (``feature_layer``) in one of two coordinate systems:
+
+``transformer_lens`` (the default; the seed pipeline's)
+    The model as ``HookedTransformer.from_pretrained`` processes it (LayerNorm
+    folded, writing weights centred). ``feature_layer`` L is the output of block
+    L (``resid_post``; −1 is the last block, *before* the final norm). For
+    LayerNorm models every residual-stream tensor is the HF tensor minus its
+    mean over d_model, and a patch of δ on such a centred coordinate adds δ/d_model
+    to every coordinate the features hold at that position (the processed model
+    never re-centres). MLP neurons are unchanged; RMSNorm models are not centred.
+``hf``
+    The unprocessed HF model. ``feature_layer`` i is ``output_hidden_states[i]``:
+    0 the embeddings, the last entry the final norm's output with its gain and bias.
+
+Both are computed from the HF model's own forward and these identities; the
+engine consumes the :class:`Plan` and never asks again.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from neuronpatch import units
+from neuronpatch.architecture import Site
+from neuronpatch.errors import config_error
+
+if TYPE_CHECKING:
+    from neuronpatch.heads import HeadConfig
+    from neuronpatch.models import LoadedModel
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
+_HOOK_SITES = {"hook_resid_pre": "block_in", "hook_resid_post": "block_out",
+               "hook_mlp_out": "mlp_write", "hook_attn_out": "attn_write"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where to patch and where to read, and how to turn HF tensors into the head's coordinates."""
+
+    coordinates: str
+    unit: Site
+    neuron: int
+    feature: Site
+    centre_unit: bool  # the unit's value is its tensor minus the tensor's mean
+    centre_features: bool
+    offset: bool  # a patch of δ adds δ/d_model to the features at the patched position
+    upstream: bool  # the features are computed before the unit: no patch can reach them
+    d_model: int
+
+    def describe(self) -> str:
+        return f"{self.unit}:{self.neuron} → {self.feature} ({self.coordinates} coordinates)"
+
+
+def unit_site(cfg: HeadConfig) -> Site:
+    return Site(units.UNIT_SITES[cfg.layer_type], cfg.target_layer)
+
+
+def feature_site(cfg: HeadConfig, n_layers: int, coordinates: str | None = None,
+                 where: Path = Path("config.json")) -> Site:
+    """The site a head reads, in ``coordinates`` (default: the head's own)."""
+    coords = coordinates or cfg.coordinates
+    if cfg.head_type == "token":
+        return Site("logits", n_layers)
+    if cfg.feature_hook:
+        m = _HOOK_RE.match(cfg.feature_hook)
+        if m and int(m.group(1)) < n_layers:
+            return Site(_HOOK_SITES[m.group(2)], int(m.group(1)))
+        if cfg.feature_hook in ("ln_final.hook_out", "ln_final") and coords == "hf":
+            return Site("final_norm", n_layers)
+        raise config_error(where, "feature_hook", cfg.feature_hook,
+                           f"blocks.L.hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out with L "
+                           f"in [0, {n_layers - 1}]" + (", or ln_final.hook_out" if coords == "hf" else ""))
+    fl = cfg.feature_layer
+    if coords == "transformer_lens":
+        k = fl + n_layers if fl < 0 else fl
+        if not 0 <= k < n_layers:
+            raise config_error(where, "feature_layer", fl,
+                               f"a block index in [-{n_layers}, {n_layers - 1}] (transformer_lens "
+                               "coordinates: the block's resid_post)")
+        return Site("block_out", k)
+    k = fl + n_layers + 1 if fl < 0 else fl
+    if not 0 <= k <= n_layers:
+        raise config_error(where, "feature_layer", fl,
+                           f"an index into hidden_states in [-{n_layers + 1}, {n_layers}] (hf coordinates)")
+    return Site("final_norm", n_layers) if k == n_layers else Site("block_in", k)
+
+
+def plan(cfg: HeadConfig, model: LoadedModel, coordinates: str | None = None,
+         where: Path = Path("config.json")) -> Plan:
+    """Turn a head config and a model into the engine's plan.
+
+    Raises:
+        HeadConfigError: the features do not exist in this model.
+        ModelLoadError: the architecture has no such site (refused by name).
+    """
+    coords = coordinates or cfg.coordinates
+    n_layers = model.n_layers
+    unit = unit_site(cfg)
+    feature = feature_site(cfg, n_layers, coords, where)
+    model.arch.check(unit)
+    model.arch.check(feature)
+    centring = coords == "transformer_lens" and model.arch.layernorm
+    centre_unit = centring and unit.kind in units.RESIDUAL_SITES
+    centre_features = centring and feature.kind in units.RESIDUAL_SITES
+    upstream = feature.order(n_layers) < unit.order(n_layers)
+    return Plan(coordinates=coords, unit=unit, neuron=cfg.target_neuron, feature=feature,
+                centre_unit=centre_unit, centre_features=centre_features,
+                offset=centre_unit and centre_features and not upstream, upstream=upstream,
+                d_model=model.d_model)
