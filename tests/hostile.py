@@ -65,6 +65,7 @@ except BaseException as e:
     out["message"] = str(e)
 out["seconds"] = time.perf_counter() - t0
 out["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+out["imported_torch"] = "torch" in sys.modules
 sys.stdout.flush()
 sys.stderr.flush()
 with open(spec["result"], "w") as f:
@@ -82,6 +83,7 @@ class Outcome:
     message: str | None
     seconds: float
     rss_growth_mb: float
+    imported_torch: bool
     stdout: str
     stderr: str
 
