@@ -383,3 +383,19 @@ def test_yaml_syntax_errors_are_left_to_the_loader() -> None:
 
     check_yaml_text("name: [unclosed\n", "s.probe.yaml")  # the probe loader reports it at its line
 
+
+
+def test_errors_name_the_file_as_the_caller_shows_it(tmp_path: Path) -> None:
+    from neuronpatch.errors import ProbeSpecError
+    from neuronpatch.limits import load_json_bounded, read_lines_bounded, read_text_bounded
+
+    p = tmp_path / "x.probe.yaml"
+    p.write_bytes(b"name: x\n\x00\n")
+    with pytest.raises(ProbeSpecError) as e:
+        read_text_bounded(p, what="probe file", error=ProbeSpecError, display="probes/x.probe.yaml")
+    assert str(e.value).startswith("probes/x.probe.yaml:2: probe file holds the control character U+0000")
+    assert (e.value.path, e.value.line) == ("probes/x.probe.yaml", 2)  # type: ignore[attr-defined]
+    with pytest.raises(ProbeSpecError, match=r"^inputs\.txt:2: inputs file holds"):
+        read_lines_bounded(p, error=ProbeSpecError, display="inputs.txt")
+    with pytest.raises(ProbeSpecError, match=r"^config\.json: head config is a directory"):
+        load_json_bounded(tmp_path, what="head config", error=ProbeSpecError, display="config.json")

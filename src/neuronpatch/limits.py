@@ -43,6 +43,7 @@ import re
 import stat
 import unicodedata
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,21 @@ def _raise(error: ErrorClass, message: str, path: object, line: int | None = Non
     raise err
 
 
+@contextmanager
+def _shown_as(path: Path, display: str | os.PathLike[str] | None) -> Iterator[None]:
+    """Name the file as ``display`` (the path as the user wrote it) in any error raised inside."""
+    try:
+        yield
+    except NeuronpatchError as e:
+        message, prefix = str(e), str(path)
+        if display is None or getattr(e, "path", None) != prefix or not message.startswith(prefix):
+            raise
+        err = type(e)(os.fspath(display) + message[len(prefix):])
+        err.path = os.fspath(display)  # type: ignore[attr-defined]
+        err.line = getattr(e, "line", None)  # type: ignore[attr-defined]
+        raise err from None
+
+
 def _kind(mode: int) -> str | None:
     if stat.S_ISREG(mode):
         return None
@@ -275,7 +291,7 @@ def _decode(data: bytes, path: Path, what: str, error: ErrorClass, first_line: i
 
 
 def read_text_bounded(path: str | Path, *, max_bytes: int | Limit | None = None, what: str = "file",
-                      error: ErrorClass = LimitError) -> str:
+                      error: ErrorClass = LimitError, display: str | os.PathLike[str] | None = None) -> str:
     """Read a whole UTF-8 text file that is regular and at most ``max_bytes`` long.
 
     Args:
@@ -283,6 +299,7 @@ def read_text_bounded(path: str | Path, *, max_bytes: int | Limit | None = None,
         max_bytes: a number, or a :class:`Limit` (default :data:`JSON_FILE_BYTES`).
         what: how messages name the file ("probe file", "head config").
         error: the :class:`NeuronpatchError` subclass to raise.
+        display: how messages name the file, when not as ``path`` (a path relative to pytest's rootdir).
 
     Returns:
         The text, without a leading byte-order mark.
@@ -297,6 +314,11 @@ def read_text_bounded(path: str | Path, *, max_bytes: int | Limit | None = None,
         neuronpatch.errors.LimitError: /dev/zero: head config is a character device, not a regular file; ...
     """
     path = Path(path)
+    with _shown_as(path, display):
+        return _read_text(path, max_bytes, what, error)
+
+
+def _read_text(path: Path, max_bytes: int | Limit | None, what: str, error: ErrorClass) -> str:
     limit, hint = _resolve(max_bytes, JSON_FILE_BYTES)
     fd = _open_regular(path, what, limit, hint, error)
     with os.fdopen(fd, "rb") as f:
@@ -337,7 +359,8 @@ def _lines(path: Path, what: str, max_bytes: int, bytes_hint: str, max_lines: in
 
 def read_lines_bounded(path: str | Path, *, max_bytes: int | Limit | None = None,
                        max_lines: int | Limit | None = None, what: str = "inputs file",
-                       error: ErrorClass = LimitError) -> list[str]:
+                       error: ErrorClass = LimitError,
+                       display: str | os.PathLike[str] | None = None) -> list[str]:
     """Read a text file one line at a time, within a byte and a line limit.
 
     Lines are read lazily, so an endless or multi-GB file stops at the limit
@@ -349,6 +372,7 @@ def read_lines_bounded(path: str | Path, *, max_bytes: int | Limit | None = None
         max_lines: a number or a :class:`Limit` (default :data:`INPUTS_FILE_LINES`).
         what: how messages name the file.
         error: the :class:`NeuronpatchError` subclass to raise.
+        display: how messages name the file, when not as ``path``.
 
     Returns:
         Every line without its line ending, blank ones included (so that an
@@ -362,7 +386,8 @@ def read_lines_bounded(path: str | Path, *, max_bytes: int | Limit | None = None
     path = Path(path)
     nbytes, bytes_hint = _resolve(max_bytes, INPUTS_FILE_BYTES)
     nlines, lines_hint = _resolve(max_lines, INPUTS_FILE_LINES)
-    return list(_lines(path, what, nbytes, bytes_hint, nlines, lines_hint, error))
+    with _shown_as(path, display):
+        return list(_lines(path, what, nbytes, bytes_hint, nlines, lines_hint, error))
 
 
 def _json_depth_error(text: str, path: Path, what: str, max_depth: int, hint: str,
@@ -382,7 +407,7 @@ def _json_depth_error(text: str, path: Path, what: str, max_depth: int, hint: st
 
 def load_json_bounded(path: str | Path, *, max_bytes: int | Limit | None = None,
                       max_depth: int | Limit | None = None, what: str = "JSON file",
-                      error: ErrorClass = LimitError) -> Any:
+                      error: ErrorClass = LimitError, display: str | os.PathLike[str] | None = None) -> Any:
     """Parse a JSON file after checking its size, its bytes and its nesting depth.
 
     The depth is measured on the text (brackets outside strings) before
@@ -395,6 +420,7 @@ def load_json_bounded(path: str | Path, *, max_bytes: int | Limit | None = None,
         max_depth: default :data:`JSON_DEPTH`.
         what: how messages name the file ("head config", "baseline").
         error: the :class:`NeuronpatchError` subclass to raise.
+        display: how messages name the file, when not as ``path``.
 
     Raises:
         LimitError (or ``error``): as :func:`read_text_bounded`, or too deep
@@ -405,9 +431,14 @@ def load_json_bounded(path: str | Path, *, max_bytes: int | Limit | None = None,
         ...                         error=HeadConfigError)            # doctest: +SKIP
     """
     path = Path(path)
+    with _shown_as(path, display):
+        return _load_json(path, max_bytes, max_depth, what, error)
+
+
+def _load_json(path: Path, max_bytes: int | Limit | None, max_depth: int | Limit | None, what: str,
+               error: ErrorClass) -> Any:
     depth, depth_hint = _resolve(max_depth, JSON_DEPTH)
-    text = read_text_bounded(path, max_bytes=JSON_FILE_BYTES if max_bytes is None else max_bytes,
-                             what=what, error=error)
+    text = _read_text(path, max_bytes, what, error)
     _json_depth_error(text, path, what, depth, depth_hint, error)
     try:
         return json.loads(text)
