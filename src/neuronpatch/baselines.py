@@ -7,7 +7,11 @@ versions of neuronpatch, torch and transformer_lens, so a drift report can say
 the probe's inputs or interventions did).
 
 Files are written atomically (temp file, then rename): a crash mid-write leaves
-the previous baseline intact. Nothing here imports torch.
+the previous baseline intact, and the temporary file a ``kill -9`` leaves behind
+is never read or listed as a baseline (:func:`baseline_files`). Files are read
+within the bounds of :mod:`neuronpatch.limits`; every problem with one is a
+:class:`BaselineError` of one line that names the file and the fix. Nothing
+here imports torch.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -23,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from neuronpatch._io import atomic_write_text
-from neuronpatch.errors import BaselineError
+from neuronpatch._io import atomic_write_text, is_temporary
+from neuronpatch.errors import BaselineError, OutputPathError
+from neuronpatch.limits import JSON_DEPTH, JSON_FILE_BYTES, load_json_bounded
 
 FORMAT = 1
 # The metrics a baseline records and compares.
@@ -104,30 +110,120 @@ def make_baseline(probe: str, metrics: Mapping[str, Any], *, head_dir: str | Pat
 
 
 def write_baseline(path: str | Path, baseline: Baseline) -> Path:
-    """Write atomically: a crash mid-write leaves the previous baseline intact."""
-    return atomic_write_text(path, baseline.to_json())
+    """Write atomically: a crash mid-write leaves the previous baseline intact.
+
+    Raises:
+        BaselineError: the path cannot be written (a file stands where the
+            ``baselines`` directory belongs, or a directory where the file does).
+    """
+    path = Path(path)
+    _check_place(path)
+    try:
+        return atomic_write_text(path, baseline.to_json())
+    except OutputPathError as e:
+        raise BaselineError(f"cannot write the baseline: {e}") from e
+
+
+def _check_place(path: Path) -> None:
+    """Refuse a baseline path under a file (``baselines`` is a file) in one line."""
+    for parent in path.parents:
+        if parent.is_dir():
+            return
+        if os.path.lexists(parent):
+            raise BaselineError(
+                f"{path}: cannot hold a baseline: {parent} is a file, not a directory; move that "
+                "file away, or give the probe a baseline.file elsewhere")
+
+
+def baseline_files(directory: str | Path) -> list[Path]:
+    """The baseline files in ``directory``, sorted: ``*.json``, never a crash's temporary file.
+
+    For whatever lists baselines that no probe uses: a temporary file left by a
+    killed writer (see :mod:`neuronpatch._io`) is neither a baseline nor a stale one.
+
+    Example:
+        >>> baseline_files("probes/baselines")[:1]              # doctest: +SKIP
+        [PosixPath('probes/baselines/demo_causal-1f2e3d4c.json')]
+    """
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir()
+                  if p.suffix == ".json" and not p.name.startswith(".") and not is_temporary(p)
+                  and p.is_file())
+
+
+def _bad_metric(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be a recorded metric, or None when it can."""
+    if isinstance(value, list):
+        for v in value:
+            why = _bad_metric(name, v)
+            if why is not None:
+                return why
+        return None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"metric {name!r} holds {value!r}"
+    if not math.isfinite(value):
+        return f"metric {name!r} holds {value!r}"
+    return None
 
 
 def read_baseline(path: str | Path) -> Baseline | None:
     """The baseline at ``path``, or None when there is none.
 
+    The file is read within :data:`neuronpatch.limits.JSON_FILE_BYTES` and
+    :data:`~neuronpatch.limits.JSON_DEPTH`; special files and symlink loops are refused.
+
     Raises:
-        BaselineError: the file exists but is not a baseline this version reads.
+        BaselineError: the file exists but is not a baseline this version reads
+            (one line naming the file and the fix).
     """
     path = Path(path)
-    if not path.is_file():
+    _check_place(path)
+    if not os.path.lexists(path):
         return None
+    fix = f"delete it and regenerate it with {UPDATE_FLAG}"
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BaselineError(f"{path}: not a readable baseline ({e}); regenerate it with "
-                            f"{UPDATE_FLAG}") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "metrics" not in data:
-        raise BaselineError(f"{path}: not a neuronpatch baseline of format {FORMAT}; "
-                            f"regenerate it with {UPDATE_FLAG}")
+        data = load_json_bounded(path, max_bytes=JSON_FILE_BYTES, max_depth=JSON_DEPTH,
+                                 what="baseline", error=BaselineError)
+    except BaselineError as e:
+        raise BaselineError(f"{e}; {fix}") from None
+    if not isinstance(data, dict):
+        raise BaselineError(f"{path}: not a neuronpatch baseline (a JSON {type(data).__name__}, "
+                            f"expected an object with 'format' and 'metrics'); {fix}")
+    fmt = data.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > FORMAT:
+        raise BaselineError(f"{path}: baseline format {fmt} was written by a newer neuronpatch; this "
+                            f"version reads format {FORMAT}: upgrade neuronpatch, or regenerate it "
+                            f"with {UPDATE_FLAG}")
+    if fmt != FORMAT or "metrics" not in data:
+        what = "has no 'format' key" if "format" not in data else (
+            f"has format {fmt!r}" if fmt != FORMAT else "has no 'metrics' key")
+        raise BaselineError(f"{path}: not a neuronpatch baseline of format {FORMAT} ({what}); {fix}")
+    metrics = data["metrics"]
+    if not isinstance(metrics, dict):
+        raise BaselineError(f"{path}: key 'metrics' = {_short(metrics)} is invalid; expected an object "
+                            f"of metric values; {fix}")
+    for name, value in metrics.items():
+        why = _bad_metric(name, value)
+        if why is not None:
+            raise BaselineError(f"{path}: {why}; a baseline holds finite numbers, or null where a "
+                                f"metric is undefined; {fix}")
+    vers = data.get("versions", {})
+    if not isinstance(vers, dict):
+        raise BaselineError(f"{path}: key 'versions' = {_short(vers)} is invalid; expected an object "
+                            f"of package versions; {fix}")
     known = {"format", "probe", "head_hash", "versions", "metrics"}
-    return Baseline(str(data.get("probe", "")), dict(data["metrics"]), str(data.get("head_hash", "")),
-                    dict(data.get("versions", {})), FORMAT, {k: v for k, v in data.items() if k not in known})
+    return Baseline(str(data.get("probe", "")), dict(metrics), str(data.get("head_hash", "")),
+                    {str(k): str(v) for k, v in vers.items()}, FORMAT,
+                    {k: v for k, v in data.items() if k not in known})
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 @dataclass(frozen=True)
@@ -181,6 +277,12 @@ def compare(metrics: Mapping[str, Any], baseline: Baseline,
     return out
 
 
+def _undefined(v: Any) -> bool:
+    if isinstance(v, list):
+        return any(_undefined(x) for x in v)
+    return v is None or (isinstance(v, float) and not math.isfinite(v))
+
+
 def _show(v: Any) -> str:
     if isinstance(v, list):
         inner = ", ".join(_show(x) for x in v[:4])
@@ -208,6 +310,10 @@ def explain(drifts: Sequence[Drift], baseline: Baseline, *, head_dir: str | Path
                if baseline.versions.get(k) not in (None, v)]
     if changed:
         causes.append("the library changed (" + ", ".join(changed) + ")")
+    undefined = [d for d in bad if _undefined(d.baseline) != _undefined(d.now)]
+    for d in undefined:
+        side = "in the baseline" if _undefined(d.baseline) else "in this run"
+        causes.append(f"{d.metric} is undefined (NaN) {side} only")
     if not causes:
         causes.append("same head and library versions: the probe's inputs or interventions changed")
     lines.append("likely cause: " + "; ".join(causes))

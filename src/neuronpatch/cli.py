@@ -3,19 +3,26 @@
 ``neuronpatch run HEAD_DIR`` is the seed notebook as a command: baseline table,
 one table per intervention, the regression summary with its interpretation,
 per-input sensitivity, and ``summary.json`` plus five figures in ``--out``.
-Bad input ends the command with one line on stderr and exit status 2, never a
-traceback.
+Bad input ends the command with one line on stderr (``neuronpatch: error: ...``)
+and exit status 2, never a traceback. Paths are checked before any work: an
+``--out`` that is a file, an ``--inputs`` that is ``/dev/zero``, a config.json
+nested 100,000 levels deep all fail in milliseconds, before torch is imported
+(the bounds are in :mod:`neuronpatch.limits`).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from neuronpatch._io import check_output_directory
 from neuronpatch.errors import InputError, NeuronpatchError
 
 if TYPE_CHECKING:
@@ -35,19 +42,47 @@ def _short(text: str, n: int) -> str:
 def read_inputs(path: Path) -> list[str]:
     """One text per line; blank lines are skipped.
 
+    The file is read lazily within :data:`neuronpatch.limits.INPUTS_FILE_BYTES`
+    and :data:`~neuronpatch.limits.INPUTS_FILE_LINES`; ``/dev/zero``, FIFOs and
+    directories are refused before they are opened.
+
     Raises:
-        InputError: the file is missing, unreadable, or holds no text.
+        InputError: the file is missing, not a regular file, over a limit,
+            not UTF-8 text, or holds no text.
     """
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise InputError(f"{path}: inputs file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read inputs file ({e})") from e
+    from neuronpatch.limits import read_lines_bounded
+
+    lines = read_lines_bounded(path, what="inputs file", error=InputError)
     texts = [line.strip() for line in lines if line.strip()]
     if not texts:
         raise InputError(f"{path}: inputs file has no text (expected one input per line)")
     return texts
+
+
+def _check_head_config(head_dir: Path) -> None:
+    """Read the head's config.json within bounds before anything heavy is imported.
+
+    A config.json that is a directory, a symlink loop, ``/dev/zero`` or nested
+    100,000 levels deep is one line here, whatever the loader does with it.
+    """
+    from neuronpatch.errors import HeadConfigError
+    from neuronpatch.limits import load_json_bounded
+
+    cfg = head_dir / "config.json"
+    if head_dir.is_dir() and os.path.lexists(cfg):
+        load_json_bounded(cfg, what="head config", error=HeadConfigError)
+
+
+@contextmanager
+def _quiet_missing_glyphs() -> Iterator[None]:
+    """Silence matplotlib's "Glyph ... missing from font(s)" for CJK or emoji inputs.
+
+    The figures still render (a box for each missing glyph); eight warnings on
+    the terminal tell the user nothing they can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        yield
 
 
 def format_report(res: ExperimentResult) -> str:
@@ -104,11 +139,11 @@ def format_report(res: ExperimentResult) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from neuronpatch.artifacts import write_artifacts
-    from neuronpatch.engine import run_experiment
-
+    # Everything a user can get wrong is checked before torch is imported or a model loads.
+    check_output_directory(args.out, "--out")
     if args.inputs is not None and args.text:
         raise InputError("give --inputs FILE or --text, not both")
+    _check_head_config(args.head_dir)
     texts = read_inputs(args.inputs) if args.inputs is not None else (args.text or None)
     position: str | int | None = None if args.position is None else args.position
     if position not in (None, "last", "all"):
@@ -118,6 +153,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise InputError(
                 f"--position {args.position!r} is invalid; expected last, all or an integer"
             ) from None
+
+    from neuronpatch.artifacts import write_artifacts
+    from neuronpatch.engine import run_experiment
+
     res = run_experiment(
         args.head_dir, texts, scale=args.scale, set=args.set, add=args.add, zero=args.zero,
         mean=args.mean, position=position,
@@ -125,13 +164,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
         progress=True,
     )
     print(format_report(res))
-    art = write_artifacts(res, args.out)
+    with _quiet_missing_glyphs():
+        art = write_artifacts(res, args.out)
     print("")
     print(f"Wrote {art.summary} and {len(art.figures)} figures in {art.directory}")
     return 0
 
 
 def _cmd_train_head(args: argparse.Namespace) -> int:
+    check_output_directory(args.out, "--out")
+    if args.corpus is not None:
+        from neuronpatch.limits import CORPUS_FILE_BYTES, check_regular_file
+
+        check_regular_file(args.corpus, max_bytes=CORPUS_FILE_BYTES, what="corpus", error=InputError)
+
     from neuronpatch.training import train_head
 
     rep = train_head(
@@ -211,6 +257,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except NeuronpatchError as e:
         print(f"neuronpatch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # a path the user gave cannot be read or written (permissions, disk full)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"neuronpatch: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("neuronpatch: interrupted", file=sys.stderr)

@@ -44,6 +44,15 @@ class BaselineError(NeuronpatchError, ValueError):
     """A baseline file is missing, unreadable or from an incompatible format."""
 
 
+
+class LimitError(NeuronpatchError, ValueError):
+    """A file is over a documented limit, is not a regular file, or holds bytes it must not."""
+
+
+class OutputPathError(NeuronpatchError, OSError):
+    """An output path cannot be written: a file stands where a directory belongs, or the reverse."""
+
+
 def config_error(path: Path | str, key: str, value: object, allowed: str) -> HeadConfigError:
     """Build the one-line error for a bad config value.
 
