@@ -83,7 +83,7 @@ def stub_plots(monkeypatch):
     """A neuronpatch.plots that writes the five figures as tiny real PNGs (fast, no engine)."""
     import matplotlib.pyplot as plt
 
-    def write_figures(result, out_dir, title=None):
+    def write_figures(result, out_dir, title=None, expected=None):
         paths = []
         for name in sorted(FIGURES):
             fig, ax = plt.subplots(figsize=(1, 1))

@@ -37,8 +37,11 @@ def write_artifacts(
     extra: Mapping[str, Any] | None = None,
     figures: bool = True,
     title: str | None = None,
+    expected: Mapping[str, str] | None = None,
 ) -> Artifacts:
     """Write ``summary.json`` (plus ``extra`` keys) and the figures into ``out_dir``.
+
+    ``expected`` (metric → range text) goes into the figures' titles.
 
     Example:
         >>> art = write_artifacts(res, "out/demo_causal")      # doctest: +SKIP
@@ -51,7 +54,7 @@ def write_artifacts(
     if figures:
         from neuronpatch.plots import write_figures  # matplotlib only when figures are wanted
 
-        paths = tuple(write_figures(result, out, title=title))
+        paths = tuple(write_figures(result, out, title=title, expected=expected))
     summary = result.summary()
     summary["figures"] = [p.name for p in paths]
     if extra:

@@ -19,7 +19,7 @@ never through pyplot: no global state, no window, safe in worker processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +199,8 @@ def render(result: ExperimentResult, name: str, *, title: str | None = None) -> 
 
 
 def write_figures(
-    result: ExperimentResult, out_dir: str | Path, *, title: str | None = None, dpi: int = 110
+    result: ExperimentResult, out_dir: str | Path, *, title: str | None = None, dpi: int = 110,
+    expected: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write the five PNG figures of ``result`` into ``out_dir``.
 
