@@ -84,7 +84,7 @@ def test_plain_expect_and_assert_in_range_in_a_test(project):
         from neuronpatch.probes import assert_in_range, expect
 
         def test_claims(neuronpatch_runner, causal):
-            res = neuronpatch_runner.run(causal, inputs=["The cat sat.", "A dog."], set=[0, 2])
+            res = neuronpatch_runner.run(causal, inputs=["The cat sat.", "A dog."], set=[0, 1, 2])
             expect(res, r_squared={"min": 0.99}, per_input_r2={"min": 0.99})
             assert_in_range(res.slope, {"abs_min": 1e-3}, name="slope")
 

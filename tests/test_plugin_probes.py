@@ -106,7 +106,7 @@ def test_passing_and_failing_probes_in_one_multi_document_file(project, probe_he
         rf"        inputs\[0\] 'The cat sat on the mat\.' = {re.escape(f'{s:.6g}')}",
         rf"  pass  r_squared +  = 1 +expected ≥ 0\.99 +at claims\.probe\.yaml:{r2_line}",
         r"  artifacts: \.neuronpatch/artifacts/claims\.probe\.yaml_claims_a_huge_slope-\w+/",
-        r"    summary\.json \(figures not written: disabled by --neuronpatch-figures\)",
+        r"    summary\.json \(figures not written: see --neuronpatch-figures\)",
     ])
     result.stdout.fnmatch_lines(["FAILED claims.probe.yaml::claims a huge slope - probe *"])
 
@@ -347,7 +347,7 @@ def test_options_come_from_the_ini_file_and_the_command_line_wins(project):
         (["--neuronpatch-batch-size", "0"],
          "--neuronpatch-batch-size = '0' is invalid; expected a positive integer*"),
         (["--neuronpatch-figures", "some"],
-         "--neuronpatch-figures = 'some' is invalid; expected one of all, failed, none"),
+         "--neuronpatch-figures = 'some' is invalid; expected one of auto, all, failed, none"),
     ],
 )
 def test_bad_option_values_stop_the_session_once(project, args, message):

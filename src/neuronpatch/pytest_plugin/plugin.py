@@ -39,7 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
          "(default .neuronpatch/artifacts under the rootdir)"),
         ("device", "DEVICE", "torch device for the models (default cpu)"),
         ("batch-size", "N", "rows per forward pass in the engine (default 64)"),
-        ("figures", "all|failed|none", "which tests write the five figures (default all)"),
+        ("figures", "auto|all|failed|none",
+         "which tests draw the five figures (default auto: failed tests, and every test "
+         "when an HTML report is written)"),
     ]
     for name, metavar, text in options:
         group.addoption(f"--neuronpatch-{name}", metavar=metavar, default=None, help=text)

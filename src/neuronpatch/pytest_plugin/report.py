@@ -221,7 +221,7 @@ def artifact_lines(artifacts: Artifacts | None, base: Path | None = None) -> lis
         ...                            Path("/a")):
         ...     print(line)
           artifacts: p/
-            summary.json (figures not written: disabled by --neuronpatch-figures)
+            summary.json (figures not written: see --neuronpatch-figures)
     """
     if artifacts is None:
         return []
@@ -231,7 +231,7 @@ def artifact_lines(artifacts: Artifacts | None, base: Path | None = None) -> lis
     if artifacts.figure_error:
         listing += f" (figures not written: {artifacts.figure_error})"
     elif not artifacts.figures:
-        listing += " (figures not written: disabled by --neuronpatch-figures)"
+        listing += " (figures not written: see --neuronpatch-figures)"
     lines.append(f"    {listing}")
     return lines
 

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from neuronpatch.probes.expectations import Expectation, Outcome
     from neuronpatch.result import ExperimentResult
 
-FigureMode = Literal["all", "failed", "none"]
-FIGURE_MODES: tuple[str, ...] = ("all", "failed", "none")
+FigureMode = Literal["auto", "all", "failed", "none"]
+FIGURE_MODES: tuple[str, ...] = ("auto", "all", "failed", "none")
 DEFAULT_ARTIFACTS = ".neuronpatch/artifacts"
 
 # The notebook's five figures, as neuronpatch.plots writes them (stale copies are removed).
@@ -72,14 +72,15 @@ class Settings:
 
     Example:
         >>> Settings(artifacts=Path(".neuronpatch/artifacts")).figures
-        'all'
+        'auto'
     """
 
     artifacts: Path
     device: str = "cpu"
     batch_size: int = 64
-    figures: FigureMode = "all"
+    figures: FigureMode = "auto"
     root: Path = Path()
+    report: bool = False  # an HTML report (ours or pytest-html's) will show the figures
 
 
 def settings_from_config(config: pytest.Config) -> Settings:
@@ -124,13 +125,15 @@ def settings_from_config(config: pytest.Config) -> Settings:
                 "forward pass)"
             )
     figures, where = option("--neuronpatch-figures", "neuronpatch_figures")
-    figures = figures or "all"
+    figures = figures or "auto"
     if figures not in FIGURE_MODES:
         raise pytest.UsageError(
             f"{where} = {figures!r} is invalid; expected one of {', '.join(FIGURE_MODES)}"
         )
     return Settings(artifacts=root, device=device, batch_size=batch_size,
-                    figures=cast(FigureMode, figures), root=config.rootpath)
+                    figures=cast(FigureMode, figures), root=config.rootpath,
+                    report=bool(config.getoption("neuronpatch_report", None)
+                                or getattr(config.option, "htmlpath", None)))
 
 
 def get_runner(config: pytest.Config) -> Runner:
@@ -226,14 +229,25 @@ class Runner:
         measured = Measurements.of(result)
         outcomes = check(measured, expectations)
         passed = all(o.passed for o in outcomes)
-        mode = self.settings.figures
-        figures = mode == "all" or (mode == "failed" and not passed)
+        figures = self.wants_figures(passed)
         probe = {"name": title, "node_id": node_id, "source": source, "passed": passed}
         artifacts = self.write_artifacts(
             result, self.artifact_dir(node_id), outcomes=outcomes, probe=probe, figures=figures
         )
         return Verdict(outcomes=outcomes, artifacts=artifacts, metrics=measured.values,
                        reasons=dict(measured.reasons))
+
+    def wants_figures(self, passed: bool) -> bool:
+        """Whether this test's figures are drawn (drawing dominates a probe's time).
+
+        ``auto`` (the default) draws them for a failed test, and for every test
+        when an HTML report will show them; ``all`` always; ``failed`` only for
+        failures; ``none`` never.
+        """
+        mode = self.settings.figures
+        if mode == "auto":
+            return not passed or self.settings.report
+        return mode == "all" or (mode == "failed" and not passed)
 
     def write_artifacts(
         self,
