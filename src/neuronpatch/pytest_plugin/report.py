@@ -588,6 +588,8 @@ def summary_line(entries: Any) -> str | None:
     probes = sum(1 for e in done if e.get("kind") == "probe")
     if probes == len(done):
         who = f"{probes} probe{'s' if probes != 1 else ''}"
+    elif probes == 0:
+        who = f"{len(done)} test{'s' if len(done) != 1 else ''}"
     else:
         who = f"{len(done)} tests ({probes} probe{'s' if probes != 1 else ''})"
     return f"neuronpatch: {who}: " + ", ".join(parts) + extra
