@@ -224,7 +224,7 @@ class ExperimentResult:
             lines = interpret(self.slope, self.r_squared, self.fit.reason)
         shown = {"slope", "intercept", "r_squared", "slope_stderr", "slope_p_value"}
         for key, why in self.reasons.items():
-            if key not in shown and not key.startswith("baseline_") or key == "baseline_correlation":
+            if (key not in shown and not key.startswith("baseline_")) or key == "baseline_correlation":
                 lines.append(f"{key} undefined: {why}")
         return lines
 

@@ -18,10 +18,9 @@ layer, and classification heads, are trained with Adam on full batches.
 
 from __future__ import annotations
 
-import sys
-
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -259,16 +259,15 @@ class ProbeItem(_OurFailures):
         if fuzz_text is not None and fuzzed is not None and fuzzed.counterexample is not None:
             messages.append(fuzz_text)
             ce = fuzzed.counterexample
-            where = self.spec.where("fuzz", "expect", ce.metric)
-            path, _, line = where.rpartition(":")
-            crashes.append((path, int(line), f"{title}: fuzz found {ce.metric} = {ce.value:.4g} "
+            fuzz_file, _, fuzz_line = self.spec.where("fuzz", "expect", ce.metric).rpartition(":")
+            crashes.append((fuzz_file, int(fuzz_line), f"{title}: fuzz found {ce.metric} = {ce.value:.4g} "
                                              f"on {ce.text!r}, expected {ce.expected}"))
         if messages:
-            path, line, crash = crashes[0]
+            crash_file, crash_no, crash = crashes[0]
             if len(crashes) > 1:
                 crash += f" (+{len(crashes) - 1} more)"
             raise ProbeFailed("\n\n".join(messages), crash=crash,
-                              path=path or self.display_path, line=line)
+                              path=crash_file or self.display_path, line=crash_no)
         if baseline.skip:
             self._skip_here(baseline.skip)
 

@@ -431,7 +431,8 @@ def on_makereport(item: pytest.Item, call: pytest.CallInfo[None], report: pytest
             _one_line_crash(report, excinfo.value)
     if not is_ours(item):
         return
-    record = dict(item.stash.get(RECORD_KEY, {}))
+    stored = item.stash.get(RECORD_KEY, None)
+    record: dict[str, Any] = {} if stored is None else {**stored}
     record.setdefault("kind", "probe" if item.get_closest_marker("neuronpatch") else "test")
     record.setdefault("name", item.name)
     path, line, _ = item.location

@@ -24,7 +24,7 @@ ids map to distinct directories, so parallel workers never write the same file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -335,8 +335,8 @@ class ExpectFixture:
             )
         source = caller_source(1)
         if source is not None:  # as the user types it: relative to where pytest was started
-            file, _, line = source.rpartition(":")
-            source = f"{shown_path(file, self._item.config.invocation_params.dir)}:{line}"
+            file, _, lineno = source.rpartition(":")
+            source = f"{shown_path(file, self._item.config.invocation_params.dir)}:{lineno}"
         expectations = parse_expectations(ranges, source=source)
         self._calls += 1
         item = self._item
@@ -352,7 +352,7 @@ class ExpectFixture:
             embed=bool(item.config.getoption("neuronpatch_report_embed", False)))
         if not verdict.passed:
             title = f"test {item.name!r}"
-            path, line, crash = crash_line(title, verdict)
+            where, number, crash = crash_line(title, verdict)
             raise ProbeFailed(probe_failure(title, verdict, head=head, result=result, base=base),
-                              crash=crash, path=path, line=line)
+                              crash=crash, path=where, line=number)
         return list(verdict.outcomes)
