@@ -89,18 +89,91 @@ def test_undefined_fit_is_explained_on_the_regression_figure():
     assert "pooled OLS fit" not in text  # no line drawn for an undefined fit
 
 
-def test_regression_figure_states_slope_ci_and_equation():
+def test_regression_figure_states_slope_expected_range_ci_and_equation():
     res = linear_case()
-    text = _texts(render(res, "pred_vs_act_regression.png", title="my head"))
-    assert f"slope = {res.slope:.4f}" in text and f"R² = {res.r_squared:.4f}" in text
-    assert f"95% CI [{res.slope_ci95.lo:.3f}, {res.slope_ci95.hi:.3f}]" in text
-    assert f"Δpred = {res.slope:.4f}·Δact" in text
-    assert "my head · L1 N7 (post)" in text
+    fig = render(res, "pred_vs_act_regression.png", title="my head",
+                 expected={"slope": "[0.8, 1.2]", "r_squared": "≥ 0.9"})
+    [ax] = fig.axes
+    title = ax.get_title()
+    assert f"slope {res.slope:.3f} (expected [0.8, 1.2])" in title
+    assert f"R² {res.r_squared:.3f} (expected ≥ 0.9)" in title
+    assert f"95% CI [{res.slope_ci95.lo:.3f}, {res.slope_ci95.hi:.3f}]" in title
+    assert "my head · L1 N7 (post)" in title
+    assert f"Δpred = {res.slope:.4f}·Δact" in _texts(fig)
 
 
-def test_per_input_panels_show_the_most_sensitive_eight():
+def _reference_slopes(ax) -> set[float]:
+    """Slopes of the reference lines through the origin (matplotlib's axline objects)."""
+    from matplotlib.lines import Line2D
+
+    out = set()
+    for line in ax.get_lines():
+        if isinstance(line, Line2D) and getattr(line, "_slope", None) is not None:
+            assert tuple(line._xy1) == (0.0, 0.0)
+            out.add(float(line._slope))
+    return out
+
+
+@pytest.mark.parametrize("name", ["pred_vs_act_regression.png", "pred_vs_act_change_all.png"])
+def test_change_figures_have_slope_1_and_0_references_on_one_scale(name):
+    res = make_result(np.linspace(0.5, 2, 6), np.tile([-3.0, 0.0, 3.0], (6, 1)),
+                      0.2 * np.tile([-3.0, 0.0, 3.0], (6, 1)), SCALES[:3])
+    [ax, *_] = render(res, name).axes
+    assert _reference_slopes(ax) == {0.0, 1.0}
+    labels = ax.get_legend_handles_labels()[1]
+    assert "slope 1 (tracks the unit)" in labels and "slope 0 (ignores it)" in labels
+    # Same span on both axes: a slope of 0.2 is drawn at 0.2, not stretched to fill the box.
+    assert ax.get_xlim() == ax.get_ylim()
+
+
+def test_the_fit_has_its_95_percent_band():
+    from matplotlib.collections import PolyCollection
+
+    res = linear_case()
+    [ax] = render(res, "pred_vs_act_regression.png").axes
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert [b.get_label() for b in bands] == ["95% band of the fit"]
+    # at every x the band has a lower and an upper edge around the fitted line
+    verts = bands[0].get_paths()[0].vertices
+    edges: dict[float, list[float]] = {}
+    for vx, vy in verts:
+        edges.setdefault(round(float(vx), 9), []).append(float(vy))
+    pairs = {vx: ys for vx, ys in edges.items() if len(ys) >= 2}
+    assert len(pairs) >= 10
+    for vx, ys in pairs.items():
+        assert min(ys) < res.slope * vx + res.intercept < max(ys)
+
+
+def test_per_input_panels_share_their_axes_and_show_the_most_sensitive_eight():
     res = linear_case(13)
-    text = _texts(render(res, "per_input_sensitivity.png"))
-    assert "8 of 13 inputs" in text
+    fig = render(res, "per_input_sensitivity.png", expected={"per_input_slope": "[0.8, 1.2]"})
+    visible = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(visible) == 8
+    assert len({ax.get_xlim() for ax in visible}) == 1 and len({ax.get_ylim() for ax in visible}) == 1
+    assert all(_reference_slopes(ax) == {0.0, 1.0} for ax in visible)
+    text = _texts(fig)
+    assert "8 of 13 inputs" in text and "expected per-input slope [0.8, 1.2]" in text
     top = sorted(res.per_input, key=lambda r: -abs(r.slope))[0]
-    assert f"slope {top.slope:.4f}" in text
+    assert f"slope {top.slope:.3f}" in text
+
+
+def test_an_upstream_head_says_there_is_no_causal_path_never_nan():
+    act = np.linspace(0.5, 2, 5)
+    dact = np.tile([-1.0, 0.0, 1.0, 2.0], (5, 1))
+    import dataclasses
+
+    res = dataclasses.replace(make_result(act, dact, np.zeros_like(dact), SETS4), method="upstream")
+    for name in FIGURES:
+        text = _texts(render(res, name))
+        assert "nan" not in text.lower().replace("nanosecond", ""), name
+    assert "no causal path: slope exactly 0" in render(res, "pred_vs_act_regression.png").axes[0].get_title()
+
+
+def test_trivial_per_input_r2_is_named_in_its_panel():
+    act = np.linspace(0.5, 2, 3)
+    dact = np.stack([0 - act, 3 - act], axis=1)
+    res = make_result(act, dact, 0.9 * dact, [Intervention("set", 0.0), Intervention("set", 3.0)])
+    assert "R² = 1 by construction" in _texts(render(res, "per_input_sensitivity.png"))
+
+
+SETS4 = [Intervention("set", v) for v in (0.0, 1.0, 2.0, 3.0)]

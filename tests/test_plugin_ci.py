@@ -50,7 +50,7 @@ def test_update_then_pass_then_drift_then_accept(project, probe_heads):
     missing.assert_outcomes(passed=1, failed=1)
     missing.stdout.fnmatch_lines(["*has no baseline at baselines/tracks.json; run pytest with "
                                   "--neuronpatch-update-baselines to create it*",
-                                  "neuronpatch: 2 probes: 1 passed, 1 missing baseline"])
+                                  "neuronpatch: 2 probes: 1 failed, 1 passed (1 missing baseline)"])
     project.runpytest("-p", "no:cacheprovider", "--neuronpatch-update-baselines").assert_outcomes(
         passed=2)
     saved = json.loads((project.path / "baselines" / "tracks.json").read_text())
@@ -67,15 +67,18 @@ def test_update_then_pass_then_drift_then_accept(project, probe_heads):
     assert re.search(r"slope\s+-?\d\.\d+\s+-?\d\.\d+\s+\d\.\d+\s+0\.001\s+DRIFT", text), text
     assert "likely cause: the head changed" in text
     assert "to accept the new values, run pytest with --neuronpatch-update-baselines" in text
-    assert "neuronpatch: 2 probes: 1 passed, 1 drifted" in text
+    assert "neuronpatch: 2 probes: 1 failed, 1 passed (1 drifted)" in text
 
     project.runpytest("-p", "no:cacheprovider", "--neuronpatch-update-baselines")
     project.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
 
 
 def test_missing_baseline_can_skip(project):
-    res = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-missing-baseline=skip")
+    res = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-missing-baseline=skip", "-rs")
     res.assert_outcomes(passed=1, skipped=1)
+    # the skip points at the probe in its file, not at the plugin's code
+    res.stdout.fnmatch_lines(["SKIPPED [[]1[]] ci.probe.yaml:1: probe 'tracks' has no baseline*"])
+    res.stdout.fnmatch_lines(["neuronpatch: 2 probes: 1 passed, 1 skipped (1 missing baseline)"])
     bad = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-missing-baseline=maybe")
     bad.stderr.fnmatch_lines(["*--neuronpatch-missing-baseline = 'maybe' is invalid; "
                               "expected one of fail, skip*"])
@@ -84,7 +87,7 @@ def test_missing_baseline_can_skip(project):
 def test_every_probe_opts_in_with_the_flag(project):
     res = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-baselines")
     res.assert_outcomes(failed=2)  # neither has a baseline yet
-    res.stdout.fnmatch_lines(["neuronpatch: 2 probes: 2 missing baseline"])
+    res.stdout.fnmatch_lines(["neuronpatch: 2 probes: 2 failed (2 missing baseline)"])
 
 
 def test_xdist_run_equals_serial_run(project):
@@ -107,8 +110,16 @@ def test_html_report_holds_every_probe_and_its_figures(project):
                                  "--neuronpatch-report=report.html")
     page = (project.path / "report.html").read_text()
     assert "ci.probe.yaml::tracks" in page and "ci.probe.yaml::blind" in page
-    assert page.count("data:image/png;base64,") == 10  # five figures per probe
-    assert page.index("missing-baseline") < page.index("ci.probe.yaml::blind")  # failures first
+    # five thumbnails per probe, linking to the PNG files in the artifacts directory
+    links = re.findall(r'<a href="([^"]+\.png)"><img', page)
+    assert len(links) == 10 and "data:image" not in page
+    assert all((project.path / link).is_file() for link in links)
+    assert page.index("no baseline") < page.index("ci.probe.yaml::blind")  # failures first
+    embedded = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-figures=all",
+                                            "--neuronpatch-report=embedded.html",
+                                            "--neuronpatch-report-embed")
+    embedded.assert_outcomes(passed=1, failed=1)
+    assert (project.path / "embedded.html").read_text().count("data:image/png;base64,") == 10
 
 
 def test_suggested_tolerances_are_printed(project):

@@ -51,7 +51,8 @@ def plots():
 def test_every_probe_writes_five_valid_pngs_and_the_report_lists_them(project, plots):
     import matplotlib.image
 
-    result = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-artifacts", "arts")
+    result = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-artifacts", "arts",
+                               "--neuronpatch-figures", "all")
     result.assert_outcomes(passed=1, failed=1)
     dirs = artifact_dirs(project.path / "arts")
     assert set(dirs) == {"passes", "fails"}
@@ -69,6 +70,17 @@ def test_every_probe_writes_five_valid_pngs_and_the_report_lists_them(project, p
     ])
 
 
+def test_by_default_figures_are_drawn_for_failures_and_for_the_report(project, plots):
+    result = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-artifacts", "arts")
+    result.assert_outcomes(passed=1, failed=1)
+    dirs = artifact_dirs(project.path / "arts")
+    assert not list(dirs["passes"].glob("*.png"))  # nothing will show them
+    assert {p.name for p in dirs["fails"].glob("*.png")} == FIGURES
+    result = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-artifacts", "arts",
+                               "--neuronpatch-report", "r.html")
+    assert {p.name for p in dirs["passes"].glob("*.png")} == FIGURES  # the report shows them
+
+
 def test_figures_only_for_failures_when_asked(project, plots):
     result = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-artifacts", "arts",
                                "--neuronpatch-figures", "failed")
@@ -83,7 +95,7 @@ def stub_plots(monkeypatch):
     """A neuronpatch.plots that writes the five figures as tiny real PNGs (fast, no engine)."""
     import matplotlib.pyplot as plt
 
-    def write_figures(result, out_dir, title=None):
+    def write_figures(result, out_dir, title=None, expected=None):
         paths = []
         for name in sorted(FIGURES):
             fig, ax = plt.subplots(figsize=(1, 1))
@@ -117,7 +129,8 @@ def test_a_plotting_failure_never_hides_the_verdict(project, monkeypatch):
     monkeypatch.setitem(sys.modules, "neuronpatch.plots", broken)
     project.makefile(".toml", pyproject='[tool.pytest.ini_options]\n'
                      'filterwarnings = ["default::pytest.PytestWarning"]\n')
-    result = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-artifacts", "arts")
+    result = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-artifacts", "arts",
+                               "--neuronpatch-figures", "all")
     result.assert_outcomes(passed=1, failed=1, warnings=2)
     result.stdout.fnmatch_lines_random([
         "    summary.json (figures not written: RuntimeError: no display)",

@@ -84,7 +84,7 @@ def test_plain_expect_and_assert_in_range_in_a_test(project):
         from neuronpatch.probes import assert_in_range, expect
 
         def test_claims(neuronpatch_runner, causal):
-            res = neuronpatch_runner.run(causal, inputs=["The cat sat.", "A dog."], set=[0, 2])
+            res = neuronpatch_runner.run(causal, inputs=["The cat sat.", "A dog."], set=[0, 1, 2])
             expect(res, r_squared={"min": 0.99}, per_input_r2={"min": 0.99})
             assert_in_range(res.slope, {"abs_min": 1e-3}, name="slope")
 
@@ -132,3 +132,17 @@ def test_models_are_loaded_once_per_session(project, probe_heads):
     )
     project.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=4)
     assert models.load_count - before == 1
+
+
+def test_relative_head_paths_resolve_against_the_rootdir_not_the_cwd(project, probe_heads,
+                                                                    monkeypatch):
+    probe_heads.copy_heads(project.path / "heads")
+    tests = project.mkdir("tests")
+    (tests / "test_rel.py").write_text(
+        "def test_rel(neuronpatch_runner, neuronpatch_expect):\n"
+        "    res = neuronpatch_runner.run('heads/causal', inputs=['a b c'], set=[0, 1, 2])\n"
+        "    neuronpatch_expect(res, r_squared={'min': 0.99})\n")
+    monkeypatch.chdir(tests)  # `cd tests && pytest`
+    result = project.runpytest("-p", "no:cacheprovider", "-rs")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["neuronpatch: 1 test: 1 passed"])

@@ -106,7 +106,7 @@ def test_passing_and_failing_probes_in_one_multi_document_file(project, probe_he
         rf"        inputs\[0\] 'The cat sat on the mat\.' = {re.escape(f'{s:.6g}')}",
         rf"  pass  r_squared +  = 1 +expected ≥ 0\.99 +at claims\.probe\.yaml:{r2_line}",
         r"  artifacts: \.neuronpatch/artifacts/claims\.probe\.yaml_claims_a_huge_slope-\w+/",
-        r"    summary\.json \(figures not written: disabled by --neuronpatch-figures\)",
+        r"    summary\.json \(figures not written: see --neuronpatch-figures\)",
     ])
     result.stdout.fnmatch_lines(["FAILED claims.probe.yaml::claims a huge slope - probe *"])
 
@@ -166,13 +166,56 @@ def test_a_broken_probe_file_never_stops_the_others(project):
     result.assert_outcomes(passed=1, errors=2)
     result.stdout.fnmatch_lines([
         "*ERROR at setup of invalid probe: broken*",
-        f"broken.probe.yaml:{line_of(broken, 'slope')}: key 'expect.slope': range [1, 0] is "
+        "invalid probe 'broken': 2 problems",
+        f"  broken.probe.yaml:{line_of(broken, 'slope')}: key 'expect.slope': range [1, 0] is "
         "inverted (lo > hi); expected lo < hi",
-        f"broken.probe.yaml:{line_of(broken, 'colour')}: key 'colour': unknown key; expected "
+        f"  broken.probe.yaml:{line_of(broken, 'colour')}: key 'colour': unknown key; expected "
         "one of name, head, inputs, interventions, position, expect, marks, baseline, fuzz",
         "*ERROR at setup of invalid probe: syntax*",
-        "syntax.probe.yaml:3: invalid YAML: *",
+        "  syntax.probe.yaml:3: invalid YAML: *",
     ])
+
+
+def test_one_broken_document_is_one_item_and_the_others_run(project):
+    path = probe_file(project, "multi.probe.yaml", """
+        name: first
+        head: heads/blind
+        interventions: {set: [0, 1]}
+        ---
+        name: second
+        head: heads/causal
+        expect: {slope: [0, 1}
+        ---
+        name: third
+        head: heads/blind
+        interventions: {set: [0, 1]}
+        interventions: {set: [0, 2]}
+        expect: {slop: [0, 1]}
+        colour: red
+        ---
+        name: fourth
+        head: heads/blind
+        interventions: {set: [0, 1]}
+    """)
+    result = project.runpytest("-p", "no:cacheprovider", "-v")
+    result.assert_outcomes(passed=2, errors=2)
+    out = result.stdout.str()
+    # The broken documents keep the ids the fixed probes will have.
+    result.stdout.fnmatch_lines_random([
+        "multi.probe.yaml::first PASSED*", "multi.probe.yaml::fourth PASSED*",
+        "multi.probe.yaml::second ERROR*", "multi.probe.yaml::third ERROR*",
+    ])
+    # Every problem of the third document, each with its own line, in line order.
+    dup, slop, colour = (line_of(path, "interventions: {set: [0, 2]}"), line_of(path, "slop:"),
+                         line_of(path, "colour"))
+    result.stdout.fnmatch_lines([
+        "invalid probe 'third': 3 problems",
+        f"  multi.probe.yaml:{dup}: key 'interventions': duplicate key (first defined at line "
+        f"{dup - 1}); expected each key once per mapping",
+        f"  multi.probe.yaml:{slop}: key 'expect.slop': unknown metric 'slop'*",
+        f"  multi.probe.yaml:{colour}: key 'colour': unknown key*",
+    ])
+    assert f"multi.probe.yaml:{line_of(path, 'slope: [0, 1}')}: invalid YAML" in out
 
 
 def test_collect_only_lists_every_probe_and_the_invalid_ones(project):
@@ -233,7 +276,7 @@ def test_marks_skip_xfail_slow_and_unregistered(project):
     result.stdout.fnmatch_lines_random([
         "XFAIL marks.probe.yaml::known bug - head untrained",
         "SKIPPED [[]1[]] more.probe.yaml*: no time",
-        f"more.probe.yaml:{line_of(more, 'slwo')}: key 'marks[[]0[]]': mark 'slwo' is not "
+        f"  more.probe.yaml:{line_of(more, 'slwo')}: key 'marks[[]0[]]': mark 'slwo' is not "
         "registered; expected a registered mark*",
     ])
     result = project.runpytest("-p", "no:cacheprovider", "-m", "slow")
@@ -277,8 +320,11 @@ def test_junit_xml_carries_key_metrics(project, probe_heads):
     props = {p.get("name"): p.get("value") for p in tree.iter("property")}
     assert float(props["neuronpatch.slope"]) == pytest.approx(probe_heads.causal_slope, abs=1e-5)
     assert float(props["neuronpatch.r_squared"]) == pytest.approx(1.0, abs=1e-6)
-    assert props["neuronpatch.passed"] == "False"
     assert props["neuronpatch.artifacts"].endswith(tuple("0123456789abcdef"))
+    # metrics only: no transport data, no internal status
+    assert set(props) == {"neuronpatch.slope", "neuronpatch.intercept", "neuronpatch.r_squared",
+                          "neuronpatch.baseline_correlation", "neuronpatch.weight_cosine",
+                          "neuronpatch.artifacts"}
     [case] = tree.iter("testcase")
     assert case.get("name") == "junit"
 
@@ -301,7 +347,7 @@ def test_options_come_from_the_ini_file_and_the_command_line_wins(project):
         (["--neuronpatch-batch-size", "0"],
          "--neuronpatch-batch-size = '0' is invalid; expected a positive integer*"),
         (["--neuronpatch-figures", "some"],
-         "--neuronpatch-figures = 'some' is invalid; expected one of all, failed, none"),
+         "--neuronpatch-figures = 'some' is invalid; expected one of auto, all, failed, none"),
     ],
 )
 def test_bad_option_values_stop_the_session_once(project, args, message):

@@ -29,7 +29,7 @@ def test_sentences_are_valid_inputs_for_the_model(model, probe_heads):
         seen.append(text)
         words = text[:-1].split()
         assert 1 <= len(words) <= 6 and text.endswith(".")
-        assert 1 <= len(model.tokenizer.encode(text)) <= model.cfg.n_ctx
+        assert 1 <= len(model.tokenizer.encode(text)) <= model.n_ctx
 
     check()
     res = run_experiment(probe_heads.causal, seen[:4], set=[0, 1], model=model)
@@ -42,7 +42,7 @@ def test_token_ids_are_in_range_and_not_special(model):
     @settings(max_examples=30, deadline=None, database=None)
     @given(ids=ns.token_ids(model, max_size=500))
     def check(ids):
-        assert 1 <= len(ids) <= model.cfg.n_ctx  # clamped to the context
+        assert 1 <= len(ids) <= model.n_ctx  # clamped to the context
         assert all(0 <= i < len(model.tokenizer) and i not in specials for i in ids)
 
     check()

@@ -117,3 +117,39 @@ def test_natural_demo_head_correlates_yet_barely_uses_the_neuron():
     res = run_experiment(ROOT / "probes/heads/demo_natural", DEMO_INPUTS, set=SET_VALUES)
     assert res.baseline_correlation > 0.9
     assert res.slope < 0.4
+
+
+def _fake_report(held_out_r2: float):
+    from neuronpatch.training import TrainReport
+
+    return TrainReport(Path("h"), 80, 20, 0.31, held_out_r2, None, None, 1.0, 0.5)
+
+
+TRAIN_ARGS = ["train-head", "--layer", "1", "--neuron", "301", "--feature-layer", "2", "--out", "h"]
+
+
+def test_a_negative_held_out_r2_is_a_warning_and_min_r2_fails(monkeypatch, capsys):
+    import neuronpatch.training as training
+
+    monkeypatch.setattr(training, "train_head", lambda **kw: _fake_report(-5.72))
+    assert main(TRAIN_ARGS) == 0
+    err = capsys.readouterr().err
+    assert "warning: held-out R² -5.72 < 0: the head predicts held-out activations worse" in err
+    assert main([*TRAIN_ARGS, "--min-r2", "0.5"]) == 1
+    assert "error: held-out R² -5.7200 is below --min-r2 0.5" in capsys.readouterr().err
+    monkeypatch.setattr(training, "train_head", lambda **kw: _fake_report(0.9))
+    assert main([*TRAIN_ARGS, "--min-r2", "0.5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_train_head_logs_through_the_progress_bar_writer(monkeypatch):
+    import tqdm.auto
+
+    import neuronpatch.training as training
+
+    written = []
+    monkeypatch.setattr(training, "train_head", lambda **kw: _fake_report(0.9))
+    monkeypatch.setattr(tqdm.auto.tqdm, "write", classmethod(lambda cls, s, **kw: written.append(s)))
+    assert main(TRAIN_ARGS) == 0
+    assert any(line.startswith("Trained a regression head") for line in written)
+    assert any("held-out 0.9000" in line for line in written)

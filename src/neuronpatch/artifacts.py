@@ -1,7 +1,9 @@
 """Writing a result to disk: summary.json and the five figures.
 
 One function serves the CLI (``neuronpatch run --out DIR``) and the pytest
-plugin (one directory per probe), so both produce the same files.
+plugin (one directory per probe), so both produce the same files. Every
+summary.json follows the JSON Schema that ships in the package
+(``neuronpatch/schemas/summary.schema.json``, :func:`summary_schema`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,20 @@ from typing import Any
 
 from neuronpatch._io import atomic_write_text
 from neuronpatch.result import ExperimentResult, to_jsonable
+
+
+def summary_schema() -> dict[str, Any]:
+    """The JSON Schema every summary.json follows (shipped in the package).
+
+    Example:
+        >>> summary_schema()["title"]
+        'neuronpatch summary.json'
+    """
+    from importlib.resources import files
+
+    text = files("neuronpatch").joinpath("schemas", "summary.schema.json").read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
 
 
 @dataclass(frozen=True)
@@ -37,8 +53,11 @@ def write_artifacts(
     extra: Mapping[str, Any] | None = None,
     figures: bool = True,
     title: str | None = None,
+    expected: Mapping[str, str] | None = None,
 ) -> Artifacts:
     """Write ``summary.json`` (plus ``extra`` keys) and the figures into ``out_dir``.
+
+    ``expected`` (metric → range text) goes into the figures' titles.
 
     Example:
         >>> art = write_artifacts(res, "out/demo_causal")      # doctest: +SKIP
@@ -51,7 +70,7 @@ def write_artifacts(
     if figures:
         from neuronpatch.plots import write_figures  # matplotlib only when figures are wanted
 
-        paths = tuple(write_figures(result, out, title=title))
+        paths = tuple(write_figures(result, out, title=title, expected=expected))
     summary = result.summary()
     summary["figures"] = [p.name for p in paths]
     if extra:

@@ -178,7 +178,7 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 
         check_regular_file(args.corpus, max_bytes=CORPUS_FILE_BYTES, what="corpus", error=InputError)
 
-    from neuronpatch.training import train_head
+    from neuronpatch.training import log, train_head
 
     rep = train_head(
         model=args.model, layer=args.layer, neuron=args.neuron, layer_type=args.layer_type,
@@ -187,15 +187,20 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
         seed=args.seed, out=args.out, coordinates=args.coordinates, progress=True,
     )
     data = "interventional" if args.intervene else "natural"
-    print(f"Trained a {args.type} head on {rep.n_train} {data} windows "
-          f"({rep.n_held_out} held out) for {args.layer_type} L{args.layer} N{args.neuron} "
-          f"of {args.model}, reading feature_layer {args.feature_layer} "
-          f"({args.coordinates} coordinates)")
-    print(f"  unit activation: mean {rep.activation_mean:.4f}, sd {rep.activation_std:.4f}")
-    print(f"  R²        train {rep.train_r2:.4f}   held-out {rep.held_out_r2:.4f}")
+    log(f"Trained a {args.type} head on {rep.n_train} {data} windows "
+        f"({rep.n_held_out} held out) for {args.layer_type} L{args.layer} N{args.neuron} "
+        f"of {args.model}, reading feature_layer {args.feature_layer} ({args.coordinates} coordinates)")
+    log(f"  unit activation: mean {rep.activation_mean:.4f}, sd {rep.activation_std:.4f}")
+    log(f"  R²        train {rep.train_r2:.4f}   held-out {rep.held_out_r2:.4f}")
     if rep.train_accuracy is not None and rep.held_out_accuracy is not None:
-        print(f"  accuracy  train {rep.train_accuracy:.4f}   held-out {rep.held_out_accuracy:.4f}")
-    print(f"Wrote {args.out / 'config.json'} and {args.out / 'head.pt'}")
+        log(f"  accuracy  train {rep.train_accuracy:.4f}   held-out {rep.held_out_accuracy:.4f}")
+    log(f"Wrote {args.out / 'config.json'} and {args.out / 'head.pt'}")
+    for warning in rep.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.min_r2 is not None and not rep.held_out_r2 >= args.min_r2:
+        print(f"error: held-out R² {rep.held_out_r2:.4f} is below --min-r2 {args.min_r2:g}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -246,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--coordinates", default="transformer_lens", choices=("transformer_lens", "hf"),
                     help="coordinates of --feature-layer and the written head (default transformer_lens)")
     th.add_argument("--out", type=Path, required=True, help="head directory to write")
+    th.add_argument("--min-r2", type=float, default=None, metavar="R2",
+                    help="exit with status 1 when the held-out R² is below this")
     th.set_defaults(func=_cmd_train_head)
     return parser
 

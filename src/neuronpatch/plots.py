@@ -10,7 +10,15 @@
 * ``pred_vs_act_regression.png``: the same points with the pooled OLS line; its
   slope is the causal effect.
 * ``per_input_sensitivity.png``: one small panel per input with its own fit
-  (the eight most sensitive inputs).
+  (the eight most sensitive inputs), all panels on the same axes.
+
+Every change-vs-change figure carries the references a reader needs: the
+ideal slope 1 ("tracks the unit") and slope 0 ("ignores it") through the
+origin, the same scale on both axes (so a slope of 0.2 looks like 0.2), and
+the measured slope with its expected range in the title. The regression
+figure draws the fit with its 95% confidence band. A head that reads before
+its unit is titled "no causal path: slope exactly 0", never "R² = nan"; an
+undefined statistic is shown with its reason.
 
 Figures are drawn on ``matplotlib.figure.Figure`` objects with the Agg canvas,
 never through pyplot: no global state, no window, safe in worker processes.
@@ -19,7 +27,7 @@ never through pyplot: no global state, no window, safe in worker processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +58,48 @@ def _title(res: ExperimentResult, title: str | None) -> str:
 
 
 def _fmt(x: float, digits: int = 3) -> str:
-    return "nan" if math.isnan(x) else f"{x:.{digits}f}"
+    return "undefined" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+NO_PATH = "no causal path: slope exactly 0"
+
+
+def _verdict_line(res: ExperimentResult, expected: Mapping[str, str]) -> str:
+    """``slope 0.921 (expected [0.8, 1.2]) · R² 1.000``, or why there is no slope."""
+    if res.reads_before_unit:
+        return f"{NO_PATH} (the head reads {res.feature_hook}, before {res.unit_hook})"
+    fit = res.fit
+    if math.isnan(fit.slope):
+        return f"slope undefined: {fit.reason}"
+    slope = f"slope {fit.slope:.3f}"
+    if "slope" in expected:
+        slope += f" (expected {expected['slope']})"
+    if math.isnan(fit.r_squared):
+        r2 = "R² undefined" + (": no effect" if (fit.reason or "").startswith("no effect")
+                               else f" ({fit.reason})" if fit.reason else "")
+    else:
+        r2 = f"R² {fit.r_squared:.3f}"
+        if "r_squared" in expected:
+            r2 += f" (expected {expected['r_squared']})"
+    return f"{slope} · {r2}"
+
+
+def _same_scale(ax: Axes, *arrays: np.ndarray) -> None:
+    """One span on both axes, around 0, so slopes look like what they are."""
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays] + [np.zeros(1)])
+    values = values[np.isfinite(values)]
+    lo, hi = float(values.min()), float(values.max())
+    pad = 0.08 * (hi - lo) or 1.0
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _references(ax: Axes, *, labels: bool = True) -> None:
+    """The ideal slope 1 and slope 0, through the origin."""
+    ax.axline((0.0, 0.0), slope=1.0, color="tab:green", ls="--", lw=1, alpha=0.7,
+              label="slope 1 (tracks the unit)" if labels else None)
+    ax.axline((0.0, 0.0), slope=0.0, color="0.4", ls=":", lw=1, alpha=0.8,
+              label="slope 0 (ignores it)" if labels else None)
 
 
 def _style(ax: Axes, xlabel: str, ylabel: str, *, zero_lines: bool = False) -> None:
@@ -58,8 +107,7 @@ def _style(ax: Axes, xlabel: str, ylabel: str, *, zero_lines: bool = False) -> N
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if zero_lines:
-        ax.axhline(0, color="k", ls="--", lw=0.8, alpha=0.4)
-        ax.axvline(0, color="k", ls="--", lw=0.8, alpha=0.4)
+        ax.axvline(0, color="k", lw=0.6, alpha=0.3)
 
 
 def _fit_line(ax: Axes, x: np.ndarray, fit: Fit, **kw: object) -> bool:
@@ -71,7 +119,8 @@ def _fit_line(ax: Axes, x: np.ndarray, fit: Fit, **kw: object) -> bool:
     return True
 
 
-def _baseline(fig: Figure, res: ExperimentResult, title: str | None) -> None:
+def _baseline(fig: Figure, res: ExperimentResult, title: str | None,
+              expected: Mapping[str, str]) -> None:
     ax = fig.add_subplot()
     a, p = res.clean_activation, res.clean_prediction
     ax.scatter(a, p, s=70, alpha=0.85, color="tab:blue", label="inputs (clean run)")
@@ -91,7 +140,8 @@ def _baseline(fig: Figure, res: ExperimentResult, title: str | None) -> None:
     ax.legend(loc="best")
 
 
-def _scaling(fig: Figure, res: ExperimentResult, title: str | None) -> None:
+def _scaling(fig: Figure, res: ExperimentResult, title: str | None,
+             expected: Mapping[str, str]) -> None:
     left, right = fig.subplots(1, 2)
     dact, dpred = res.activation_change, res.prediction_change
     all_scale = all(iv.kind == "scale" for iv in res.interventions)
@@ -121,10 +171,11 @@ def _scaling(fig: Figure, res: ExperimentResult, title: str | None) -> None:
     right.set_title("path in activation-prediction space")
     _style(right, "mean unit activation", "mean head prediction")
     right.legend(loc="best")
-    fig.suptitle(f"{_title(res, title)}: effect of each intervention")
+    fig.suptitle(f"{_title(res, title)}: effect of each intervention\n{_verdict_line(res, expected)}")
 
 
-def _all_points(fig: Figure, res: ExperimentResult, title: str | None) -> None:
+def _all_points(fig: Figure, res: ExperimentResult, title: str | None,
+                expected: Mapping[str, str]) -> None:
     ax = fig.add_subplot()
     import matplotlib
 
@@ -133,60 +184,107 @@ def _all_points(fig: Figure, res: ExperimentResult, title: str | None) -> None:
     for k, iv in enumerate(res.interventions):
         ax.scatter(res.activation_change[:, k], res.prediction_change[:, k], s=45, alpha=0.8,
                    color=cmap(k / max(n - 1, 1)), label=iv.label)
-    ax.set_title(f"{_title(res, title)}\nprediction change vs activation change, "
-                 f"{len(res.inputs)} inputs × {n} interventions")
+    _references(ax)
+    _same_scale(ax, res.activation_change, res.prediction_change)
+    ax.set_title(f"{_title(res, title)}\n{len(res.inputs)} inputs × {n} interventions · "
+                 f"{_verdict_line(res, expected)}")
     _style(ax, "activation change (patched − clean)", "prediction change (patched − clean)",
            zero_lines=True)
     ax.legend(title="intervention", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
 
 
-def _regression(fig: Figure, res: ExperimentResult, title: str | None) -> None:
+def _band(x: np.ndarray, y: np.ndarray, fit: Fit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The fit's 95% confidence band (of the mean) over the range of ``x``."""
+    from scipy import stats as sps
+
+    xs = np.linspace(float(x.min()), float(x.max()), 50)
+    n = x.size
+    dx = x - x.mean()
+    sxx = float(dx @ dx)
+    resid = y - (fit.slope * x + fit.intercept)
+    s2 = float(resid @ resid) / max(n - 2, 1)
+    half = sps.t.ppf(0.975, max(n - 2, 1)) * np.sqrt(s2 * (1 / n + (xs - x.mean()) ** 2 / sxx))
+    line = fit.slope * xs + fit.intercept
+    return xs, line - half, line + half
+
+
+def _regression(fig: Figure, res: ExperimentResult, title: str | None,
+                expected: Mapping[str, str]) -> None:
     ax = fig.add_subplot()
     x, y = res.activation_change.ravel(), res.prediction_change.ravel()
-    ax.scatter(x, y, s=35, alpha=0.6, color="tab:blue", label="(input, intervention)")
+    ax.scatter(x, y, s=30, alpha=0.6, color="tab:blue", label="(input, intervention)")
+    _references(ax)
     fit, ci = res.fit, res.slope_ci95
     if _fit_line(ax, x, fit, color="tab:red", lw=2, label="pooled OLS fit"):
+        if x.size > 2 and np.ptp(x) > 0 and not math.isnan(fit.r_squared):
+            xs, lo, hi = _band(x, y, fit)
+            ax.fill_between(xs, lo, hi, color="tab:red", alpha=0.2, label="95% band of the fit")
         eq = f"Δpred = {fit.slope:.4f}·Δact {'+' if fit.intercept >= 0 else '−'} {abs(fit.intercept):.4f}"
-        ax.annotate(eq, xy=(0.03, 0.95), xycoords="axes fraction", va="top", fontsize=11,
+        ax.annotate(eq, xy=(0.03, 0.95), xycoords="axes fraction", va="top", fontsize=10,
                     bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9})
     else:
         ax.annotate(f"no fit: {fit.reason}", xy=(0.03, 0.95), xycoords="axes fraction", va="top",
-                    fontsize=10, wrap=True, bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9})
-    ax.set_title(f"{_title(res, title)}\nslope = {_fmt(fit.slope, 4)} "
-                 f"(95% CI [{_fmt(ci.lo)}, {_fmt(ci.hi)}]), R² = {_fmt(fit.r_squared, 4)}")
+                    fontsize=9, wrap=True, bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9})
+    if res.reads_before_unit:
+        ax.annotate(NO_PATH, xy=(0.5, 0.5), xycoords="axes fraction", ha="center", fontsize=13,
+                    color="0.3", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9})
+    _same_scale(ax, x, y)
+    ci_text = "" if math.isnan(ci.lo) else f", 95% CI [{_fmt(ci.lo)}, {_fmt(ci.hi)}]"
+    ax.set_title(f"{_title(res, title)}\n{_verdict_line(res, expected)}{ci_text}")
     _style(ax, "activation change", "prediction change", zero_lines=True)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
 
 
-def _per_input(fig: Figure, res: ExperimentResult, title: str | None) -> None:
+def _per_input(fig: Figure, res: ExperimentResult, title: str | None,
+               expected: Mapping[str, str]) -> None:
     rows = sorted(res.per_input, key=lambda r: -abs(r.slope) if not math.isnan(r.slope) else 1.0)
     shown = rows[:MAX_PANELS]
     n_rows = max(1, math.ceil(len(shown) / 2))
-    axes = np.atleast_1d(fig.subplots(n_rows, 2, squeeze=False).ravel())
-    for ax, r in zip(axes, shown, strict=False):
-        x, y = np.array(r.activation_change), np.array(r.prediction_change)
-        ax.scatter(x, y, s=25, alpha=0.8, color="tab:blue")
+    # Shared axes: every panel on the same scale, so sensitivities compare at a glance.
+    axes = np.atleast_1d(fig.subplots(n_rows, 2, squeeze=False, sharex=True, sharey=True).ravel())
+    xs = [np.array(r.activation_change) for r in shown]
+    ys = [np.array(r.prediction_change) for r in shown]
+    for ax, r, x, y in zip(axes, shown, xs, ys, strict=False):
+        ax.scatter(x, y, s=20, alpha=0.8, color="tab:blue")
+        _references(ax, labels=False)
         _fit_line(ax, x, r.fit, color="tab:red")
-        ax.set_title(f"{_short(r.text, 36)}\nslope {_fmt(r.slope, 4)}, R² {_fmt(r.r2, 3)}", fontsize=9)
-        _style(ax, "Δ activation", "Δ prediction", zero_lines=True)
+        r2 = (f"R² {r.r2:.3f}" if not math.isnan(r.r2) else
+              "R² = 1 by construction" if "by construction" in (r.fit.reason or "") else
+              "no effect" if (r.fit.reason or "").startswith("no effect") else "R² undefined")
+        ax.set_title(f"{_short(r.text, 36)}\nslope {_fmt(r.slope, 3)}, {r2}", fontsize=8)
+        ax.grid(alpha=0.3)
+    if shown:
+        _same_scale(axes[0], *xs, *ys)
     for ax in axes[len(shown):]:
         ax.set_visible(False)
+    for ax in axes[-2:]:
+        ax.set_xlabel("Δ activation")
+    for ax in axes[::2]:
+        ax.set_ylabel("Δ prediction")
     what = f"{len(shown)} of {len(rows)} inputs, most sensitive first" if len(rows) > len(shown) \
         else "each input's own fit, most sensitive first"
-    fig.suptitle(f"{_title(res, title)}: per-input sensitivity ({what})")
+    wanted = f" · expected per-input slope {expected['per_input_slope']}" \
+        if "per_input_slope" in expected else ""
+    lines = "green dashed: slope 1, grey dotted: slope 0"
+    fig.suptitle(f"{_title(res, title)}: per-input sensitivity ({what}){wanted}\n"
+                 f"{_verdict_line(res, expected)} · {lines}", fontsize=10)
 
 
-_DRAW: dict[str, tuple[Callable[[Figure, ExperimentResult, str | None], None], tuple[float, float]]] = {
-    "baseline_correlation.png": (_baseline, (10, 6.5)),
-    "scaling_experiment.png": (_scaling, (13, 5.5)),
-    "pred_vs_act_change_all.png": (_all_points, (10.5, 7)),
-    "pred_vs_act_regression.png": (_regression, (10, 7)),
-    "per_input_sensitivity.png": (_per_input, (12, 12)),
+_Draw = Callable[[Figure, ExperimentResult, "str | None", Mapping[str, str]], None]
+_DRAW: dict[str, tuple[_Draw, tuple[float, float]]] = {
+    "baseline_correlation.png": (_baseline, (8, 5.5)),
+    "scaling_experiment.png": (_scaling, (11, 4.8)),
+    "pred_vs_act_change_all.png": (_all_points, (8.5, 6.5)),
+    "pred_vs_act_regression.png": (_regression, (8, 6.5)),
+    "per_input_sensitivity.png": (_per_input, (8, 9)),
 }
 
 
-def render(result: ExperimentResult, name: str, *, title: str | None = None) -> Figure:
+def render(result: ExperimentResult, name: str, *, title: str | None = None,
+           expected: Mapping[str, str] | None = None) -> Figure:
     """Draw one of :data:`FIGURES` and return the (unsaved) figure.
+
+    ``expected`` (metric → range text, as probe outcomes print it) goes into titles.
 
     Example:
         >>> fig = render(res, "pred_vs_act_regression.png")    # doctest: +SKIP
@@ -194,12 +292,13 @@ def render(result: ExperimentResult, name: str, *, title: str | None = None) -> 
     draw, size = _DRAW[name]
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
-    draw(fig, result, title)
+    draw(fig, result, title, expected or {})
     return fig
 
 
 def write_figures(
-    result: ExperimentResult, out_dir: str | Path, *, title: str | None = None, dpi: int = 110
+    result: ExperimentResult, out_dir: str | Path, *, title: str | None = None, dpi: int = 80,
+    expected: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write the five PNG figures of ``result`` into ``out_dir``.
 
@@ -208,6 +307,7 @@ def write_figures(
         out_dir: directory (created if needed).
         title: name shown in titles; default the head directory's name.
         dpi: resolution.
+        expected: metric → expected range text, shown beside the measured values.
 
     Returns:
         The paths written, in :data:`FIGURES` order.
@@ -221,7 +321,7 @@ def write_figures(
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in FIGURES:
-        fig = render(result, name, title=title)
+        fig = render(result, name, title=title, expected=expected)
         path = out / name
         fig.savefig(path, dpi=dpi)
         paths.append(path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -95,10 +94,23 @@ class ExperimentResult:
         return self.patched_prediction - self.clean_prediction[:, None]
 
     # ----- statistics (computed once, on first use) -------------------------
+    @property
+    def prediction_scale(self) -> float:
+        """The size of the head's predictions; effects below float noise of it are no effect."""
+        values = np.concatenate([np.abs(self.clean_prediction).ravel(),
+                                 np.abs(self.patched_prediction).ravel()])
+        return float(np.max(values, initial=0.0))
+
+    @property
+    def reads_before_unit(self) -> bool:
+        """Whether the head reads at or before the unit (the engine's ``upstream`` route)."""
+        return self.method == "upstream"
+
     @cached_property
     def fit(self) -> stats.Fit:
-        """Pooled OLS of prediction change on activation change."""
-        return stats.ols(self.activation_change, self.prediction_change)
+        """Pooled OLS of prediction change on activation change (no effect below float noise)."""
+        return stats.ols(self.activation_change, self.prediction_change,
+                         y_scale=self.prediction_scale)
 
     @cached_property
     def baseline(self) -> stats.Correlation:
@@ -107,6 +119,9 @@ class ExperimentResult:
 
     @cached_property
     def _intervals(self) -> tuple[stats.Interval, stats.Interval]:
+        if self.fit.slope == 0.0 and self.fit.reason and self.fit.reason.startswith("no effect"):
+            # No effect is exactly 0 in every resample; R² has nothing to explain.
+            return stats.Interval(0.0, 0.0), stats.Interval(math.nan, math.nan, self.fit.reason)
         return stats.bootstrap_ci(
             self.activation_change, self.prediction_change,
             n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED,
@@ -142,7 +157,8 @@ class ExperimentResult:
     @cached_property
     def per_input(self) -> tuple[InputResult, ...]:
         """Per-input rows: text, position, clean values, changes and own fit."""
-        fits = stats.per_input_fits(self.activation_change, self.prediction_change)
+        fits = stats.per_input_fits(self.activation_change, self.prediction_change,
+                                    y_scale=self.prediction_scale)
         dact, dpred = self.activation_change, self.prediction_change
         return tuple(
             InputResult(
@@ -157,22 +173,60 @@ class ExperimentResult:
         )
 
     @property
+    def weight_cosine(self) -> float:
+        """Cosine of a linear head's weight and the unit's write direction; NaN where it means nothing.
+
+        Only a head that reads *after* the unit can be compared with the unit's
+        write direction; for a head that reads before it there is no causal path.
+        """
+        return math.nan if self.reads_before_unit else self.write_direction_cosine
+
+    @property
     def reasons(self) -> dict[str, str]:
-        """Why any statistic is NaN, keyed by metric name."""
+        """Why a statistic is undefined (NaN) or trivial, keyed by metric name."""
         out: dict[str, str] = {}
-        for key, reason in (
-            ("slope", self.fit.reason),
-            ("baseline_correlation", self.baseline.reason),
-            ("slope_ci95", self.slope_ci95.reason),
-            ("r_squared_ci95", self.r_squared_ci95.reason),
-        ):
-            if reason:
-                out[key] = reason
+        fit = self.fit
+        if fit.reason and math.isnan(fit.slope):
+            out["slope"] = out["intercept"] = fit.reason
+        if fit.reason and math.isnan(fit.r_squared):
+            out["r_squared"] = fit.reason
+        if fit.reason and math.isnan(fit.stderr):
+            out["slope_stderr"] = out["slope_p_value"] = fit.reason
+        elif math.isnan(fit.stderr):
+            out["slope_stderr"] = out["slope_p_value"] = f"needs at least 3 points, got {fit.n}"
+        for key in ("baseline_correlation", "baseline_p_value", "baseline_spearman"):
+            if self.baseline.reason:
+                out[key] = self.baseline.reason
+        for key, interval in (("slope_ci95", self.slope_ci95), ("r_squared_ci95", self.r_squared_ci95)):
+            if interval.reason:
+                out[key] = interval.reason
+        for key, attr in (("per_input_slope", "slope"), ("per_input_r2", "r_squared")):
+            undefined = [r for r in self.per_input if math.isnan(getattr(r.fit, attr))]
+            if undefined:
+                why = undefined[0].fit.reason or "undefined"
+                out[key] = f"undefined on {len(undefined)} of {len(self.per_input)} inputs: {why}"
+        if math.isnan(self.weight_cosine):
+            out["weight_cosine"] = (
+                "the head reads at or before the unit: no causal path, no write direction to "
+                "compare" if self.reads_before_unit else
+                "defined only for a linear head that reads the residual stream after the unit")
         return out
 
     def interpretation(self) -> list[str]:
-        """Plain-language reading of slope and R², as the seed notebook explains them."""
-        return interpret(self.slope, self.r_squared, self.fit.reason)
+        """Plain-language reading of slope and R², as the seed notebook explains them.
+
+        Also says why any other statistic is undefined or trivial.
+        """
+        if self.reads_before_unit:
+            lines = [f"no causal path: slope exactly 0 (the head reads {self.feature_hook}, at or "
+                     f"before {self.unit_hook})"]
+        else:
+            lines = interpret(self.slope, self.r_squared, self.fit.reason)
+        shown = {"slope", "intercept", "r_squared", "slope_stderr", "slope_p_value"}
+        for key, why in self.reasons.items():
+            if (key not in shown and not key.startswith("baseline_")) or key == "baseline_correlation":
+                lines.append(f"{key} undefined: {why}")
+        return lines
 
     def metrics(self) -> dict[str, Any]:
         """The numbers probe expectations and baselines are checked against.
@@ -193,7 +247,7 @@ class ExperimentResult:
             "per_input_r2": [r.r2 for r in self.per_input],
             "slope_ci95": self.slope_ci95.as_list(),
             "r_squared_ci95": self.r_squared_ci95.as_list(),
-            "weight_cosine": self.write_direction_cosine,
+            "weight_cosine": self.weight_cosine,
             "mean_abs_prediction_change": float(np.mean(np.abs(self.prediction_change))),
             "mean_abs_activation_change": float(np.mean(np.abs(self.activation_change))),
         }
@@ -204,8 +258,6 @@ class ExperimentResult:
         NaN is written as ``null`` (JSON has no NaN) by :func:`to_jsonable`.
         """
         labels = [iv.label for iv in self.interventions]
-        scales = [iv.value for iv in self.interventions if iv.kind == "scale"]
-        per_input_keys = _unique_keys(self.inputs)
         summary: dict[str, Any] = {
             # --- the seed notebook's keys ---
             "model_path": self.head_path,
@@ -216,13 +268,17 @@ class ExperimentResult:
             "slope": self.slope,
             "intercept": self.intercept,
             "r_squared": self.r_squared,
-            "scaling_factors": scales if len(scales) == len(labels) else labels,
+            # Always a list of floats: the factors of the scale interventions (none: []).
+            "scaling_factors": [float(iv.value) for iv in self.interventions
+                                if iv.kind == "scale" and iv.value is not None],
             "avg_activation_changes": self.activation_change.mean(0).tolist(),
             "avg_prediction_changes": self.prediction_change.mean(0).tolist(),
-            "per_input_sensitivity": {
-                key: {"slope": r.slope, "r2": r.r2, "points": r.fit.n}
-                for key, r in zip(per_input_keys, self.per_input, strict=True)
-            },
+            # One entry per input, by index (texts need not be unique).
+            "per_input_sensitivity": [
+                {"index": i, "text": r.text, "slope": r.slope, "r2": r.r2, "points": r.fit.n,
+                 "reason": r.fit.reason}
+                for i, r in enumerate(self.per_input)
+            ],
             "timestamp": self.created,
             # --- new ---
             "base_model": self.model_name,
@@ -241,17 +297,20 @@ class ExperimentResult:
             },
             "inputs": [
                 {
-                    "text": r.text, "n_tokens": r.n_tokens, "position": r.position,
+                    "index": i, "text": r.text, "n_tokens": r.n_tokens, "position": r.position,
                     "clean_activation": r.clean_activation,
                     "clean_prediction": r.clean_prediction,
                     "activation_change": list(r.activation_change),
                     "prediction_change": list(r.prediction_change),
-                    "slope": r.slope, "r2": r.r2,
+                    "slope": r.slope, "r2": r.r2, "reason": r.fit.reason,
                 }
-                for r in self.per_input
+                for i, r in enumerate(self.per_input)
             ],
             "reasons": self.reasons,
             "notes": list(self.notes),
+            # Outside pytest nothing was claimed: no outcome, only the reading.
+            "verdict": {"outcome": None, "expectations_met": None, "reasons": [],
+                        "reading": self.interpretation()},
         }
         return to_jsonable(summary)
 
@@ -286,15 +345,6 @@ def interpret(slope: float, r_squared: float, reason: str | None = None) -> list
     else:
         lines.append(f"R² {r_squared:.3f}: weak or inconsistent relation")
     return lines
-
-
-def _unique_keys(texts: Sequence[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    keys = []
-    for t in texts:
-        seen[t] = seen.get(t, 0) + 1
-        keys.append(t if seen[t] == 1 else f"{t} (#{seen[t]})")
-    return keys
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -17,6 +17,15 @@ that patching is meant to test; bootstrap intervals resample inputs, the unit
 of independent evidence. Degenerate data never raises: the affected numbers are
 NaN and ``reason`` says why, so a report can tell the user what to change.
 
+Numbers that are defined but say nothing are treated the same way:
+
+* an R² over fewer than 3 distinct activation changes is 1 *by construction*
+  (a line through 2 points): it is NaN, with that reason;
+* a prediction change below float noise (at most ``NOISE_RTOL`` of the
+  prediction's own scale, e.g. a patch that cannot reach the read position)
+  is *no effect*: slope and intercept exactly 0, R² undefined, never a "weak
+  relation" of 1e-7.
+
 Everything here is plain numpy/scipy on float64 arrays; no torch.
 """
 
@@ -36,6 +45,9 @@ NAN = float("nan")
 # passes carry ~1e-7 relative noise, so "no change" never comes out as exactly 0.
 _CONSTANT_RTOL = 1e-6
 _CONSTANT_ATOL = 1e-9
+# A prediction change no larger than this fraction of the prediction's scale is float
+# noise of a float32 forward pass, not an effect.
+NOISE_RTOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -91,12 +103,47 @@ def _is_constant(v: NDArray[np.float64]) -> bool:
     return spread <= _CONSTANT_ATOL + _CONSTANT_RTOL * float(np.max(np.abs(v), initial=0.0))
 
 
-def ols(x: ArrayLike, y: ArrayLike) -> Fit:
+def no_effect_reason(y: ArrayLike, y_scale: float | None) -> str | None:
+    """Why ``y`` (prediction changes) is no effect at all, or None when it is one.
+
+    Example:
+        >>> no_effect_reason([1e-9, -2e-9], y_scale=3.0)  # doctest: +ELLIPSIS
+        'no effect: the prediction moved by at most 2e-09, below float noise (1e-06 of ...'
+        >>> no_effect_reason([0.1, 0.2], y_scale=3.0) is None
+        True
+    """
+    if y_scale is None:
+        return None
+    ya = np.asarray(y, dtype=np.float64).ravel()
+    biggest = float(np.max(np.abs(ya), initial=0.0))
+    floor = NOISE_RTOL * max(abs(float(y_scale)), _CONSTANT_ATOL)
+    if biggest > floor:
+        return None
+    return (f"no effect: the prediction moved by at most {biggest:.3g}, below float noise "
+            f"({NOISE_RTOL:g} of the prediction scale {abs(float(y_scale)):.3g})")
+
+
+def _trivial_r2(x: NDArray[np.float64], y: NDArray[np.float64]) -> str | None:
+    """R² is 1 by construction when the points sit on at most 2 distinct x values, one y each."""
+    scale = float(np.max(np.abs(x), initial=0.0))
+    keys = np.round(x / (scale * _CONSTANT_RTOL + _CONSTANT_ATOL)).astype(np.int64)
+    groups = np.unique(keys)
+    if groups.size > 2:
+        return None
+    if any(not _is_constant(y[keys == g]) for g in groups):
+        return None
+    return (f"R² = 1 by construction: {groups.size} distinct activation changes (a line "
+            "through 2 points); use at least 3 intervention values")
+
+
+def ols(x: ArrayLike, y: ArrayLike, *, y_scale: float | None = None) -> Fit:
     """Ordinary least squares of ``y`` on ``x``.
 
     Args:
         x: activation changes (any shape; flattened).
         y: prediction changes, same size as ``x``.
+        y_scale: the size of the predictions themselves; a ``y`` below
+            ``NOISE_RTOL`` of it is no effect (slope 0, R² undefined).
 
     Returns:
         The fit; never raises on degenerate data.
@@ -107,6 +154,8 @@ def ols(x: ArrayLike, y: ArrayLike) -> Fit:
         (2.0, 1.0, 1.0)
         >>> ols([1, 1, 1], [0, 2, 4]).reason
         'activation change has no variance (every patch left the unit where it was)'
+        >>> ols([0, 1, 2], [0, 1e-8, 2e-8], y_scale=1.0).slope
+        0.0
     """
     xa = np.asarray(x, dtype=np.float64).ravel()
     ya = np.asarray(y, dtype=np.float64).ravel()
@@ -131,9 +180,13 @@ def ols(x: ArrayLike, y: ArrayLike) -> Fit:
         # that cannot see the unit), but "fraction explained" is 0/0.
         return Fit(slope, intercept, NAN, NAN, NAN, n,
                    "prediction change is constant (the head's output did not respond)")
+    if (why := no_effect_reason(ya, y_scale)) is not None:
+        return Fit(0.0, 0.0, NAN, NAN, NAN, n, why)
     resid = dy - slope * dx
     ss_res = float(resid @ resid)
     ss_tot = float(dy @ dy)
+    if (why := _trivial_r2(xa, ya)) is not None:
+        return Fit(float(slope), intercept, NAN, NAN, NAN, n, why)
     r2 = 1.0 - ss_res / ss_tot
     if n > 2:
         stderr = math.sqrt(max(ss_res, 0.0) / (n - 2) / sxx)
@@ -147,16 +200,17 @@ def ols(x: ArrayLike, y: ArrayLike) -> Fit:
     return Fit(float(slope), intercept, float(r2), float(stderr), p, n)
 
 
-def per_input_fits(x: ArrayLike, y: ArrayLike) -> list[Fit]:
+def per_input_fits(x: ArrayLike, y: ArrayLike, *, y_scale: float | None = None) -> list[Fit]:
     """One OLS fit per input (row) over its interventions (columns).
 
     Example:
-        >>> [round(f.slope, 3) for f in per_input_fits([[0, 1], [0, 2]], [[0, 2], [0, 1]])]
-        [2.0, 0.5]
+        >>> fits = per_input_fits([[0, 1], [0, 2]], [[0, 2], [0, 1]])
+        >>> [round(f.slope, 3) for f in fits], fits[0].reason[:22]
+        ([2.0, 0.5], 'R² = 1 by construction')
     """
     xa = np.atleast_2d(np.asarray(x, dtype=np.float64))
     ya = np.atleast_2d(np.asarray(y, dtype=np.float64))
-    return [ols(xa[i], ya[i]) for i in range(xa.shape[0])]
+    return [ols(xa[i], ya[i], y_scale=y_scale) for i in range(xa.shape[0])]
 
 
 def correlation(activations: ArrayLike, predictions: ArrayLike) -> Correlation:
@@ -165,7 +219,7 @@ def correlation(activations: ArrayLike, predictions: ArrayLike) -> Correlation:
     Example:
         >>> c = correlation([1, 2, 3, 4], [2, 4, 6, 9])
         >>> round(c.pearson_r, 3), c.spearman_rho
-        (0.991, 1.0)
+        (0.994, 1.0)
     """
     a = np.asarray(activations, dtype=np.float64).ravel()
     p = np.asarray(predictions, dtype=np.float64).ravel()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,34 @@ class TrainReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user must not overlook (a held-out R² below 0 predicts worse than the mean).
+
+        Example:
+            >>> TrainReport(Path("h"), 80, 20, 0.3, -5.72, None, None, 1.0, 0.5).warnings[0][:33]
+            'held-out R² -5.72 < 0: the head p'
+        """
+        out = []
+        if self.held_out_r2 < 0:
+            out.append(
+                f"held-out R² {self.held_out_r2:.2f} < 0: the head predicts held-out activations "
+                "worse than their mean does; try more --windows, a different --feature-layer or "
+                "a linear head (no --hidden-dim)")
+        return out
+
+
+def log(message: str) -> None:
+    """Print a line above any progress bar (through tqdm's writer), never glued to it.
+
+    Example:
+        >>> log("Trained a head")
+        Trained a head
+    """
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stdout)
 
 
 def corpus_windows(corpus: Path | None, *, n: int, seed: int, min_words: int = 4,

@@ -1,9 +1,11 @@
 """Probe files and expectations: declarative causal claims about a head and its unit.
 
-``schema`` turns ``*.probe.yaml`` files into validated :class:`ProbeSpec`
-objects (with the line of every key); ``expectations`` checks an experiment's
-metrics against ranges and words the verdict. Neither imports torch or numpy,
-so collecting probe files stays cheap.
+Where to look: ``documents`` (a probe file split into YAML documents, with the
+line of every key), ``schema`` (the probe keys → :class:`ProbeSpec`),
+``ranges`` (the range forms), ``metrics`` (the metric names and kinds) and
+``expectations`` (checking metrics against ranges, and the verdict in words).
+None imports torch or numpy; names are imported on first use, so importing
+``expectations`` alone does not load pydantic or yaml.
 
 Example:
     >>> from neuronpatch.probes import expect
@@ -14,20 +16,23 @@ Example:
 
 from __future__ import annotations
 
-from neuronpatch.probes.expectations import (
-    METRICS,
-    Expectation,
-    ExpectationError,
-    Measurements,
-    Outcome,
-    Range,
-    assert_in_range,
-    check,
-    expect,
-    failure_message,
-    format_outcomes,
-)
-from neuronpatch.probes.schema import ProbeSpec, is_probe_file, load_probe_file
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from neuronpatch.probes.expectations import (
+        METRICS,
+        Expectation,
+        ExpectationError,
+        Measurements,
+        Outcome,
+        Range,
+        assert_in_range,
+        check,
+        expect,
+        failure_message,
+        format_outcomes,
+    )
+    from neuronpatch.probes.schema import ProbeSpec, is_probe_file, load_probe_file
 
 __all__ = [
     "METRICS",
@@ -45,3 +50,13 @@ __all__ = [
     "is_probe_file",
     "load_probe_file",
 ]
+
+_HOME = {name: "neuronpatch.probes.schema" for name in ("ProbeSpec", "is_probe_file", "load_probe_file")}
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        import importlib
+
+        return getattr(importlib.import_module(_HOME.get(name, "neuronpatch.probes.expectations")), name)
+    raise AttributeError(f"module 'neuronpatch.probes' has no attribute {name!r}")

@@ -1,28 +1,15 @@
-"""Expectations: ranges that a patching experiment's metrics must fall in.
+"""Expectations: a patching experiment's metrics checked against ranges, and the verdict in words.
 
 A probe file's ``expect:`` block and the plain-Python helpers :func:`expect`
-and :func:`assert_in_range` share everything here: the range forms, the metric
-names, the check and the wording of failures, so a claim reads and fails the
-same way in YAML and in Python.
-
-Range forms (all closed, all checked on floats):
-
-=============================  =====================================
-form                           holds when
-=============================  =====================================
-``[lo, hi]``                   ``lo ≤ x ≤ hi``
-``{min: lo}``                  ``x ≥ lo``
-``{max: hi}``                  ``x ≤ hi``
-``{min: lo, max: hi}``         ``lo ≤ x ≤ hi``
-``{approx: v, abs: t}``        ``|x − v| ≤ t``
-``{approx: v, rel: r}``        ``|x − v| ≤ r·|v|`` (with ``abs`` too: the larger tolerance)
-``{abs_max: t}``               ``|x| ≤ t``
-``{abs_min: t}``               ``|x| ≥ t`` (with ``abs_max`` too: both)
-=============================  =====================================
+and :func:`assert_in_range` share everything here (and the range forms of
+:mod:`neuronpatch.probes.ranges`, the metric names of
+:mod:`neuronpatch.probes.metrics`), so a claim reads and fails the same way
+in YAML and in Python.
 
 A metric is a scalar, a per-input list (every input must hold) or an interval
 (``[lo, hi]``, which must lie inside the range). NaN never satisfies a range:
-the outcome says why the number is undefined.
+the outcome says why the number is undefined, and so does a statistic that is
+trivial (an R² of 1 by construction) or an effect below float noise.
 
 Only the standard library is imported here, so the pytest plugin can collect
 probe files without loading numpy or torch.
@@ -30,14 +17,15 @@ probe files without loading numpy or torch.
 
 from __future__ import annotations
 
-import difflib
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from neuronpatch.errors import NeuronpatchError, ProbeSpecError
+from neuronpatch.probes.metrics import METRICS, Metric, nan_hint, unknown_metric_message
+from neuronpatch.probes.ranges import RANGE_FORMS, Range, format_measured
 
 __all__ = [
     "METRICS",
@@ -51,295 +39,16 @@ __all__ = [
     "assert_in_range",
     "caller_source",
     "check",
+    "crash_summary",
     "expect",
     "failure_message",
     "format_outcomes",
     "parse_expectations",
 ]
 
-Kind = Literal["scalar", "per_input", "interval"]
-
-RANGE_FORMS = (
-    "[lo, hi], {min: x}, {max: y}, {min: x, max: y}, {approx: v, abs: t}, "
-    "{approx: v, rel: r}, {abs_max: t} or {abs_min: t}"
-)
-
 
 class ExpectationError(NeuronpatchError, AssertionError):
     """A measured metric lies outside its expected range (an AssertionError: a test failure)."""
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A number an experiment reports and an expectation can constrain.
-
-    Attributes:
-        name: the key in ``ExperimentResult.metrics()`` and in ``expect:``.
-        kind: ``scalar``, ``per_input`` (one value per input) or ``interval`` (``[lo, hi]``).
-        help: one line for docs and error messages.
-        reason_key: where ``ExperimentResult.reasons`` explains a NaN of this metric.
-    """
-
-    name: str
-    kind: Kind
-    help: str
-    reason_key: str | None = None
-
-
-def _metrics(*items: Metric) -> dict[str, Metric]:
-    return {m.name: m for m in items}
-
-
-# Order is the order of the docs and of failure reports.
-METRICS: dict[str, Metric] = _metrics(
-    Metric("slope", "scalar", "pooled OLS slope of prediction change on activation change",
-           "slope"),
-    Metric("intercept", "scalar",
-           "pooled OLS intercept (prediction change at no activation change)", "slope"),
-    Metric("r_squared", "scalar", "R² of the pooled fit", "slope"),
-    Metric("slope_stderr", "scalar", "standard error of the pooled slope", "slope"),
-    Metric("slope_p_value", "scalar", "two-sided p-value of slope ≠ 0", "slope"),
-    Metric("baseline_correlation", "scalar",
-           "Pearson r of clean activation vs clean prediction over inputs", "baseline_correlation"),
-    Metric("baseline_p_value", "scalar", "p-value of the baseline Pearson r",
-           "baseline_correlation"),
-    Metric("baseline_spearman", "scalar", "Spearman ρ of clean activation vs clean prediction",
-           "baseline_correlation"),
-    Metric("per_input_slope", "per_input", "each input's own slope (every input must hold)"),
-    Metric("per_input_r2", "per_input", "each input's own R² (every input must hold)"),
-    Metric("slope_ci95", "interval", "bootstrap 95% interval of the slope (must lie inside)",
-           "slope_ci95"),
-    Metric("r_squared_ci95", "interval", "bootstrap 95% interval of R² (must lie inside)",
-           "r_squared_ci95"),
-    Metric("weight_cosine", "scalar",
-           "cosine of a linear head's weight and the unit's write direction"),
-    Metric("mean_abs_prediction_change", "scalar", "mean |prediction change| over patched rows"),
-    Metric("mean_abs_activation_change", "scalar", "mean |activation change| over patched rows"),
-)
-
-_NAN_HINTS = {
-    "weight_cosine": "defined only for a linear head reading the residual stream",
-}
-
-
-# Names people reach for that spelling distance alone would not map (suggested, not accepted).
-_LIKELY = {
-    "r2": "r_squared", "rsquared": "r_squared", "r_square": "r_squared",
-    "correlation": "baseline_correlation", "pearson": "baseline_correlation",
-    "spearman": "baseline_spearman", "ci95": "slope_ci95", "slope_ci": "slope_ci95",
-    "p_value": "slope_p_value", "stderr": "slope_stderr", "cosine": "weight_cosine",
-}
-
-
-def unknown_metric_message(name: str) -> str:
-    """The one-line complaint about a metric name that does not exist.
-
-    Example:
-        >>> unknown_metric_message("slop")  # doctest: +ELLIPSIS
-        "unknown metric 'slop' (did you mean 'slope'?); expected one of slope, intercept, ..."
-    """
-    close = [_LIKELY[name]] if name in _LIKELY else difflib.get_close_matches(name, METRICS, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown metric {name!r}{hint}; expected one of {', '.join(METRICS)}"
-
-
-# ----- ranges -----------------------------------------------------------------
-
-
-def _fmt(x: float) -> str:
-    """Shortest text that reads back as ``x`` (``0.8``, ``1e-06``, ``-inf``)."""
-    if math.isnan(x):
-        return "NaN"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    short = f"{x:g}"
-    return short if float(short) == x else repr(x)
-
-
-def _fmt_measured(x: float) -> str:
-    return "NaN" if math.isnan(x) else f"{x:.6g}"
-
-
-def _number(value: Any, what: str) -> float:
-    # YAML turns `yes`/`no` into booleans; a bool bound is always a mistake.
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ProbeSpecError(f"{what} is {value!r} ({type(value).__name__}); expected a number")
-    x = float(value)
-    if math.isnan(x):
-        raise ProbeSpecError(f"{what} is NaN; expected a number")
-    return x
-
-
-@dataclass(frozen=True)
-class Range:
-    """A closed set of allowed values: ``lo ≤ x ≤ hi`` and ``abs_lo ≤ |x| ≤ abs_hi``.
-
-    Build one with :meth:`parse` from any of the range forms of probe files.
-
-    Example:
-        >>> r = Range.parse({"min": 0.9})
-        >>> r.contains(0.95), r.contains(float("nan")), r.text
-        (True, False, '≥ 0.9')
-        >>> Range.parse({"approx": 1.0, "abs": 0.05}).text
-        '1 ± 0.05'
-    """
-
-    lo: float = -math.inf
-    hi: float = math.inf
-    abs_lo: float = 0.0
-    abs_hi: float = math.inf
-    text: str = "any value"
-
-    def contains(self, x: float) -> bool:
-        """Whether ``x`` is allowed; NaN never is."""
-        if math.isnan(x):
-            return False
-        return self.lo <= x <= self.hi and self.abs_lo <= abs(x) <= self.abs_hi
-
-    def contains_interval(self, lo: float, hi: float) -> bool:
-        """Whether the whole interval ``[lo, hi]`` lies inside the range."""
-        if math.isnan(lo) or math.isnan(hi) or lo > hi:
-            return False
-        if not (self.lo <= lo and hi <= self.hi and max(abs(lo), abs(hi)) <= self.abs_hi):
-            return False
-        # |x| ≥ abs_lo for every x in [lo, hi]: the interval must not come near 0.
-        nearest = 0.0 if lo <= 0.0 <= hi else min(abs(lo), abs(hi))
-        return nearest >= self.abs_lo
-
-    @classmethod
-    def parse(cls, spec: Any) -> Range:
-        """Turn a range form (list, mapping or :class:`Range`) into a Range.
-
-        Raises:
-            ProbeSpecError: the form is unknown, a bound is not a number, or the
-                range is empty, inverted or has a negative tolerance. The message
-                is ``<what is wrong>; expected <what is allowed>``.
-
-        Example:
-            >>> Range.parse([0.8, 1.2]).text
-            '[0.8, 1.2]'
-            >>> Range.parse({"abs_max": 1e-6}).contains(-5e-7)
-            True
-            >>> Range.parse([2, 1])
-            Traceback (most recent call last):
-            ...
-            neuronpatch.errors.ProbeSpecError: range [2, 1] is inverted (lo > hi); expected lo < hi
-        """
-        if isinstance(spec, Range):
-            return spec
-        if isinstance(spec, (list, tuple)):
-            return cls._from_pair(spec)
-        if isinstance(spec, Mapping):
-            return cls._from_mapping(spec)
-        if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-            raise ProbeSpecError(
-                f"a bare number ({spec!r}) is not a range; expected a range such as "
-                f"{{approx: {spec!r}, abs: 0.05}} or [lo, hi]"
-            )
-        raise ProbeSpecError(
-            f"{spec!r} ({type(spec).__name__}) is not a range; expected {RANGE_FORMS}"
-        )
-
-    @classmethod
-    def _from_pair(cls, spec: Sequence[Any]) -> Range:
-        if len(spec) != 2:
-            raise ProbeSpecError(
-                f"a range list needs exactly 2 numbers, got {len(spec)}; expected [lo, hi]"
-            )
-        lo = _number(spec[0], "the lower bound")
-        hi = _number(spec[1], "the upper bound")
-        return cls._bounded(lo, hi, f"[{_fmt(lo)}, {_fmt(hi)}]")
-
-    @classmethod
-    def _bounded(cls, lo: float, hi: float, text: str) -> Range:
-        if lo > hi:
-            raise ProbeSpecError(f"range {text} is inverted (lo > hi); expected lo < hi")
-        if lo == hi:
-            raise ProbeSpecError(
-                f"range {text} is empty (zero width); expected lo < hi "
-                f"(for 'about {_fmt(lo)}' write {{approx: {_fmt(lo)}, abs: <tolerance>}})"
-            )
-        return cls(lo=lo, hi=hi, text=text)
-
-    @classmethod
-    def _from_mapping(cls, spec: Mapping[Any, Any]) -> Range:
-        keys = set(spec)
-        allowed = {"min", "max", "approx", "abs", "rel", "abs_max", "abs_min"}
-        unknown = sorted(str(k) for k in keys - allowed)
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ProbeSpecError(
-                f"unknown range key {unknown[0]!r}{hint}; expected {RANGE_FORMS}"
-            )
-        if not keys:
-            raise ProbeSpecError(f"the range is empty ({{}}); expected {RANGE_FORMS}")
-        v = {k: _number(spec[k], f"{k!r}") for k in keys}
-        if keys <= {"min", "max"}:
-            lo, hi = v.get("min", -math.inf), v.get("max", math.inf)
-            if keys == {"min"}:
-                return cls(lo=lo, text=f"≥ {_fmt(lo)}")
-            if keys == {"max"}:
-                return cls(hi=hi, text=f"≤ {_fmt(hi)}")
-            return cls._bounded(lo, hi, f"[{_fmt(lo)}, {_fmt(hi)}]")
-        if "approx" in keys and keys <= {"approx", "abs", "rel"}:
-            return cls._approx(v)
-        if keys <= {"abs_min", "abs_max"}:
-            return cls._magnitude(v)
-        raise ProbeSpecError(
-            f"range keys {', '.join(sorted(keys))} cannot be combined; expected {RANGE_FORMS}"
-        )
-
-    @classmethod
-    def _approx(cls, v: Mapping[str, float]) -> Range:
-        center = v["approx"]
-        if not math.isfinite(center):
-            raise ProbeSpecError(f"'approx' is {_fmt(center)}; expected a finite number")
-        if "abs" not in v and "rel" not in v:
-            raise ProbeSpecError(
-                f"{{approx: {_fmt(center)}}} has no tolerance; expected "
-                f"{{approx: {_fmt(center)}, abs: t}} or {{approx: {_fmt(center)}, rel: r}}"
-            )
-        for key in ("abs", "rel"):
-            if key in v and not (math.isfinite(v[key]) and v[key] >= 0):
-                raise ProbeSpecError(
-                    f"tolerance {key!r} is {_fmt(v[key])}; expected a finite number ≥ 0"
-                )
-        # As pytest.approx: with both tolerances, the larger one applies.
-        tol = max(v.get("abs", 0.0), v.get("rel", 0.0) * abs(center))
-        if tol == 0:
-            raise ProbeSpecError(
-                f"the tolerance around {_fmt(center)} is 0 (an empty range); expected abs > 0 "
-                "or rel > 0 with approx ≠ 0"
-            )
-        parts = [f"{_fmt(center)} ± {_fmt(v['abs'])}" if "abs" in v else None,
-                 f"{_fmt(center)} ± {_fmt(v['rel'] * 100)}%" if "rel" in v else None]
-        text = " or ".join(p for p in parts if p)
-        return cls(lo=center - tol, hi=center + tol, text=text)
-
-    @classmethod
-    def _magnitude(cls, v: Mapping[str, float]) -> Range:
-        abs_lo, abs_hi = v.get("abs_min", 0.0), v.get("abs_max", math.inf)
-        for key in ("abs_min", "abs_max"):
-            if key in v and v[key] < 0:
-                raise ProbeSpecError(f"{key!r} is {_fmt(v[key])}; expected a number ≥ 0")
-        if "abs_max" in v and abs_hi == 0:
-            raise ProbeSpecError(
-                "{abs_max: 0} is an empty range (only exact 0); expected a tolerance > 0, "
-                "e.g. {abs_max: 1e-9}"
-            )
-        if abs_lo >= abs_hi:
-            raise ProbeSpecError(
-                f"abs_min {_fmt(abs_lo)} is not below abs_max {_fmt(abs_hi)}; "
-                "expected abs_min < abs_max"
-            )
-        if "abs_max" not in v:
-            text = f"|x| ≥ {_fmt(abs_lo)}"
-        elif "abs_min" not in v:
-            text = f"|x| ≤ {_fmt(abs_hi)}"
-        else:
-            text = f"{_fmt(abs_lo)} ≤ |x| ≤ {_fmt(abs_hi)}"
-        return cls(abs_lo=abs_lo, abs_hi=abs_hi, text=text)
 
 
 @dataclass(frozen=True)
@@ -400,7 +109,7 @@ class Measurements:
         """Text explaining a NaN value of ``metric``."""
         info = METRICS.get(metric)
         reason = self.reasons.get(info.reason_key) if info and info.reason_key else None
-        reason = reason or _NAN_HINTS.get(metric)
+        reason = reason or nan_hint(metric)
         return f"NaN (undefined: {reason})" if reason else "NaN (undefined)"
 
 
@@ -485,7 +194,7 @@ def _check_each(values: list[float], exp: Expectation, m: Measurements, *, noun:
     bad = [i for i, v in enumerate(values) if not exp.range.contains(v)]
     if not bad:
         text = (f"all {len(values)} {noun} in range "
-                f"(min {_fmt_measured(min(values))}, max {_fmt_measured(max(values))})")
+                f"(min {format_measured(min(values))}, max {format_measured(max(values))})")
         return _verdict(exp, True, values, text)
     lines = []
     for i in bad[:5]:
@@ -495,7 +204,7 @@ def _check_each(values: list[float], exp: Expectation, m: Measurements, *, noun:
             why = m.input_reasons[i] if i < len(m.input_reasons) else None
             shown = f"NaN (undefined: {why})" if why else "NaN (undefined)"
         else:
-            shown = _fmt_measured(value)
+            shown = format_measured(value)
         lines.append(f"{noun}[{i}]{label} = {shown}")
     if len(bad) > 5:
         lines.append(f"... and {len(bad) - 5} more")
@@ -512,7 +221,7 @@ def _check_one(m: Measurements, exp: Expectation) -> Outcome:
         return _check_each([_float(v) for v in raw], exp, m, noun="inputs")
     if kind == "interval":
         lo, hi = (_float(v) for v in raw)
-        text = f"[{_fmt_measured(lo)}, {_fmt_measured(hi)}]"
+        text = f"[{format_measured(lo)}, {format_measured(hi)}]"
         if math.isnan(lo) or math.isnan(hi):
             return _verdict(exp, False, [lo, hi], text, [m.why_nan(exp.metric)])
         ok = exp.range.contains_interval(lo, hi)
@@ -520,7 +229,7 @@ def _check_one(m: Measurements, exp: Expectation) -> Outcome:
         return _verdict(exp, ok, [lo, hi], text, details)
     value = _float(raw)
     details = [m.why_nan(exp.metric)] if math.isnan(value) else []
-    return _verdict(exp, exp.range.contains(value), value, _fmt_measured(value), details)
+    return _verdict(exp, exp.range.contains(value), value, format_measured(value), details)
 
 
 def check(
@@ -588,6 +297,37 @@ def failure_message(outcomes: Sequence[Outcome], *, title: str | None = None) ->
     head = f"{failed} of {len(outcomes)} {noun} not met"
     head = f"{title}: {head}" if title else head
     return "\n".join([head, *format_outcomes(outcomes)])
+
+
+def crash_summary(outcomes: Sequence[Outcome]) -> tuple[str | None, str]:
+    """The first failed expectation in one line, and where it was written.
+
+    This is what pytest shows as the crash line (``--tb=line``, the short
+    summary): ``slope 0.201 not in [0.8, 1.2]``, with ``(+1 more)`` when others
+    failed too, and the reason when the value is undefined.
+
+    Example:
+        >>> crash_summary(check({"slope": 0.201, "r_squared": 0.5},
+        ...                     {"slope": [0.8, 1.2], "r_squared": {"min": 0.9}}))
+        (None, 'slope 0.201 not in [0.8, 1.2] (+1 more)')
+    """
+    failed = [o for o in outcomes if not o.passed]
+    if not failed:
+        return None, "all expectations met"
+    first = failed[0]
+    measured = first.measured_text
+    if first.details and measured.startswith("NaN"):
+        measured = first.details[0]
+    kind = METRICS[first.metric].kind if first.metric in METRICS else "scalar"
+    if kind == "per_input" or measured.startswith(("no ", "not ")):
+        text = f"{first.metric}: {measured} (expected {first.expected})"
+    elif first.expected.startswith("["):
+        text = f"{first.metric} {measured} not in {first.expected}"
+    else:
+        text = f"{first.metric} {measured}, expected {first.expected}"
+    if len(failed) > 1:
+        text += f" (+{len(failed) - 1} more)"
+    return first.source, text
 
 
 def caller_source(depth: int = 1) -> str | None:

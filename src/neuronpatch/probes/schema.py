@@ -1,4 +1,4 @@
-"""Probe files: YAML documents → validated :class:`ProbeSpec` objects, with line numbers.
+"""Probe keys: one YAML document → a validated :class:`ProbeSpec`.
 
 A probe file (``*.probe.yaml``) holds one probe, or several as YAML documents::
 
@@ -17,9 +17,11 @@ inverted ranges, unknown metrics, a missing head directory or inputs file are
 all :class:`~neuronpatch.errors.ProbeSpecError`, one line each, in the form
 ``FILE:LINE: key 'expect.slope': <what is wrong>; expected <what is allowed>``.
 
-YAML is read with a ``SafeLoader`` subclass (no Python tags, no object
-construction) that also rejects duplicate keys and records the line of every
-key, so errors and expectation outcomes point at the line the user wrote.
+Documents come from :mod:`neuronpatch.probes.documents` (split before
+parsing, safe loader, the line of every key); ranges from
+:mod:`neuronpatch.probes.ranges`. A document's problems (its YAML's and its
+schema's) are reported together, in line order; other documents are not
+affected.
 
 A new top-level key is one pydantic model class plus one field on
 :class:`ProbeSpec` (planned: ``baseline:`` and ``fuzz:``).
@@ -32,11 +34,9 @@ import glob
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,13 +53,18 @@ from pydantic import (
 
 from neuronpatch.errors import InterventionError, ProbeSpecError
 from neuronpatch.interventions import Intervention, build, normalize
-from neuronpatch.probes.expectations import (
-    METRICS,
-    RANGE_FORMS,
-    Expectation,
-    Range,
-    unknown_metric_message,
+from neuronpatch.probes.documents import (
+    PROBE_SUFFIXES,
+    Document,
+    Loc,
+    is_probe_file,
+    load_documents,
+    name_problem,
+    probe_stem,
 )
+from neuronpatch.probes.expectations import Expectation
+from neuronpatch.probes.metrics import METRICS, unknown_metric_message
+from neuronpatch.probes.ranges import RANGE_FORMS, Range
 
 __all__ = [
     "PROBE_SUFFIXES",
@@ -71,196 +76,14 @@ __all__ = [
     "load_documents",
     "load_probe_file",
     "parse_document",
+    "probe_stem",
 ]
-
-PROBE_SUFFIXES: tuple[str, ...] = (".probe.yaml", ".probe.yml")
-
-Loc = tuple[str | int, ...]
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _MARK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Marks that make no sense on a probe item (they configure Python functions).
 _UNSUPPORTED_MARKS = {"parametrize", "usefixtures", "skipif"}
 
-
-def is_probe_file(path: str | os.PathLike[str]) -> bool:
-    """Whether a file name is a probe file (``*.probe.yaml`` or ``*.probe.yml``).
-
-    Example:
-        >>> is_probe_file("probes/demo.probe.yaml"), is_probe_file("config.yaml")
-        (True, False)
-    """
-    return os.fspath(path).endswith(PROBE_SUFFIXES)
-
-
-def probe_stem(path: str | os.PathLike[str]) -> str:
-    """The file name without its probe suffix: the default probe name.
-
-    Example:
-        >>> probe_stem("probes/demo.probe.yaml")
-        'demo'
-    """
-    name = Path(path).name
-    for suffix in PROBE_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(name).stem
-
-
-# ----- YAML with line numbers -----------------------------------------------------
-
-
-class _YamlProblem(Exception):
-    def __init__(self, line: int, message: str) -> None:
-        super().__init__(message)
-        self.line = line
-        self.message = message
-
-
-class _ProbeLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key; the base class reports it
-                continue
-            if first is not None:
-                raise _YamlProblem(
-                    line, f"key {key!r}: duplicate key (first defined at line {first}); "
-                    "expected each key once per mapping"
-                )
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-# YAML 1.1 (PyYAML) reads `1e-6` as a string: a float needs a dot there. Tolerances are
-# written that way all the time, so accept the YAML 1.2 / Python spelling too.
-_ProbeLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
-
-
-def _record_lines(node: yaml.Node, path: Loc, out: dict[Loc, int]) -> None:
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode):
-                key = (*path, str(key_node.value))
-                out[key] = key_node.start_mark.line + 1
-                _record_lines(value_node, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _record_lines(item, (*path, i), out)
-
-
-@dataclass(frozen=True)
-class Document:
-    """One YAML document of a probe file, with the line of every key path.
-
-    Attributes:
-        path: the probe file (absolute).
-        display: how messages name the file (usually relative to the rootdir).
-        index: 0-based position among the file's non-empty documents.
-        count: number of non-empty documents in the file.
-        data: the parsed YAML value.
-        lines: key path (``("expect", "slope")``, ``("inputs", 2)``) → 1-based line.
-    """
-
-    path: Path
-    display: str
-    index: int
-    count: int
-    data: Any
-    lines: Mapping[Loc, int] = field(default_factory=dict)
-
-    @property
-    def line(self) -> int:
-        """First line of the document."""
-        return self.lines.get((), 1)
-
-    @property
-    def default_name(self) -> str:
-        """The file's stem, with ``-N`` for the N-th document of a multi-document file."""
-        stem = probe_stem(self.path)
-        return stem if self.index == 0 else f"{stem}-{self.index + 1}"
-
-    def line_of(self, loc: Loc) -> int:
-        """Line of the longest prefix of ``loc`` that the file spells out."""
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in self.lines:
-                return self.lines[loc[:n]]
-        return self.line
-
-    def where(self, loc: Loc = ()) -> str:
-        """``FILE:LINE`` of a key path."""
-        return f"{self.display}:{self.line_of(loc)}"
-
-    def name_guess(self) -> str:
-        """The probe's name if the document spells one sensibly, else the default name."""
-        if isinstance(self.data, Mapping):
-            name = self.data.get("name")
-            if isinstance(name, str) and name.strip() and _name_problem(name) is None:
-                return name
-        return self.default_name
-
-
-def load_documents(path: str | os.PathLike[str], *, display: str | None = None) -> list[Document]:
-    """Read a probe file into documents (empty documents are dropped).
-
-    Raises:
-        ProbeSpecError: the file cannot be read, is not valid YAML, uses a tag
-            the safe loader refuses, or repeats a key (``FILE:LINE: ...``).
-
-    Example:
-        >>> docs = load_documents("probes/demo.probe.yaml")   # doctest: +SKIP
-        >>> docs[0].where(("expect", "slope"))                # doctest: +SKIP
-        'probes/demo.probe.yaml:12'
-    """
-    path = Path(path)
-    shown = display or os.fspath(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeSpecError(f"{shown}: cannot read probe file: {e}") from e
-    loader = _ProbeLoader(text)
-    found: list[tuple[Any, dict[Loc, int]]] = []
-    try:
-        while loader.check_node():
-            node = loader.get_node()
-            if node is None:  # pragma: no cover - check_node said there is one
-                break
-            lines: dict[Loc, int] = {}
-            _record_lines(node, (), lines)
-            data = loader.construct_document(node)
-            if data is not None:
-                found.append((data, lines))
-    except _YamlProblem as e:
-        raise ProbeSpecError(f"{shown}:{e.line}: {e.message}") from None
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = e.problem or e.context or "invalid YAML"
-        if isinstance(e, yaml.constructor.ConstructorError):
-            problem += " (probe files are read with a safe loader: no Python tags)"
-        raise ProbeSpecError(f"{shown}:{line}: invalid YAML: {problem}") from None
-    except yaml.YAMLError as e:
-        raise ProbeSpecError(f"{shown}:1: invalid YAML: {e}") from None
-    finally:
-        loader.dispose()
-    return [
-        Document(path=path.resolve(), display=shown, index=i, count=len(found), data=data,
-                 lines=lines)
-        for i, (data, lines) in enumerate(found)
-    ]
 
 
 # ----- field validators -------------------------------------------------------------
@@ -269,14 +92,6 @@ def load_documents(path: str | os.PathLike[str], *, display: str | None = None) 
 def _base_dir(info: ValidationInfo) -> Path:
     context = info.context or {}
     return Path(context.get("base_dir", "."))
-
-
-def _name_problem(name: str) -> str | None:
-    if not name.strip():
-        return "is empty"
-    if "::" in name or "\n" in name:
-        return f"{name!r} contains '::' or a line break (they separate pytest node ids)"
-    return None
 
 
 def head_dirs(base_dir: Path, head: str) -> list[tuple[Path, str | None]]:
@@ -579,7 +394,7 @@ class ProbeSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str | None) -> str | None:
-        if value is not None and (problem := _name_problem(value)):
+        if value is not None and (problem := name_problem(value)):
             raise ValueError(f"{problem}; expected a non-empty one-line name without '::'")
         return value
 
@@ -680,6 +495,7 @@ def _describe(value: Any) -> str:
 
 
 def _error_line(doc: Document, err: Mapping[str, Any]) -> tuple[int, str]:
+    """``(line, "key 'x': what is wrong; expected ...")`` of one pydantic error."""
     loc: Loc = tuple(p for p in err["loc"] if p != "[key]")
     kind = err["type"]
     key = _key_text(loc)
@@ -705,38 +521,46 @@ def _error_line(doc: Document, err: Mapping[str, Any]) -> tuple[int, str]:
         text = f"{_describe(err['input'])}; expected {_EXPECTED[kind]}"
     else:
         text = f"{err['msg']}"
-    return doc.line_of(loc), f"{doc.display}:{doc.line_of(loc)}: key {key!r}: {text}"
+    return doc.line_of(loc), f"key {key!r}: {text}"
 
 
 def parse_document(doc: Document) -> ProbeSpec:
     """Validate one document into a :class:`ProbeSpec`.
 
     Raises:
-        ProbeSpecError: every problem of the document, one ``FILE:LINE: key ...``
-            line each, in line order.
+        ProbeSpecError: every problem of the document (its YAML's, such as
+            duplicate keys, and its schema's), one ``FILE:LINE: key ...`` line
+            each, in line order.
 
     Example:
         >>> [spec.title for spec in map(parse_document, load_documents(p))]  # doctest: +SKIP
         ['demo head tracks its neuron']
     """
+    problems = list(doc.problems)
+    if not doc.parsed:
+        raise ProbeSpecError("\n".join(doc.problem_lines()))
     if not isinstance(doc.data, Mapping):
-        raise ProbeSpecError(
-            f"{doc.where()}: the document: {_describe(doc.data)}; expected a mapping of probe "
-            f"keys ({', '.join(ProbeSpec.model_fields)})"
-        )
+        problems.append((doc.line, f"the document: {_describe(doc.data)}; expected a mapping of "
+                                   f"probe keys ({', '.join(ProbeSpec.model_fields)})"))
+        raise ProbeSpecError(_joined(doc, problems))
     bad_keys = [k for k in doc.data if not isinstance(k, str)]
     if bad_keys:
-        raise ProbeSpecError(
-            f"{doc.where()}: key {bad_keys[0]!r} is not a string; expected one of "
-            f"{', '.join(ProbeSpec.model_fields)}"
-        )
+        problems.append((doc.line, f"key {bad_keys[0]!r} is not a string; expected one of "
+                                   f"{', '.join(ProbeSpec.model_fields)}"))
+        raise ProbeSpecError(_joined(doc, problems))
     try:
         spec = ProbeSpec.model_validate(doc.data, context={"base_dir": doc.path.parent})
     except ValidationError as e:
-        lines = sorted({_error_line(doc, err) for err in e.errors(include_url=False)})
-        raise ProbeSpecError("\n".join(text for _, text in lines)) from None
+        problems += [_error_line(doc, err) for err in e.errors(include_url=False)]
+        raise ProbeSpecError(_joined(doc, problems)) from None
+    if problems:
+        raise ProbeSpecError(_joined(doc, problems))
     spec._doc = doc
     return spec
+
+
+def _joined(doc: Document, problems: list[tuple[int, str]]) -> str:
+    return "\n".join(f"{doc.display}:{line}: {text}" for line, text in sorted(set(problems)))
 
 
 def iter_probe_file(
@@ -745,7 +569,7 @@ def iter_probe_file(
     """Each document with its spec, or the error that document has (the others still parse).
 
     Raises:
-        ProbeSpecError: the file as a whole is unreadable or not YAML.
+        ProbeSpecError: the file as a whole cannot be read.
 
     Example:
         >>> for doc, spec in iter_probe_file("probes/demo.probe.yaml"):   # doctest: +SKIP

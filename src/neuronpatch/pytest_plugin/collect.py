@@ -1,25 +1,29 @@
 """Probe files as pytest items.
 
-:class:`ProbeFile` turns a ``*.probe.yaml`` into one :class:`ProbeItem` per
-probe (per YAML document, and per head a ``head:`` glob matches). Each item:
+:class:`ProbeFile` splits a ``*.probe.yaml`` into its YAML documents and makes
+one :class:`ProbeItem` per probe (per document, and per head a ``head:`` glob
+matches). A document that is not valid (YAML syntax, a duplicate key, the
+schema, an unregistered mark) becomes one :class:`InvalidProbe` that errors
+with *all* its ``FILE:LINE: key ...`` lines; the file's other documents still
+run. Its node id is the one the fixed probe will have, so ``--lf`` reruns it.
 
-* **setup** runs the experiment: an engine error (bad head, bad input) is an
-  ERROR of that test with one line, never a traceback into torch;
-* **call** checks the expectations, writes the artifacts and fails with a
-  report of every expectation (``FAIL``/``pass``, value, range, ``file:line``)
-  and where the figures are.
+A probe item runs in named steps, each handing the next plain values:
 
-A document that does not follow the schema becomes an :class:`InvalidProbe`
-item that errors with the ``FILE:LINE: key ...`` lines: pytest stops a whole
-session on a collection error, and one broken probe file must not keep the
-others from running. Its node id is the one the fixed probe will have, so
-``--lf`` reruns it.
+* **setup**: run the experiment (:mod:`.runner`); an engine error is an
+  ERROR with one line, never a traceback into torch;
+* **call**: check the expectations and write the artifacts (:mod:`.runner`),
+  compare the baseline (:mod:`.ci`), fuzz (:mod:`.fuzz`), record what the
+  report shows (:mod:`.report`), then pass, fail or skip.
+
+Failures, errors and skips point at the probe file (``FILE:LINE``), so
+``--tb=line`` and the short summary show where the claim was written.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +31,27 @@ import pytest
 
 from neuronpatch.errors import NeuronpatchError, ProbeSpecError
 from neuronpatch.probes.schema import MarkSpec, ProbeSpec, iter_probe_file, probe_stem
-from neuronpatch.pytest_plugin import ci, report
-from neuronpatch.pytest_plugin.runner import FIGURES_KEY, INVALID_KEY, get_runner
+from neuronpatch.pytest_plugin import ci
+from neuronpatch.pytest_plugin.report import (
+    INVALID_KEY,
+    RECORD_KEY,
+    ProbeError,
+    ProbeFailed,
+    Verdict,
+    crash_line,
+    engine_error,
+    failure_repr,
+    make_record,
+    probe_failure,
+    record_metrics,
+    shown_path,
+)
+from neuronpatch.pytest_plugin.runner import get_runner
 
 if TYPE_CHECKING:
     from _pytest._code.code import ExceptionInfo, TerminalRepr
 
+    from neuronpatch.pytest_plugin.fuzz import FuzzOutcome
     from neuronpatch.result import ExperimentResult
 
 
@@ -67,36 +86,67 @@ def _decorator(mark: MarkSpec) -> pytest.MarkDecorator:
 
 
 class ProbeFile(pytest.File):
-    """A ``*.probe.yaml`` / ``*.probe.yml`` file: one item per probe and matched head."""
-
-    def _display(self) -> str:
-        return report.shown_path(self.path, self.config.invocation_params.dir)
+    """A ``*.probe.yaml`` / ``*.probe.yml`` file: one item per document and matched head."""
 
     def collect(self) -> Iterator[pytest.Item]:
-        display = self._display()
+        display = shown_path(self.path, self.config.invocation_params.dir)
         try:
             parsed = list(iter_probe_file(self.path, display=display))
-        except ProbeSpecError as e:
+        except ProbeSpecError as e:  # the file itself cannot be read
             yield InvalidProbe.from_parent(self, name=probe_stem(self.path), error=str(e), line=1)
             return
         for doc, spec in parsed:
             if isinstance(spec, ProbeSpecError):
-                yield InvalidProbe.from_parent(
-                    self, name=doc.name_guess(), error=str(spec), line=doc.line
-                )
+                yield InvalidProbe.from_parent(self, name=doc.name_guess(), error=str(spec),
+                                               line=doc.line)
                 continue
             problems = _mark_problems(spec, self.config)
             if problems:
-                yield InvalidProbe.from_parent(
-                    self, name=spec.title, error="\n".join(problems), line=doc.line
-                )
+                yield InvalidProbe.from_parent(self, name=spec.title, error="\n".join(problems),
+                                               line=doc.line)
                 continue
             for head_dir, label in spec.heads():
                 name = spec.title if label is None else f"{spec.title}[{label}]"
                 yield ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir)
 
 
-class ProbeItem(pytest.Item):
+@dataclass(frozen=True)
+class _Baseline:
+    """What the baseline step found: a failure message, or a skip, or neither."""
+
+    check: ci.BaselineCheck | None
+    failure: str | None = None
+    skip: str | None = None
+
+
+class _OurFailures(pytest.Item):
+    """Failures and errors of ours are shown as their text, at the probe file's line."""
+
+    def repr_failure(
+        self, excinfo: ExceptionInfo[BaseException], style: Any = None
+    ) -> str | TerminalRepr:
+        exc = excinfo.value
+        if isinstance(exc, (ProbeFailed, ProbeError)):
+            style = style or self.config.getoption("tbstyle", "auto")
+            return failure_repr(str(exc), exc.crash, exc.path or str(self.path), exc.line, style)
+        return super().repr_failure(excinfo, style=style)
+
+    # Setup errors go through _repr_failure_py (pytest calls repr_failure only for "call").
+    def _repr_failure_py(
+        self, excinfo: ExceptionInfo[BaseException], style: Any = None
+    ) -> TerminalRepr:
+        exc = excinfo.value
+        if isinstance(exc, (ProbeFailed, ProbeError)):
+            style = style or self.config.getoption("tbstyle", "auto")
+            return failure_repr(str(exc), exc.crash, exc.path or str(self.path), exc.line, style)
+        return super()._repr_failure_py(excinfo, style=style)
+
+    def _skip_here(self, reason: str) -> None:
+        # `_use_item_location`: the skip is reported at reportinfo() (the probe file's line).
+        raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
+class ProbeItem(_OurFailures):
     """One probe run against one head directory."""
 
     def __init__(self, *, spec: ProbeSpec, head_dir: Path, **kwargs: Any) -> None:
@@ -111,92 +161,130 @@ class ProbeItem(pytest.Item):
     @property
     def head_text(self) -> str:
         """The head directory as the user would type it."""
-        return report.shown_path(self.head_dir, self.config.invocation_params.dir)
+        return shown_path(self.head_dir, self.config.invocation_params.dir)
+
+    @property
+    def display_path(self) -> str:
+        """The probe file as messages name it."""
+        return self.spec.document.display
 
     def setup(self) -> None:
-        try:
-            self.result = get_runner(self.config).run(self.head_dir, **self.spec.run_kwargs())
-        except NeuronpatchError as e:
-            message = report.engine_error(self.name, self.head_text, e)
-        else:
-            return
-        # Outside the except block: the engine's exception chain is not printed.
-        pytest.fail(message, pytrace=False)
+        self.result = self.run_experiment()
 
     def runtest(self) -> None:
+        verdict = self.check_expectations()
+        baseline = self.check_baseline(verdict)
+        fuzzed = self.fuzz()
+        self.record(verdict, baseline, fuzzed)
+        self.conclude(verdict, baseline, fuzzed)
+
+    def teardown(self) -> None:
+        self.result = None  # results hold arrays; do not keep one per item alive
+
+    # ----- the steps -------------------------------------------------------------------
+    def run_experiment(self) -> ExperimentResult:
+        """The engine's result for this probe and head; an engine error is an ERROR."""
+        try:
+            return get_runner(self.config).run(self.head_dir, **self.spec.run_kwargs())
+        except NeuronpatchError as e:
+            message = engine_error(self.name, self.head_text, e)
+        # Outside the except block: the engine's exception chain is not printed.
+        raise ProbeError(message, crash=message, path=self.display_path, line=self.spec.document.line)
+
+    def check_expectations(self) -> Verdict:
+        """Check ``expect:`` and write the artifacts (summary.json, figures)."""
         assert self.result is not None, "setup() runs the experiment"
-        runner = get_runner(self.config)
-        verdict = runner.evaluate(
+        verdict = get_runner(self.config).evaluate(
             self.result, self.spec.expectations, node_id=self.nodeid, title=self.name,
             source=self.spec.where(),
         )
-        report.record(self, verdict, FIGURES_KEY)
+        record_metrics(self, verdict)
         if verdict.artifacts is not None and verdict.artifacts.figure_error:
             self.warn(pytest.PytestWarning(
                 f"neuronpatch: figures for {self.name!r} not written: "
                 f"{verdict.artifacts.figure_error}"
             ))
+        return verdict
+
+    def check_baseline(self, verdict: Verdict) -> _Baseline:
+        """Compare with (or write) the baseline, when this probe takes part."""
+        if not ci.wanted(self.config, self.spec, self.name):
+            return _Baseline(None)
+        check = ci.check_baseline(self.config, self.spec, self.name, self.head_dir,
+                                  dict(verdict.metrics))
+        if check.status == "drifted":
+            return _Baseline(check, failure=check.message)
+        if check.status == "missing":
+            if ci.missing_mode(self.config) == "fail":
+                return _Baseline(check, failure=check.message)
+            return _Baseline(check, skip=check.message)
+        return _Baseline(check)
+
+    def fuzz(self) -> FuzzOutcome | None:
+        """Run ``fuzz:`` (Hypothesis), when the probe has it."""
+        if self.spec.fuzz is None:
+            return None
+        from neuronpatch.pytest_plugin import fuzz
+
+        return fuzz.run_fuzz(
+            get_runner(self.config), self.head_dir, self.spec.fuzz, self.spec.run_kwargs(),
+            profile=self.config.getoption("hypothesis_profile", None), node_id=self.nodeid)
+
+    def record(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:
+        """What the report shows for this probe (travels to the controller)."""
+        suggestion = None
+        if self.config.getoption("neuronpatch_suggest_tolerances") and self.result is not None:
+            suggestion = ci.suggestion(self.result)
+        self.stash[RECORD_KEY] = make_record(
+            kind="probe", name=self.name, location=self.spec.where(), verdict=verdict,
+            head=self.head_text, baseline=None if baseline.check is None else baseline.check.to_record(),
+            fuzz=self._fuzz_text(fuzzed), suggestion=suggestion,
+            embed=bool(self.config.getoption("neuronpatch_report_embed", False)),
+        )
+
+    def conclude(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:
+        """Fail with every reason (the first as the crash line), skip, or pass."""
+        title = f"probe {self.name!r}"
         messages: list[str] = []
-        status = "passed"
+        crashes: list[tuple[str | None, int | None, str]] = []
         if not verdict.passed:
-            status = "failed"
-            messages.append(report.probe_failure(
-                f"probe {self.name!r}", verdict, head=self.head_text, result=self.result,
-                base=self.config.invocation_params.dir,
-            ))
-        check = None
-        if ci.wanted(self):
-            check = ci.check_baseline(self, self.result, dict(verdict.metrics))
-            if check.status == "drifted":
-                status = "drifted" if status == "passed" else status
-                messages.append(check.message)
-            elif check.status == "missing":
-                status = "missing" if status == "passed" else status
-                if ci.missing_mode(self.config) == "fail":
-                    messages.append(check.message)
-            elif check.status == "updated":
-                status = "updated" if status == "passed" else status
-        if self.spec.fuzz is not None:
-            from neuronpatch.pytest_plugin import fuzz
-
-            found = fuzz.run_fuzz(
-                get_runner(self.config), self.head_dir, self.spec.fuzz, self.spec.run_kwargs(),
-                profile=self.config.getoption("hypothesis_profile", None), node_id=self.nodeid)
-            if found.counterexample is not None:
-                status = "failed"
-                where = self.spec.where("fuzz", "expect", found.counterexample.metric)
-                messages.append(fuzz.describe(found, self.spec.fuzz, where))
-        if self.config.getoption("neuronpatch_suggest_tolerances"):
-            import json
-
-            self.user_properties.append((ci.SUGGEST_PROP, json.dumps(ci.suggestion(self.result))))
-        self.user_properties.append((ci.STATUS_PROP, status))
-        if self.config.getoption("neuronpatch_report"):
-            self.user_properties.append((ci.RECORD_PROP, ci.make_record(
-                self, status, message="\n\n".join(messages),
-                outcomes=[o.to_dict() for o in verdict.outcomes], metrics=dict(verdict.metrics),
-                baseline=check, figures=self.stash.get(FIGURES_KEY, ()))))
+            messages.append(probe_failure(title, verdict, head=self.head_text, result=self.result,
+                                          base=self.config.invocation_params.dir))
+            crashes.append(crash_line(title, verdict))
+        if baseline.failure:
+            messages.append(baseline.failure)
+            first = baseline.failure.splitlines()[0]
+            crashes.append((self.display_path, self.spec.document.line, first))
+        fuzz_text = self._fuzz_text(fuzzed)
+        if fuzz_text is not None and fuzzed is not None and fuzzed.counterexample is not None:
+            messages.append(fuzz_text)
+            ce = fuzzed.counterexample
+            fuzz_file, _, fuzz_line = self.spec.where("fuzz", "expect", ce.metric).rpartition(":")
+            crashes.append((fuzz_file, int(fuzz_line), f"{title}: fuzz found {ce.metric} = {ce.value:.4g} "
+                                             f"on {ce.text!r}, expected {ce.expected}"))
         if messages:
-            raise report.ProbeFailed("\n\n".join(messages))
-        if check is not None and check.status == "missing":
-            pytest.skip(check.message)
+            crash_file, crash_no, crash = crashes[0]
+            if len(crashes) > 1:
+                crash += f" (+{len(crashes) - 1} more)"
+            raise ProbeFailed("\n\n".join(messages), crash=crash,
+                              path=crash_file or self.display_path, line=crash_no)
+        if baseline.skip:
+            self._skip_here(baseline.skip)
 
-    def teardown(self) -> None:
-        self.result = None  # results hold arrays; do not keep one per item alive
+    def _fuzz_text(self, fuzzed: FuzzOutcome | None) -> str | None:
+        if fuzzed is None or fuzzed.counterexample is None or self.spec.fuzz is None:
+            return None
+        from neuronpatch.pytest_plugin import fuzz
 
-    def repr_failure(
-        self, excinfo: ExceptionInfo[BaseException], style: Any = None
-    ) -> str | TerminalRepr:
-        if isinstance(excinfo.value, report.ProbeFailed):
-            return str(excinfo.value)
-        return super().repr_failure(excinfo, style=style)
+        where = self.spec.where("fuzz", "expect", fuzzed.counterexample.metric)
+        return fuzz.describe(fuzzed, self.spec.fuzz, where)
 
     def reportinfo(self) -> tuple[os.PathLike[str] | str, int | None, str]:
         return self.path, self.spec.document.line - 1, f"probe: {self.name}"
 
 
-class InvalidProbe(pytest.Item):
-    """A probe document that does not follow the schema: errors with its ``FILE:LINE`` lines."""
+class InvalidProbe(_OurFailures):
+    """A probe document that is not valid: errors with all its ``FILE:LINE`` lines."""
 
     def __init__(self, *, error: str, line: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -206,7 +294,20 @@ class InvalidProbe(pytest.Item):
         self.config.stash.setdefault(INVALID_KEY, []).append(error)
 
     def setup(self) -> None:
-        pytest.fail(self.error, pytrace=False)
+        lines = self.error.splitlines()
+        first = lines[0]
+        path, _, rest = first.partition(":")
+        number, _, text = rest.partition(":")
+        more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+        self.stash[RECORD_KEY] = make_record(kind="probe", name=self.name,
+                                             location=f"{path}:{number}" if number.isdigit() else path)
+        raise ProbeError(
+            f"invalid probe {self.name!r}: {len(lines)} problem{'s' if len(lines) > 1 else ''}\n"
+            + "\n".join(f"  {line}" for line in lines),
+            crash=f"invalid probe {self.name!r}:{text}{more}" if number.isdigit() else first,
+            path=path if number.isdigit() else str(self.path),
+            line=int(number) if number.isdigit() else self.line,
+        )
 
     def runtest(self) -> None:  # pragma: no cover - setup always fails
         pass

@@ -107,7 +107,9 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
             model.tokenizer.encode(found.text, add_special_tokens=False))
         out = runner.artifact_dir(node_id) / "fuzz_counterexample"
         res = runner.run(head, [found.text], model=model, **kwargs)
-        runner.write_artifacts(res, out, probe={"name": f"counterexample of {node_id}"})
+        runner.write_artifacts(res, out, probe={"name": f"counterexample of {node_id}",
+                                               "node_id": f"{node_id}#fuzz", "source": None,
+                                               "passed": False})
         return FuzzOutcome(seen[0], found, list(tokens), out)
     return FuzzOutcome(seen[0])
 

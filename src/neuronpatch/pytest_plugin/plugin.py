@@ -1,32 +1,33 @@
-"""pytest entry point (``pytest11``): options, probe-file collection, fixtures.
+"""pytest entry point (``pytest11``): options, probe-file collection, fixtures, hooks.
 
-Loading this module imports nothing but pytest and the standard library, and it
-changes nothing for suites without probe files: probe files are parsed by
-``collect`` (pydantic, yaml) only when pytest meets one, and the engine (torch)
-only when a probe or fixture runs.
+The plugin is the first step of one way through: ``plugin`` → ``collect``
+(probe files → items) → ``runner`` (engine, expectations, artifacts) → ``ci``
+(baselines) → ``report`` (failure text, JUnit, summary line, HTML). No module
+imports one before it.
+
+Loading this module imports nothing but pytest, the standard library and the
+light ``runner``/``ci``/``report`` steps, and it changes nothing for suites
+without probe files: probe files are parsed by ``collect`` (pydantic, yaml)
+only when pytest meets one, and the engine (torch) only when a probe or
+fixture runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
-from neuronpatch.pytest_plugin import ci
-from neuronpatch.pytest_plugin.runner import (
-    FIGURES_KEY,
-    INVALID_KEY,
-    SETTINGS_KEY,
-    settings_from_config,
-)
+from neuronpatch.pytest_plugin import ci, report
+from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, settings_from_config
 
 if TYPE_CHECKING:
     from neuronpatch.pytest_plugin.runner import ExpectFixture, Runner
 
-# Same as neuronpatch.probes.schema.PROBE_SUFFIXES, repeated so that loading the plugin
-# does not import the schema (pydantic, yaml).
+# Same as neuronpatch.probes.documents.PROBE_SUFFIXES, repeated so that loading the plugin
+# does not import the probes package.
 PROBE_SUFFIXES = (".probe.yaml", ".probe.yml")
 
 
@@ -38,7 +39,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
          "(default .neuronpatch/artifacts under the rootdir)"),
         ("device", "DEVICE", "torch device for the models (default cpu)"),
         ("batch-size", "N", "rows per forward pass in the engine (default 64)"),
-        ("figures", "all|failed|none", "which tests write the five figures (default all)"),
+        ("figures", "auto|all|failed|none",
+         "which tests draw the five figures (default auto: failed tests, and every test "
+         "when an HTML report is written)"),
     ]
     for name, metavar, text in options:
         group.addoption(f"--neuronpatch-{name}", metavar=metavar, default=None, help=text)
@@ -58,8 +61,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Validate options up front so a typo fails the session once, not every probe.
     config.stash[SETTINGS_KEY] = settings_from_config(config)
     ci.check_options(config)
-    # Run statuses, the summary line and the HTML report live on a per-session object.
-    config.pluginmanager.register(ci.RunState(config), "neuronpatch-run-state")
+    # Outcomes, the summary line and the HTML report live on a per-session object.
+    config.pluginmanager.register(report.RunState(config), "neuronpatch-run-state")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
 
 
@@ -71,33 +74,22 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Col
     return None
 
 
-@pytest.hookimpl(wrapper=True)
+# tryfirst: the outermost wrapper, so it sees the report after xfail handling.
+@pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    figures = item.stash.get(FIGURES_KEY, ())
-    # Only when pytest-html is writing a report (--html): embedding costs time.
-    if figures and report.when == "call" and getattr(item.config.option, "htmlpath", None):
-        from neuronpatch.pytest_plugin.report import html_extras
-
-        report.extras = [*getattr(report, "extras", []), *html_extras(figures)]  # type: ignore[attr-defined]
-    return report
-
-
-def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
-    invalid = config.stash.get(INVALID_KEY, [])
-    if invalid and config.option.collectonly:
-        terminalreporter.section("neuronpatch: invalid probe files", sep="=", red=True)
-        for text in invalid:
-            terminalreporter.line(text)
+    rep = yield
+    report.on_makereport(item, call, rep)
+    return rep
 
 
 @pytest.fixture(scope="session")
 def neuronpatch_runner(request: pytest.FixtureRequest) -> Runner:
     """Session-wide runner: ``neuronpatch_runner.run(head, inputs=..., set=[...])``.
 
-    Heads and models load once per session (and xdist worker).
+    Heads and models load once per session (and xdist worker); a relative head
+    path is relative to pytest's rootdir.
     """
     from neuronpatch.pytest_plugin.runner import get_runner
 
@@ -108,7 +100,8 @@ def neuronpatch_runner(request: pytest.FixtureRequest) -> Runner:
 def neuronpatch_expect(request: pytest.FixtureRequest, neuronpatch_runner: Runner) -> ExpectFixture:
     """``neuronpatch_expect(result, slope=[0.8, 1.2], ...)``: probe-file checks in Python.
 
-    Also writes the test's artifacts and records its metrics, as a probe does.
+    Also writes the test's artifacts, records its metrics and puts the test in
+    the ``neuronpatch:`` summary and the HTML report, as a probe does.
     """
     from neuronpatch.pytest_plugin.runner import ExpectFixture
 

@@ -1,4 +1,18 @@
-"""How a probe's verdict reaches the user: failure text, JUnit properties, HTML extras.
+"""The last step: how a test's verdict reaches the user, in pytest's own words.
+
+Everything here reads what earlier steps produced and imports none of them:
+
+* **the failure**: the full text of a failed probe (every expectation, the
+  head, the notes, where the artifacts are) and a one-line *crash line*
+  (``FILE:LINE: probe 'x': slope 0.201 not in [0.8, 1.2]``) that pytest shows
+  for ``--tb=line`` and in the short summary, also under ``-vv``;
+* **JUnit**: key metrics as ``record_property`` values, nothing else;
+* **the run** (:class:`RunState`, controller side): each test's outcome is the
+  one pytest itself reports (``pytest_report_teststatus``: passed, failed,
+  error, skipped, xfailed, xpassed; a strict xpass is failed), counted for the
+  ``neuronpatch:`` summary line and the HTML report. Records travel from
+  xdist workers as an attribute of the test report (``report.neuronpatch``),
+  never as JUnit properties.
 
 A failed probe reads like this (no traceback; every line says where to look)::
 
@@ -13,22 +27,48 @@ A failed probe reads like this (no traceback; every line says where to look)::
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from neuronpatch.probes.expectations import ExpectationError, failure_message
-from neuronpatch.pytest_plugin.runner import KEY_METRICS, Artifacts, Verdict
+import pytest
+
+from neuronpatch.errors import NeuronpatchError
 
 if TYPE_CHECKING:
-    import pytest
+    from _pytest._code.code import ExceptionChainRepr
 
+    from neuronpatch.probes.expectations import Outcome
     from neuronpatch.result import ExperimentResult
 
+# Metrics copied into JUnit XML properties (record_property) for every probe and
+# neuronpatch_expect call: numbers a JUnit consumer can chart, nothing else.
+KEY_METRICS: tuple[str, ...] = (
+    "slope", "intercept", "r_squared", "baseline_correlation", "weight_cosine",
+)
+# Figures of the current test, for pytest-html (set by probes and neuronpatch_expect).
+FIGURES_KEY = pytest.StashKey[tuple[Path, ...]]()
+# What the report shows about the current test (built by the steps that ran it).
+RECORD_KEY = pytest.StashKey[dict[str, Any]]()
+# Error texts of invalid probe documents, for the --collect-only summary.
+INVALID_KEY = pytest.StashKey[list[str]]()
 
-class ProbeFailed(ExpectationError):
-    """A probe's (or a ``neuronpatch_expect`` call's) expectations did not hold."""
+# pytest's categories, failures first (the order of the HTML report).
+OUTCOMES: tuple[str, ...] = ("error", "failed", "xpassed", "skipped", "xfailed", "passed")
+# The order of pytest's own summary line.
+_SUMMARY_ORDER: tuple[str, ...] = ("failed", "passed", "skipped", "xfailed", "xpassed", "error")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_NAME = 120
+
+
+# ----- names and paths ---------------------------------------------------------------------
 
 
 def shown_path(path: str | os.PathLike[str], base: Path | None = None) -> str:
@@ -47,6 +87,125 @@ def shown_path(path: str | os.PathLike[str], base: Path | None = None) -> str:
     return rel if len(rel) < len(str(path)) else str(path)
 
 
+def artifact_name(node_id: str) -> str:
+    """A directory or file name for a node id: readable, filesystem-safe and unique.
+
+    Characters outside ``[A-Za-z0-9._-]`` become ``_``; if that changed anything
+    (or the name had to be shortened), a short hash of the original id keeps
+    two ids that sanitize alike apart.
+
+    Example:
+        >>> artifact_name("probes/demo.probe.yaml::tracks")
+        'probes_demo.probe.yaml_tracks-fcc53917'
+        >>> artifact_name("plain-id")
+        'plain-id'
+    """
+    safe = _UNSAFE.sub("_", node_id).strip("._") or "probe"
+    if safe == node_id and len(safe) <= _MAX_NAME:
+        return safe
+    digest = hashlib.sha1(node_id.encode("utf-8")).hexdigest()[:8]
+    return f"{safe[:_MAX_NAME]}-{digest}"
+
+
+# ----- what the runner hands over ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    """What was written for one probe or test."""
+
+    directory: Path
+    summary: Path | None = None
+    figures: tuple[Path, ...] = ()
+    figure_error: str | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcomes of the expectations, the numbers behind them and where the evidence is.
+
+    Attributes:
+        outcomes: one per expectation.
+        artifacts: where summary.json and the figures went.
+        metrics: ``ExperimentResult.metrics()``.
+        reasons: why a metric is undefined or trivial, by metric.
+    """
+
+    outcomes: Sequence[Outcome]
+    artifacts: Artifacts | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    reasons: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """Whether every expectation held."""
+        return all(o.passed for o in self.outcomes)
+
+
+class ProbeFailed(NeuronpatchError, AssertionError):
+    """A probe's (or a ``neuronpatch_expect`` call's) claims did not hold.
+
+    ``str()`` is the whole report; ``crash`` the one line pytest shows for
+    ``--tb=line`` and in the short summary, at ``path:line``.
+    """
+
+    def __init__(self, text: str, *, crash: str, path: str | None = None, line: int | None = None):
+        super().__init__(text)
+        self.crash = crash
+        self.path = path
+        self.line = line
+
+
+class ProbeError(NeuronpatchError, RuntimeError):
+    """A probe that could not run, or a probe document that is not valid (an ERROR)."""
+
+    def __init__(self, text: str, *, crash: str, path: str | None = None, line: int | None = None):
+        super().__init__(text)
+        self.crash = crash
+        self.path = path
+        self.line = line
+
+
+def split_source(source: str | None) -> tuple[str | None, int | None]:
+    """``"file.yaml:12"`` → ``("file.yaml", 12)``.
+
+    Example:
+        >>> split_source("probes/a.probe.yaml:12"), split_source(None)
+        (('probes/a.probe.yaml', 12), (None, None))
+    """
+    if not source:
+        return None, None
+    path, _, line = source.rpartition(":")
+    if path and line.isdigit():
+        return path, int(line)
+    return source, None
+
+
+def failure_repr(text: str, crash: str, path: str, line: int | None,
+                 style: str | None = None) -> ExceptionChainRepr:
+    """A pytest failure representation: the full ``text``, crash line ``path:line: crash``.
+
+    Built from pytest's own representation classes, so ``--tb=line``, the
+    short summary and pytest-xdist (which serializes exactly these) all see a
+    crash location and a one-line message. With ``style="line"`` the body is
+    left out: the crash line is the whole story.
+    """
+    from _pytest._code.code import (
+        ExceptionChainRepr,
+        ReprEntryNative,
+        ReprFileLocation,
+        ReprTraceback,
+    )
+
+    entries = [] if style == "line" or not text else [ReprEntryNative([text.rstrip("\n") + "\n"])]
+    body = ReprTraceback(entries, None, "native")
+    location = ReprFileLocation(path, line if line is not None else 0, crash)
+    return ExceptionChainRepr([(body, location, None)])
+
+
+# ----- words -----------------------------------------------------------------------------------
+
+
 def _head_line(head: str, result: ExperimentResult | None) -> str:
     if result is None:
         return f"  head: {head}"
@@ -62,7 +221,7 @@ def artifact_lines(artifacts: Artifacts | None, base: Path | None = None) -> lis
         ...                            Path("/a")):
         ...     print(line)
           artifacts: p/
-            summary.json (figures not written: disabled by --neuronpatch-figures)
+            summary.json (figures not written: see --neuronpatch-figures)
     """
     if artifacts is None:
         return []
@@ -72,7 +231,7 @@ def artifact_lines(artifacts: Artifacts | None, base: Path | None = None) -> lis
     if artifacts.figure_error:
         listing += f" (figures not written: {artifacts.figure_error})"
     elif not artifacts.figures:
-        listing += " (figures not written: disabled by --neuronpatch-figures)"
+        listing += " (figures not written: see --neuronpatch-figures)"
     lines.append(f"    {listing}")
     return lines
 
@@ -95,6 +254,8 @@ def probe_failure(
         probe 'p' failed: 1 of 1 expectation not met
           FAIL  slope  = 0.3  expected [0.8, 1.2]
     """
+    from neuronpatch.probes.expectations import failure_message
+
     text = failure_message(verdict.outcomes, title=f"{title} failed")
     first, *table = text.splitlines()
     lines = [first]
@@ -107,6 +268,21 @@ def probe_failure(
     return "\n".join(lines)
 
 
+def crash_line(title: str, verdict: Verdict) -> tuple[str | None, int | None, str]:
+    """``(file, line, "probe 'x': slope 0.201 not in [0.8, 1.2]")`` of the first failed claim.
+
+    Example:
+        >>> from neuronpatch.probes import check
+        >>> crash_line("probe 'p'", Verdict(check({"slope": 0.3}, {"slope": [0.8, 1.2]})))
+        (None, None, "probe 'p': slope 0.3 not in [0.8, 1.2]")
+    """
+    from neuronpatch.probes.expectations import crash_summary
+
+    source, text = crash_summary(verdict.outcomes)
+    path, line = split_source(source)
+    return path, line, f"{title}: {text}"
+
+
 def engine_error(title: str, head: str, exc: BaseException) -> str:
     """One line for a probe whose experiment could not run (bad head, bad input...).
 
@@ -117,19 +293,92 @@ def engine_error(title: str, head: str, exc: BaseException) -> str:
     return f"probe {title!r} could not run (head {head}): {type(exc).__name__}: {exc}"
 
 
-def record(item: pytest.Item, verdict: Verdict, figures_key: Any) -> None:
-    """Put key metrics in the JUnit XML (``record_property``) and remember the figures.
+# ----- records: what the report and the summary line show --------------------------------
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe (NaN → None), so a record survives xdist and json alike."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (str, int, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy scalars
+        return _clean(value.item())
+    return str(value)
+
+
+def make_record(
+    *,
+    kind: str,
+    name: str,
+    location: str | None,
+    verdict: Verdict | None = None,
+    head: str | None = None,
+    baseline: Mapping[str, Any] | None = None,
+    fuzz: str | None = None,
+    suggestion: Mapping[str, float] | None = None,
+    embed: bool = False,
+) -> dict[str, Any]:
+    """What the HTML report and the summary line know about one test (JSON-safe).
 
     Example:
-        >>> record(item, verdict, FIGURES_KEY)    # doctest: +SKIP
+        >>> make_record(kind="probe", name="p", location="a.probe.yaml:3")["kind"]
+        'probe'
+    """
+    rec: dict[str, Any] = {"kind": kind, "name": name, "location": location, "head": head}
+    if verdict is not None:
+        rec["metrics"] = {k: verdict.metrics.get(k) for k in
+                          ("slope", "intercept", "r_squared", "slope_ci95", "baseline_correlation",
+                           "weight_cosine") if k in verdict.metrics}
+        rec["reasons"] = dict(verdict.reasons)
+        rec["expectations"] = [
+            {"metric": o.metric, "measured": o.measured_text, "expected": o.expected,
+             "passed": o.passed, "where": o.source, "details": list(o.details)}
+            for o in verdict.outcomes
+        ]
+        rec["expectations_met"] = verdict.passed
+        art = verdict.artifacts
+        if art is not None:
+            rec["artifacts"] = str(art.directory)
+            rec["figures"] = [p.name for p in art.figures]
+            if art.summary is not None:
+                rec["summary"] = str(art.summary)
+            if art.figure_error:
+                rec["figure_error"] = art.figure_error
+            if embed:
+                rec["embedded"] = {p.name: base64.b64encode(p.read_bytes()).decode("ascii")
+                                   for p in art.figures if p.is_file()}
+    if baseline is not None:
+        rec["baseline"] = dict(baseline)
+    if fuzz is not None:
+        rec["fuzz"] = fuzz
+    if suggestion is not None:
+        rec["suggested_tolerance"] = dict(suggestion)
+    return _clean(rec)
+
+
+def record_metrics(item: pytest.Item, verdict: Verdict) -> None:
+    """Key metrics into JUnit XML (``record_property``); figures for pytest-html.
+
+    An undefined metric is written as ``undefined: <why>``.
+
+    Example:
+        >>> record_metrics(item, verdict)    # doctest: +SKIP
     """
     for name in KEY_METRICS:
-        if name in verdict.metrics:
-            item.user_properties.append((f"neuronpatch.{name}", verdict.metrics[name]))
-    item.user_properties.append(("neuronpatch.passed", verdict.passed))
+        if name not in verdict.metrics:
+            continue
+        value = verdict.metrics[name]
+        if isinstance(value, float) and math.isnan(value):
+            value = f"undefined: {verdict.reasons.get(name, 'no data')}"
+        item.user_properties.append((f"neuronpatch.{name}", value))
     if verdict.artifacts is not None:
         item.user_properties.append(("neuronpatch.artifacts", str(verdict.artifacts.directory)))
-        item.stash[figures_key] = tuple(verdict.artifacts.figures)
+        item.stash[FIGURES_KEY] = tuple(verdict.artifacts.figures)
 
 
 def html_extras(figures: Sequence[Path]) -> list[dict[str, Any]]:
@@ -149,3 +398,199 @@ def html_extras(figures: Sequence[Path]) -> list[dict[str, Any]]:
             continue
         out.append(extras.png(data, name=Path(path).stem))
     return out
+
+
+# ----- worker side: the test report carries the record ----------------------------------------
+
+
+def is_ours(item: pytest.Item) -> bool:
+    """A probe (or invalid probe document), or a test that uses ``neuronpatch_expect``."""
+    return item.get_closest_marker("neuronpatch") is not None or (
+        "neuronpatch_expect" in getattr(item, "fixturenames", ()))
+
+
+def outcome_of(report: pytest.TestReport, config: pytest.Config) -> str:
+    """pytest's own category for one phase's report ("" for a passed setup or teardown)."""
+    status = config.hook.pytest_report_teststatus(report=report, config=config)
+    return str(status[0])
+
+
+def on_makereport(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
+    """Give pytest a one-line crash line, attach the record, and stamp the outcome.
+
+    Runs after every other ``makereport`` (so after xfail handling): the
+    outcome written into summary.json is pytest's final word on the test.
+    """
+    excinfo = call.excinfo
+    if excinfo is not None and isinstance(excinfo.value, ProbeFailed) and not isinstance(
+            report.longrepr, (str, tuple)) and hasattr(report.longrepr, "reprcrash"):
+        if item.config.getoption("tbstyle", "auto") == "line":
+            exc = excinfo.value
+            report.longrepr = failure_repr("", exc.crash, exc.path or "", exc.line, "line")
+        else:
+            _one_line_crash(report, excinfo.value)
+    if not is_ours(item):
+        return
+    stored = item.stash.get(RECORD_KEY, None)
+    record: dict[str, Any] = {} if stored is None else {**stored}
+    record.setdefault("kind", "probe" if item.get_closest_marker("neuronpatch") else "test")
+    record.setdefault("name", item.name)
+    path, line, _ = item.location
+    record.setdefault("location", path if line is None else f"{path}:{line + 1}")
+    report.neuronpatch = record  # type: ignore[attr-defined]  # travels through xdist as is
+    figures = item.stash.get(FIGURES_KEY, ())
+    if report.when == "call":
+        if figures and getattr(item.config.option, "htmlpath", None):  # pytest-html is writing
+            report.extras = [*getattr(report, "extras", []), *html_extras(figures)]  # type: ignore[attr-defined]
+        summary = record.get("summary")
+        if summary:
+            stamp_summary(Path(summary), outcome_of(report, item.config), _reason(report))
+
+
+def _one_line_crash(report: pytest.TestReport, exc: ProbeFailed) -> None:
+    from _pytest._code.code import ReprFileLocation
+
+    longrepr: Any = report.longrepr
+    old = longrepr.reprcrash
+    crash = ReprFileLocation(exc.path or (old.path if old else ""),
+                             exc.line if exc.line is not None else (old.lineno if old else 0),
+                             exc.crash)
+    longrepr.reprcrash = crash
+    chain = getattr(longrepr, "chain", None)
+    if chain:
+        tb, _, descr = chain[-1]
+        chain[-1] = (tb, crash, descr)
+
+
+def _reason(report: pytest.TestReport) -> list[str]:
+    if hasattr(report, "wasxfail"):
+        return [f"xfail: {report.wasxfail}"] if report.wasxfail else ["xfail"]
+    if report.failed or report.skipped:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        if crash is not None:
+            return [str(crash.message)]
+        if isinstance(report.longrepr, tuple):
+            return [str(report.longrepr[2])]
+    return []
+
+
+def stamp_summary(path: Path, outcome: str, reasons: Sequence[str]) -> None:
+    """Put pytest's outcome (and why) into a summary.json's ``verdict``."""
+    from neuronpatch._io import atomic_write_text
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    verdict = data.setdefault("verdict", {})
+    verdict["outcome"] = outcome
+    verdict["reasons"] = [*reasons, *[r for r in verdict.get("reasons", []) if r not in reasons]]
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+
+
+# ----- controller side: the run ----------------------------------------------------------------
+
+
+class RunState:
+    """This session's tests, as pytest reported them (controller side).
+
+    Registered as a plugin object per session, so it sees
+    ``pytest_runtest_logreport`` for local and xdist-worker reports alike.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.tests: dict[str, dict[str, Any]] = {}
+        self.report_path: Path | None = None
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        record = getattr(report, "neuronpatch", None)
+        if record is None:
+            return
+        entry = self.tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": None})
+        entry.update({k: v for k, v in record.items() if v is not None or k not in entry})
+        category = outcome_of(report, self.config)
+        if report.when == "teardown":
+            if category == "error":
+                entry["outcome"] = "error"
+                entry["message"] = _longrepr_text(report)
+        elif category:
+            entry["outcome"] = category
+            if report.failed or report.skipped or category in ("xfailed", "xpassed"):
+                entry["message"] = _longrepr_text(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.report_path = self.write_html()
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        invalid = self.config.stash.get(INVALID_KEY, [])
+        if invalid and self.config.option.collectonly:
+            terminalreporter.section("neuronpatch: invalid probe files", sep="=", red=True)
+            for text in invalid:
+                terminalreporter.line(text)
+        line = summary_line(self.tests.values())
+        if not line:
+            return
+        terminalreporter.write_sep("-", "neuronpatch")
+        terminalreporter.line(line)
+        for nodeid, entry in self.tests.items():
+            if entry.get("suggested_tolerance"):
+                terminalreporter.line(
+                    f"  suggested baseline.tolerance for {nodeid}: {entry['suggested_tolerance']}")
+        if self.report_path is not None:
+            terminalreporter.line(f"  HTML report: {self.report_path}")
+
+    def write_html(self) -> Path | None:
+        target = self.config.getoption("neuronpatch_report")
+        if not target or hasattr(self.config, "workerinput"):
+            return None
+        from neuronpatch.report_html import write_report
+
+        records = [dict(e) for e in self.tests.values() if e.get("outcome")]
+        return write_report(self.config.invocation_params.dir / target, records)
+
+
+def _longrepr_text(report: pytest.TestReport) -> str:
+    if hasattr(report, "wasxfail") and report.passed:
+        return f"XPASS: {report.wasxfail}" if report.wasxfail else "XPASS"
+    if isinstance(report.longrepr, tuple):
+        return str(report.longrepr[2])
+    return str(report.longrepr or "")
+
+
+def summary_line(entries: Any) -> str | None:
+    """``neuronpatch: 6 probes: 3 failed, 1 passed, 1 skipped, 1 xfailed, 1 xpassed``.
+
+    The counts are pytest's; baseline states are details of them, in brackets.
+
+    Example:
+        >>> summary_line([{"kind": "probe", "outcome": "failed", "baseline": {"status": "drifted"}},
+        ...               {"kind": "test", "outcome": "passed"}])
+        'neuronpatch: 2 tests (1 probe): 1 failed, 1 passed (1 drifted)'
+    """
+    done = [e for e in entries if e.get("outcome")]
+    if not done:
+        return None
+    counts: dict[str, int] = {}
+    for e in done:
+        counts[e["outcome"]] = counts.get(e["outcome"], 0) + 1
+    parts = []
+    for key in _SUMMARY_ORDER:
+        n = counts.get(key, 0)
+        if n:
+            parts.append(f"{n} {'errors' if key == 'error' and n > 1 else key}")
+    details: dict[str, int] = {}
+    labels = {"drifted": "drifted", "missing": "missing baseline", "updated": "baselines updated"}
+    for e in done:
+        status = (e.get("baseline") or {}).get("status")
+        if status in labels:
+            details[labels[status]] = details.get(labels[status], 0) + 1
+    extra = f" ({', '.join(f'{n} {k}' for k, n in details.items())})" if details else ""
+    probes = sum(1 for e in done if e.get("kind") == "probe")
+    if probes == len(done):
+        who = f"{probes} probe{'s' if probes != 1 else ''}"
+    elif probes == 0:
+        who = f"{len(done)} test{'s' if len(done) != 1 else ''}"
+    else:
+        who = f"{len(done)} tests ({probes} probe{'s' if probes != 1 else ''})"
+    return f"neuronpatch: {who}: " + ", ".join(parts) + extra

@@ -12,6 +12,10 @@ check, a fuzz loop)::
     verdict  = runner.evaluate(result, spec.expectations, node_id=...)  # check + artifacts
     message  = report.probe_failure(...)                             # words
 
+A relative head path given to :meth:`Runner.run` (``"probes/heads/x"``) is
+resolved against pytest's rootdir, never the current directory, so
+``cd tests && pytest`` finds the same heads.
+
 Artifacts go to ``<artifacts root>/<sanitized node id>/``: ``summary.json``
 (the result's summary plus the expectation outcomes under ``"expectations"``)
 and the five figures of :func:`neuronpatch.plots.write_figures`. Distinct node
@@ -20,22 +24,33 @@ ids map to distinct directories, so parallel workers never write the same file.
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytest
+
+from neuronpatch.pytest_plugin.report import (
+    RECORD_KEY,
+    Artifacts,
+    ProbeFailed,
+    Verdict,
+    artifact_name,
+    crash_line,
+    make_record,
+    probe_failure,
+    record_metrics,
+    shown_path,
+)
 
 if TYPE_CHECKING:
     from neuronpatch.heads import Head
     from neuronpatch.probes.expectations import Expectation, Outcome
     from neuronpatch.result import ExperimentResult
 
-FigureMode = Literal["all", "failed", "none"]
-FIGURE_MODES: tuple[str, ...] = ("all", "failed", "none")
+FigureMode = Literal["auto", "all", "failed", "none"]
+FIGURE_MODES: tuple[str, ...] = ("auto", "all", "failed", "none")
 DEFAULT_ARTIFACTS = ".neuronpatch/artifacts"
 
 # The notebook's five figures, as neuronpatch.plots writes them (stale copies are removed).
@@ -47,40 +62,8 @@ FIGURE_NAMES: tuple[str, ...] = (
     "per_input_sensitivity.png",
 )
 
-# Metrics copied into JUnit XML properties (record_property) for every probe.
-KEY_METRICS: tuple[str, ...] = (
-    "slope", "intercept", "r_squared", "baseline_correlation", "weight_cosine",
-)
-
 SETTINGS_KEY = pytest.StashKey["Settings"]()
 RUNNER_KEY = pytest.StashKey["Runner"]()
-# Figures of the current test, for pytest-html (set by probes and neuronpatch_expect).
-FIGURES_KEY = pytest.StashKey[tuple[Path, ...]]()
-# Error texts of invalid probe documents, for the --collect-only summary.
-INVALID_KEY = pytest.StashKey[list[str]]()
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_MAX_NAME = 120
-
-
-def artifact_name(node_id: str) -> str:
-    """A directory name for a node id: readable, filesystem-safe and unique.
-
-    Characters outside ``[A-Za-z0-9._-]`` become ``_``; if that changed anything
-    (or the name had to be shortened), a short hash of the original id keeps
-    two ids that sanitize alike apart.
-
-    Example:
-        >>> artifact_name("probes/demo.probe.yaml::tracks")
-        'probes_demo.probe.yaml_tracks-fcc53917'
-        >>> artifact_name("plain-id")
-        'plain-id'
-    """
-    safe = _UNSAFE.sub("_", node_id).strip("._") or "probe"
-    if safe == node_id and len(safe) <= _MAX_NAME:
-        return safe
-    digest = hashlib.sha1(node_id.encode("utf-8")).hexdigest()[:8]
-    return f"{safe[:_MAX_NAME]}-{digest}"
 
 
 @dataclass(frozen=True)
@@ -89,13 +72,15 @@ class Settings:
 
     Example:
         >>> Settings(artifacts=Path(".neuronpatch/artifacts")).figures
-        'all'
+        'auto'
     """
 
     artifacts: Path
     device: str = "cpu"
     batch_size: int = 64
-    figures: FigureMode = "all"
+    figures: FigureMode = "auto"
+    root: Path = Path()
+    report: bool = False  # an HTML report (ours or pytest-html's) will show the figures
 
 
 def settings_from_config(config: pytest.Config) -> Settings:
@@ -140,13 +125,15 @@ def settings_from_config(config: pytest.Config) -> Settings:
                 "forward pass)"
             )
     figures, where = option("--neuronpatch-figures", "neuronpatch_figures")
-    figures = figures or "all"
+    figures = figures or "auto"
     if figures not in FIGURE_MODES:
         raise pytest.UsageError(
             f"{where} = {figures!r} is invalid; expected one of {', '.join(FIGURE_MODES)}"
         )
     return Settings(artifacts=root, device=device, batch_size=batch_size,
-                    figures=cast(FigureMode, figures))
+                    figures=cast(FigureMode, figures), root=config.rootpath,
+                    report=bool(config.getoption("neuronpatch_report", None)
+                                or getattr(config.option, "htmlpath", None)))
 
 
 def get_runner(config: pytest.Config) -> Runner:
@@ -160,30 +147,6 @@ def get_runner(config: pytest.Config) -> Runner:
         settings = config.stash.get(SETTINGS_KEY, None) or settings_from_config(config)
         runner = config.stash[RUNNER_KEY] = Runner(settings)
     return runner
-
-
-@dataclass(frozen=True)
-class Artifacts:
-    """What was written for one probe or test."""
-
-    directory: Path
-    summary: Path | None = None
-    figures: tuple[Path, ...] = ()
-    figure_error: str | None = None
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Outcomes of the expectations and where the evidence was written."""
-
-    outcomes: Sequence[Outcome]
-    artifacts: Artifacts | None = None
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        """Whether every expectation held."""
-        return all(o.passed for o in self.outcomes)
 
 
 class Runner:
@@ -201,8 +164,11 @@ class Runner:
         self._heads: dict[Path, Head] = {}
 
     def load_head(self, path: str | Path) -> Head:
-        """Load a head directory once per session (errors are the engine's one-liners)."""
-        key = Path(path).resolve()
+        """Load a head directory once per session (errors are the engine's one-liners).
+
+        A relative path is relative to pytest's rootdir (``Settings.root``).
+        """
+        key = (self.settings.root / path).resolve()
         if key not in self._heads:
             from neuronpatch.heads import load_head
 
@@ -263,13 +229,25 @@ class Runner:
         measured = Measurements.of(result)
         outcomes = check(measured, expectations)
         passed = all(o.passed for o in outcomes)
-        mode = self.settings.figures
-        figures = mode == "all" or (mode == "failed" and not passed)
+        figures = self.wants_figures(passed)
         probe = {"name": title, "node_id": node_id, "source": source, "passed": passed}
         artifacts = self.write_artifacts(
             result, self.artifact_dir(node_id), outcomes=outcomes, probe=probe, figures=figures
         )
-        return Verdict(outcomes=outcomes, artifacts=artifacts, metrics=measured.values)
+        return Verdict(outcomes=outcomes, artifacts=artifacts, metrics=measured.values,
+                       reasons=dict(measured.reasons))
+
+    def wants_figures(self, passed: bool) -> bool:
+        """Whether this test's figures are drawn (drawing dominates a probe's time).
+
+        ``auto`` (the default) draws them for a failed test, and for every test
+        when an HTML report will show them; ``all`` always; ``failed`` only for
+        failures; ``none`` never.
+        """
+        mode = self.settings.figures
+        if mode == "auto":
+            return not passed or self.settings.report
+        return mode == "all" or (mode == "failed" and not passed)
 
     def write_artifacts(
         self,
@@ -298,10 +276,20 @@ class Runner:
         extra: dict[str, Any] = {"expectations": [o.to_dict() for o in outcomes]}
         if probe is not None:
             extra["probe"] = dict(probe)
+        if outcomes:
+            failed = [o for o in outcomes if not o.passed]
+            extra["verdict"] = {
+                "outcome": None,  # pytest's word, stamped in once the test has a report
+                "expectations_met": not failed,
+                "reasons": [_reason_line(o) for o in failed],
+                "reading": result.interpretation(),
+            }
         title = probe.get("name") if probe else None
+        expected = {o.metric: o.expected for o in outcomes}
         error = None
         try:
-            written = files.write_artifacts(result, out, extra=extra, figures=figures, title=title)
+            written = files.write_artifacts(result, out, extra=extra, figures=figures, title=title,
+                                            expected=expected)
         except Exception as e:  # a broken plot must not mask the verdict
             if not figures:
                 raise
@@ -313,9 +301,15 @@ class Runner:
                          figures=tuple(written.figures), figure_error=error)
 
 
+def _reason_line(outcome: Outcome) -> str:
+    where = f" at {outcome.source}" if outcome.source else ""
+    why = f" ({outcome.details[0]})" if outcome.details else ""
+    return f"{outcome.metric} = {outcome.measured_text}, expected {outcome.expected}{where}{why}"
+
+
 class ExpectFixture:
     """The ``neuronpatch_expect`` fixture: :func:`~neuronpatch.probes.expect` for a test,
-    plus what a probe gets: artifacts, JUnit properties, figures in pytest-html.
+    plus what a probe gets: artifacts, JUnit metrics, a row in the report, figures in pytest-html.
 
     Example:
         >>> def test_tracks(neuronpatch_runner, neuronpatch_expect):   # doctest: +SKIP
@@ -333,26 +327,32 @@ class ExpectFixture:
         __tracebackhide__ = True
         from neuronpatch.errors import ProbeSpecError
         from neuronpatch.probes.expectations import caller_source, parse_expectations
-        from neuronpatch.pytest_plugin import report
 
         if not ranges:
             raise ProbeSpecError(
                 "neuronpatch_expect() got no expectations; expected metric=range keywords, "
                 "e.g. slope=[0.8, 1.2]"
             )
-        expectations = parse_expectations(ranges, source=caller_source(1))
+        source = caller_source(1)
+        if source is not None:  # as the user types it: relative to where pytest was started
+            file, _, lineno = source.rpartition(":")
+            source = f"{shown_path(file, self._item.config.invocation_params.dir)}:{lineno}"
+        expectations = parse_expectations(ranges, source=source)
         self._calls += 1
+        item = self._item
         # A second call in the same test gets its own directory instead of overwriting.
-        node_id = self._item.nodeid if self._calls == 1 else f"{self._item.nodeid}#{self._calls}"
-        verdict = self._runner.evaluate(
-            result, expectations, node_id=node_id, title=self._item.name,
-            source=expectations[0].source,
-        )
-        report.record(self._item, verdict, FIGURES_KEY)
+        node_id = item.nodeid if self._calls == 1 else f"{item.nodeid}#{self._calls}"
+        verdict = self._runner.evaluate(result, expectations, node_id=node_id, title=item.name,
+                                        source=source)
+        record_metrics(item, verdict)
+        base = item.config.invocation_params.dir
+        head = shown_path(result.head_path, base)
+        item.stash[RECORD_KEY] = make_record(
+            kind="test", name=item.name, location=source, verdict=verdict, head=head,
+            embed=bool(item.config.getoption("neuronpatch_report_embed", False)))
         if not verdict.passed:
-            raise report.ProbeFailed(report.probe_failure(
-                f"test {self._item.name!r}", verdict,
-                head=report.shown_path(result.head_path, self._item.config.invocation_params.dir),
-                result=result, base=self._item.config.invocation_params.dir,
-            ))
+            title = f"test {item.name!r}"
+            where, number, crash = crash_line(title, verdict)
+            raise ProbeFailed(probe_failure(title, verdict, head=head, result=result, base=base),
+                              crash=crash, path=where, line=number)
         return list(verdict.outcomes)

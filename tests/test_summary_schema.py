@@ -1,0 +1,42 @@
+"""summary.json has fixed types and a verdict; the JSON Schema shipped in the package says so."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from neuronpatch.artifacts import summary_schema, write_artifacts
+from tests.test_plots import linear_case
+
+
+@pytest.fixture(scope="module")
+def validator():
+    return jsonschema.Draft202012Validator(summary_schema())
+
+
+def test_the_schema_is_a_valid_json_schema():
+    jsonschema.Draft202012Validator.check_schema(summary_schema())
+
+
+def test_a_summary_validates_and_its_types_are_fixed(tmp_path, validator):
+    res = linear_case()
+    summary = json.loads(write_artifacts(res, tmp_path, figures=False).summary.read_text())
+    validator.validate(summary)
+    assert isinstance(summary["scaling_factors"], list)
+    assert all(isinstance(f, float) for f in summary["scaling_factors"])
+    assert [r["index"] for r in summary["inputs"]] == list(range(len(res.inputs)))
+    assert [r["text"] for r in summary["per_input_sensitivity"]] == list(res.inputs)
+    assert summary["verdict"]["outcome"] is None and summary["verdict"]["reading"]
+
+
+@pytest.mark.parametrize("broken", [
+    {"scaling_factors": "scale=0.5"},             # a string where a list belongs
+    {"per_input_sensitivity": {"a text": {}}},    # keyed by text, as before
+    {"verdict": {"outcome": "fine"}},             # not one of pytest's outcomes
+])
+def test_the_schema_rejects_the_old_shapes(tmp_path, validator, broken):
+    summary = json.loads(write_artifacts(linear_case(), tmp_path, figures=False).summary.read_text())
+    summary.update(broken)
+    assert list(validator.iter_errors(summary))
