@@ -27,8 +27,9 @@ from neuronpatch import run_experiment
 from neuronpatch.models import clear_cache, load_model
 from neuronpatch.testing import tiny_tokenizer, write_head
 
-WORDS = ("the cat dog sat on mat quick brown fox jumps over lazy model learns attention numbers "
-         "three four five and machine learning transformers process sequences researchers study").split()
+WORDS = ["the", "cat", "dog", "sat", "on", "mat", "quick", "brown", "fox", "jumps", "over", "lazy",
+         "model", "learns", "attention", "numbers", "three", "four", "five", "and", "machine",
+         "learning", "transformers", "process", "sequences", "researchers", "study"]
 SIZES = {
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024),
     "gpt_neox": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -95,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print(f"| architecture | floor s | engine × floor | HF hooks × floor | route |")
+        print("| architecture | floor s | engine × floor | HF hooks × floor | route |")
         print("| --- | ---: | ---: | ---: | --- |")
         for arch in args.archs:
             path = make(root, arch)

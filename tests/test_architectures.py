@@ -27,18 +27,21 @@ IVS = (Intervention("scale", 0.0), Intervention("scale", 2.5), Intervention("set
 
 # name: (head config, position, routes that must serve it)
 CASES: dict[str, tuple[dict, str | int, tuple[str, ...]]] = {
-    "tl-final-post": (dict(target_layer=1, layer_type="post", feature_layer=-1), "last", ("auto", "kv", "full")),
+    "tl-final-post": (dict(target_layer=1, layer_type="post", feature_layer=-1), "last",
+                      ("auto", "kv", "full")),
     "tl-after-post": (dict(target_layer=1, layer_type="post", feature_layer=1), "last",
                       ("auto", "linear", "kv", "full")),
     "tl-after-mlp_out-relu": (dict(target_layer=1, layer_type="mlp_out", feature_layer=1, hidden_dim=6,
                                    head_config={"activation": "relu", "output_scale": 1.7}), "last",
                               ("auto", "kv", "full")),
-    "tl-resid_post-silu-earlier": (dict(target_layer=0, layer_type="resid_post", feature_layer=-1, hidden_dim=5,
-                                        head_config={"activation": "silu"}), 1, ("auto", "kv", "full")),
+    "tl-resid_post-silu-earlier": (dict(target_layer=0, layer_type="resid_post", feature_layer=-1,
+                                        hidden_dim=5, head_config={"activation": "silu"}), 1,
+                                   ("auto", "kv", "full")),
     "tl-attn_out-classifier-neg": (dict(target_layer=1, layer_type="attn_out", feature_layer=2,
                                         head_type="classification", n_classes=4,
                                         bin_edges=[-2.0, -0.5, 0.0, 0.5, 2.0]), -2, ("auto", "kv", "full")),
-    "tl-upstream": (dict(target_layer=2, layer_type="post", feature_layer=1), "last", ("auto", "upstream", "kv")),
+    "tl-upstream": (dict(target_layer=2, layer_type="post", feature_layer=1), "last",
+                    ("auto", "upstream", "kv")),
     "hf-final-norm": (dict(target_layer=1, layer_type="post", feature_layer=-1, coordinates="hf"), "last",
                       ("auto", "kv", "full")),
     "hf-mid-mlp_out": (dict(target_layer=0, layer_type="mlp_out", feature_layer=2, coordinates="hf"), "last",
@@ -63,7 +66,6 @@ def _reference(oracle: Oracle, head: Path, cfg: dict, position: str | int, ivs: 
         n = len(oracle.ids(text))
         read = n - 1
         pos = list(range(n)) if position == "all" else [read if position == "last" else position % n]
-        a, _, f = oracle.run(text, cfg=full_cfg, patch=None) if position != "all" else (None, None, None)
         c, _, f = oracle.run(text, cfg=full_cfg, patch=(pos, 1.0, 0.0))
         clean_a.append(c)
         clean_p.append(head_predict(head, f, digits))

@@ -32,14 +32,16 @@ def test_train_head_writes_a_loadable_artifact(tmp_path, model_dir, capsys, inte
     corpus.write_text(CORPUS)
     out = tmp_path / "head"
     args = ["train-head", "--model", str(model_dir), "--layer", "0", "--neuron", "5",
-            "--feature-layer", "1", "--corpus", str(corpus), "--windows", "200", "--out", str(out)]
+            "--feature-layer", "0", "--corpus", str(corpus), "--windows", "200", "--out", str(out)]
     assert main(args + (["--intervene"] if intervene else [])) == 0
     printed = capsys.readouterr().out
     cfg = json.loads((out / "config.json").read_text())
     assert f"held-out {cfg['training']['held_out_r2']:.4f}" in printed
     assert cfg["training"]["data"] == ("interventional" if intervene else "natural")
     head = load_head(out)
-    assert head.config.target_neuron == 5 and head.config.feature_layer == 1
+    # transformer_lens coordinates (the default): feature_layer 0 is block 0's output.
+    assert head.config.target_neuron == 5 and head.config.feature_layer == 0
+    assert head.config.coordinates == "transformer_lens" and cfg["coordinates"] == "transformer_lens"
     # The head really predicts the neuron on held-out style text.
     assert cfg["training"]["held_out_r2"] > 0.5
     res = run_experiment(out, ["the cat sat on mat number 3", "word5 the cat"], set=[0.0, 1.0])
@@ -49,12 +51,15 @@ def test_train_head_writes_a_loadable_artifact(tmp_path, model_dir, capsys, inte
 def test_interventional_training_makes_the_head_track_the_unit(tmp_path, model_dir):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(CORPUS)
-    w_out = load_model(model_dir).W_out[0, 5]
-    rep = train_head(model=str(model_dir), layer=0, neuron=5, feature_layer=1, corpus=corpus,
+    from safetensors.torch import load_file
+
+    w_out = load_file(str(model_dir / "model.safetensors"))["transformer.h.0.mlp.c_proj.weight"][5]
+    w_out = w_out - w_out.mean()  # transformer_lens coordinates of a LayerNorm model: centred
+    rep = train_head(model=str(model_dir), layer=0, neuron=5, feature_layer=0, corpus=corpus,
                      windows=300, intervene=True, out=tmp_path / "h")
     w = load_head(rep.out_dir).linear_weight
     assert w is not None
-    # The analytic slope of a linear head right after the unit is w·W_out[n]; trained on
+    # The analytic slope of a linear head right after the unit is w·(W_out[n] − mean); trained on
     # interventions it should be close to 1.
     assert 0.7 < float(w @ w_out) < 1.3
 

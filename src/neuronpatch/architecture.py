@@ -38,6 +38,8 @@ SITE_KINDS: tuple[str, ...] = (
     "block_in", "attn_write", "mlp_pre", "mlp_post", "mlp_write", "block_out", "final_norm", "logits",
 )
 # Forward order inside a block; block_out(L) comes before block_in(L + 1).
+_TL_NAMES = {"block_in": "hook_resid_pre", "attn_write": "hook_attn_out", "mlp_pre": "mlp.hook_pre",
+             "mlp_post": "mlp.hook_post", "mlp_write": "hook_mlp_out", "block_out": "hook_resid_post"}
 _STAGE = {"block_in": 0, "attn_write": 1, "mlp_pre": 2, "mlp_post": 3, "mlp_write": 4, "block_out": 5}
 
 
@@ -57,7 +59,10 @@ class Site:
         return (self.layer, _STAGE[self.kind])
 
     def __str__(self) -> str:
-        return self.kind if self.kind in ("final_norm", "logits") else f"{self.kind}[{self.layer}]"
+        """The TransformerLens hook name that holds this tensor (in its own coordinates)."""
+        if self.kind in _TL_NAMES:
+            return f"blocks.{self.layer}.{_TL_NAMES[self.kind]}"
+        return "ln_final.hook_out" if self.kind == "final_norm" else "unembed.hook_out"
 
 
 @dataclass
@@ -82,7 +87,8 @@ class Architecture:
     def check(self, site: Site) -> None:
         """Raise ``ModelLoadError`` when this architecture has no such site."""
         if site.kind in self.refused:
-            raise ModelLoadError(f"{self.name}: {site.kind} units are not supported: {self.refused[site.kind]}")
+            why = self.refused[site.kind]
+            raise ModelLoadError(f"{self.name}: {site.kind} units are not supported: {why}")
         if site.kind in ("logits", "block_in", "block_out"):
             return
         if site.kind == "final_norm":
@@ -137,7 +143,7 @@ def describe(hf_model: nn.Module) -> Architecture:
     if "Scaled" in block_cls:
         why = "the block scales attention and MLP outputs inline before adding them"
         refused["mlp_write"] = refused["attn_write"] = why
-    mlp_b, attn_b = sub.get("mlp"), sub.get("attn")
+    mlp_b = sub.get("mlp")
     if mlp_b is not None and ("MoE" in type(mlp_b).__name__ or "Moe" in type(mlp_b).__name__):
         refused["mlp_post"] = refused["mlp_pre"] = "the MLP is a mixture of experts"
         refused["mlp_write"] = "the MLP is a mixture of experts"

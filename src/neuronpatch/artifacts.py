@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuronpatch._io import atomic_write_text
+from neuronpatch._io import atomic_write_text, ensure_directory
 from neuronpatch.result import ExperimentResult, to_jsonable
 
 
@@ -65,7 +65,7 @@ def write_artifacts(
         ('summary.json', 5)
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_directory(out, "artifacts directory")
     paths: tuple[Path, ...] = ()
     if figures:
         from neuronpatch.plots import write_figures  # matplotlib only when figures are wanted

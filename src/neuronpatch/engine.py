@@ -389,10 +389,12 @@ def _linear_direction(model: LoadedModel, p: Plan, enc: Encoded) -> Tensor | Non
     if p.upstream or any(pp != [r] for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True)):
         return None
     u, f, n_layers = p.unit, p.feature, model.n_layers
-    after = (f.kind == "block_out" and f.layer == u.layer) or (f.kind == "block_in" and f.layer == u.layer + 1)
+    after = ((f.kind == "block_out" and f.layer == u.layer)
+             or (f.kind == "block_in" and f.layer == u.layer + 1))
     d = model.d_model
     if u.kind == "mlp_post" and after:
         proj = model.arch.mlp_out_proj[u.layer]
+        assert proj is not None  # checked when the plan was made
         w = next(proj.parameters())
         e = torch.zeros(1, 1, model.unit_width(True), dtype=w.dtype, device=w.device)
         with torch.inference_mode():
@@ -685,7 +687,7 @@ def run_experiment(
         target_layer=cfg.target_layer,
         target_neuron=cfg.target_neuron,
         layer_type=cfg.layer_type,
-        unit_hook=f"{p.unit}:{p.neuron}",
+        unit_hook=str(p.unit),
         feature_hook=str(p.feature),
         token_pos=cfg.token_pos,
         patch_position=str(pos),

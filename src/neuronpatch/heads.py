@@ -20,11 +20,10 @@ from __future__ import annotations
 
 import difflib
 import itertools
-import json
 import math
 import pickle
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from torch import Tensor
 
 from neuronpatch import units
 from neuronpatch.errors import HeadConfigError, UnsafeArtifactError, config_error
+from neuronpatch.limits import load_json_bounded
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
@@ -171,7 +171,8 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
         if key not in _HEAD_CONFIG_KEYS:
             err = _unknown_key(key, _HEAD_CONFIG_KEYS, where, f"head_config.{key}")
             raise err or config_error(where, f"head_config.{key}", hc[key],
-                                      "no such key; head_config takes " + ", ".join(sorted(_HEAD_CONFIG_KEYS)))
+                                      "no such key; head_config takes "
+                                      + ", ".join(sorted(_HEAD_CONFIG_KEYS)))
     hidden_dim = hc.get("hidden_dim")
     if hidden_dim is not None and (isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int)
                                    or hidden_dim < 1):
@@ -189,7 +190,8 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
         raise config_error(where, "head_config.class_name", class_name,
                            f"{expected!r} for head_type {head_type!r}")
     input_dim = hc.get("input_dim")
-    if input_dim is not None and (isinstance(input_dim, bool) or not isinstance(input_dim, int) or input_dim < 1):
+    if input_dim is not None and (isinstance(input_dim, bool) or not isinstance(input_dim, int)
+                                  or input_dim < 1):
         raise config_error(where, "head_config.input_dim", input_dim, "a positive integer")
     num_classes = hc.get("num_classes")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
@@ -406,7 +408,8 @@ class Head:
             ids = self.digit_token_ids(model)
             vocab = model.vocab_size
             if any(i >= vocab for i in ids):
-                raise config_error(where, "head_config.digit_tokens", list(ids), f"ids below the vocabulary size {vocab}")
+                raise config_error(where, "head_config.digit_tokens", list(ids),
+                                   f"ids below the vocabulary size {vocab}")
 
     def digit_token_ids(self, model: LoadedModel) -> tuple[int, ...]:
         """Token ids of "0".."9": from the config, else as the seed pipeline finds them.
@@ -457,7 +460,7 @@ class Head:
         return torch.softmax(out, dim=-1) @ centres
 
 
-_ACTIVATION_FNS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+_ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
 def load_head(path: str | Path) -> Head:
@@ -474,12 +477,10 @@ def load_head(path: str | Path) -> Head:
     if not path.is_dir():
         raise HeadConfigError(f"{path}: head directory not found")
     cfg_path = path / "config.json"
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise HeadConfigError(f"{cfg_path}: missing (a head directory needs config.json)") from None
-    except json.JSONDecodeError as e:
-        raise HeadConfigError(f"{cfg_path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not cfg_path.exists() and not cfg_path.is_symlink():
+        raise HeadConfigError(f"{cfg_path}: missing (a head directory needs config.json)")
+    # Bounded: size, nesting depth and special files are refused in one line.
+    raw = load_json_bounded(cfg_path, what="head config", error=HeadConfigError)
     config = parse_config(raw, cfg_path)
     if config.head_type == "token" and not (path / "head.pt").exists() and not (
         path / "head.safetensors"

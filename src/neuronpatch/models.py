@@ -80,7 +80,7 @@ class LoadedModel:
         proj = next((m for m in self.arch.mlp_out_proj if m is not None), None)
         if proj is None:
             raise ModelLoadError(f"{self.arch.name}: no MLP output projection found")
-        w = proj.weight
+        w: Any = proj.weight
         # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
         return int(w.shape[0] if type(proj).__name__ == "Conv1D" else w.shape[1])
 
@@ -206,7 +206,8 @@ def load_model(
         try:
             config = AutoConfig.from_pretrained(path)
         except Exception as e:
-            raise ModelLoadError(f"could not read the config of model {os.fspath(name)!r} at {path}: {e}") from e
+            raise ModelLoadError(
+                f"could not read the config of model {os.fspath(name)!r} at {path}: {e}") from e
         _refuse_non_causal(config, os.fspath(name))
         bar_was_on = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # no "Loading weights" bar in CLI output

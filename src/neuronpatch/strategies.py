@@ -122,8 +122,8 @@ def sentences(
 
 
 def _tokenizer_of(obj: Any) -> tuple[Any, int | None]:
-    if hasattr(obj, "cfg") and hasattr(obj, "tokenizer"):  # a TransformerBridge
-        return obj.tokenizer, int(obj.cfg.n_ctx)
+    if hasattr(obj, "arch") and hasattr(obj, "tokenizer"):  # a neuronpatch LoadedModel
+        return obj.tokenizer, obj.n_ctx
     return obj, None
 
 

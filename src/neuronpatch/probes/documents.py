@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from neuronpatch.errors import ProbeSpecError
+from neuronpatch.limits import PROBE_FILE_BYTES, check_yaml_text, read_text_bounded
 
 __all__ = [
     "PROBE_SUFFIXES",
@@ -236,6 +237,19 @@ def _first_content_line(start: int, text: str) -> int:
     return start
 
 
+def _read_bounded_chunk(start: int, text: str, shown: str,
+                        ) -> tuple[Any, dict[Loc, int], list[tuple[int, str]], bool]:
+    """Depth, node count and anchors/aliases are bounded before PyYAML builds anything."""
+    try:
+        check_yaml_text("\n" * (start - 1) + text, shown, error=ProbeSpecError)
+    except ProbeSpecError as e:
+        line = getattr(e, "line", None) or _first_content_line(start, text)
+        message = str(e).split(": ", 1)[1] if str(e).startswith(shown) else str(e)
+        message = message.split(": ", 1)[1] if message.split(": ", 1)[0].isdigit() else message
+        return None, {(): _first_content_line(start, text)}, [(line, message)], False
+    return _read_chunk(start, text)
+
+
 def _read_chunk(start: int, text: str) -> tuple[Any, dict[Loc, int], list[tuple[int, str]], bool]:
     """Parse one chunk: (data, lines, problems, empty). Line numbers are the file's."""
     # Leading newlines put the parser's marks on the file's own line numbers.
@@ -278,13 +292,12 @@ def load_documents(path: str | os.PathLike[str], *, display: str | None = None) 
     """
     path = Path(path)
     shown = display or os.fspath(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ProbeSpecError(f"{shown}: cannot read probe file: {e}") from e
+    # Size, special files, NUL and control bytes: checked before anything parses the file.
+    text = read_text_bounded(path, max_bytes=PROBE_FILE_BYTES, what="probe file", error=ProbeSpecError,
+                             display=shown)
     found = []
     for start, chunk in split_documents(text):
-        data, lines, problems, empty = _read_chunk(start, chunk)
+        data, lines, problems, empty = _read_bounded_chunk(start, chunk, shown)
         if not empty:
             found.append((data, lines, problems, chunk))
     return [

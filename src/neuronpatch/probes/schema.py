@@ -156,16 +156,16 @@ def _read_inputs(value: Any, info: ValidationInfo) -> Any:
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"file is {name!r}; expected the path of a text file, one input a line")
     path = _base_dir(info) / name
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    if not path.exists() and not path.is_symlink():
         raise ValueError(
             f"inputs file {name!r} not found (looked for {path}); expected a text file "
             "relative to this file, one input a line"
-        ) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"inputs file {name!r} cannot be read ({e}); expected UTF-8 text") from e
-    texts = [line for line in text.splitlines() if line.strip()]
+        )
+    from neuronpatch.limits import read_lines_bounded
+
+    # Bounded and lazy: /dev/zero or a multi-GB file is refused, never read whole.
+    texts = [line for line in read_lines_bounded(path, what=f"inputs file {name!r}", display=name)
+             if line.strip()]
     if not texts:
         raise ValueError(f"inputs file {name!r} has no non-blank line; expected one input a line")
     return texts
