@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: test demo lint bench clean
+.PHONY: test demo lint bench conformance clean
 
 $(PY): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -22,6 +22,9 @@ demo: $(PY)
 lint: $(PY)
 	.venv/bin/ruff check src tests benchmarks
 	.venv/bin/mypy
+
+conformance: $(PY)
+	.venv/bin/neuronpatch conformance --out docs/conformance.md
 
 bench: $(PY)
 	$(PY) benchmarks/bench_engine.py

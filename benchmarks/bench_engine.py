@@ -7,8 +7,11 @@ attention). Every repetition draws fresh inputs, so no cache is ever timed.
 
     python benchmarks/bench_engine.py --repeats 5
 
-Columns: the engine's default route; one clean batched forward (the floor); a
-hand-written pass of HF forward hooks over all 64 patched rows at once.
+Columns, each as a multiple of the floor (one clean batched HF forward of the 8
+inputs): the engine's default route; a hand-written pass of HF forward hooks
+over all 64 patched rows at once; nnsight (the optional ``bench`` extra), one
+trace with one invoke per scale factor; the seed notebook's loop (a clean and a
+patched forward per input and factor).
 """
 
 from __future__ import annotations
@@ -88,6 +91,61 @@ def hooks_pass(model, texts: list[str]) -> None:
         h.remove()
 
 
+def _module_path(model, module) -> str:
+    return next(name for name, m in model.hf.named_modules() if m is module)
+
+
+def nnsight_pass(model, lm, texts: list[str]) -> None:
+    """One nnsight trace, one invoke per factor over the 8 inputs, reading the final state."""
+    path = _module_path(model, model.arch.mlp_out_proj[8]).split(".")
+    tok = model.tokenizer
+    rows = [tok(t)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    saved = []
+    with torch.inference_mode(), lm.trace() as tracer:
+        for f in FACTORS:
+            with tracer.invoke({"input_ids": ids, "attention_mask": mask}):
+                env = lm
+                for part in path:
+                    env = env[int(part)] if part.isdigit() else getattr(env, part)
+                x = env.input
+                x[:, -1, 481] = x[:, -1, 481] * f
+                last = lm
+                blocks = _module_path(model, model.arch.blocks[-1]).split(".")
+                for part in blocks:
+                    last = last[int(part)] if part.isdigit() else getattr(last, part)
+                saved.append(last.output[0][:, -1].save() if isinstance(last.output, tuple)
+                             else last.output[:, -1].save())
+
+
+def seed_loop(model, texts: list[str]) -> None:
+    """The notebook's way: per input and factor, a clean forward and a patched forward."""
+    proj = model.arch.mlp_out_proj[8]
+    for text in texts:
+        ids = torch.tensor([model.tokenizer(text)["input_ids"]])
+        for f in FACTORS:
+            with torch.inference_mode():
+                model.hf(ids, output_hidden_states=True)
+
+            def pre(m, args, f=f):
+                x = args[0].clone()
+                x[:, -1, 481] *= f
+                return (x,)
+
+            h = proj.register_forward_pre_hook(pre)
+            try:
+                with torch.inference_mode():
+                    model.hf(ids, output_hidden_states=True)
+            finally:
+                h.remove()
+
+
+def _ratio(times: list[float], floor_s: float) -> str:
+    return f"{statistics.median(times) / floor_s:.2f}" if times else "n/a"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -96,32 +154,47 @@ def main() -> None:
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        print("| architecture | floor s | engine × floor | HF hooks × floor | route |")
-        print("| --- | ---: | ---: | ---: | --- |")
+        print("| architecture | floor s | engine × floor (min–max) | HF hooks, one pass | "
+              "nnsight, one trace | seed loop | route |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
         for arch in args.archs:
             path = make(root, arch)
             model = load_model(str(path), device="cpu")
             head = write_head(root / f"head-{arch}", path, target_layer=8, target_neuron=481,
                               feature_layer=-1, coordinates="transformer_lens")
             rng = random.Random(1)
-            times: dict[str, list[float]] = {"floor": [], "engine": [], "hooks": []}
+            try:
+                from nnsight import LanguageModel
+
+                lm = LanguageModel(model.hf, tokenizer=model.tokenizer)
+            except ImportError:
+                lm = None
+            columns = ["floor", "engine", "hooks", "nnsight", "seed"]
+            times: dict[str, list[float]] = {name: [] for name in columns}
             route = ""
             for rep in range(args.repeats + 1):
-                for name in ("floor", "engine", "hooks"):
+                for name in columns:
+                    if name == "nnsight" and lm is None:
+                        continue
                     texts = inputs(rng)  # fresh inputs every repetition and every column
                     t0 = time.perf_counter()
                     if name == "floor":
                         floor(model, texts)
                     elif name == "engine":
                         route = run_experiment(head, texts, scale=FACTORS, model=model).method
-                    else:
+                    elif name == "hooks":
                         hooks_pass(model, texts)
+                    elif name == "nnsight":
+                        nnsight_pass(model, lm, texts)
+                    else:
+                        seed_loop(model, texts)
                     if rep:  # the first repetition warms up
                         times[name].append(time.perf_counter() - t0)
             fl = statistics.median(times["floor"])
-            print(f"| {arch} | {fl:.3f} | {statistics.median(times['engine']) / fl:.2f} "
-                  f"({min(times['engine']) / fl:.2f}–{max(times['engine']) / fl:.2f}) | "
-                  f"{statistics.median(times['hooks']) / fl:.2f} | {route} |", flush=True)
+            r = {name: _ratio(ts, fl) for name, ts in times.items()}
+            print(f"| {arch} | {fl:.3f} | {r['engine']} ({min(times['engine']) / fl:.2f}–"
+                  f"{max(times['engine']) / fl:.2f}) | {r['hooks']} | {r['nnsight']} | "
+                  f"{r['seed']} | {route} |", flush=True)
             clear_cache()
 
 

@@ -160,3 +160,31 @@ def test_collect_with_set_values_writes_the_value(model_dir):
     model = load_model(str(model_dir), device="cpu")
     _, acts = collect(model, TEXTS, layer=0, neuron=3, feature_layer=1, set_values=[0.5, 1, 2, 3])
     assert acts.tolist() == [0.5, 1.0, 2.0, 3.0]
+
+
+def test_a_site_that_disagrees_with_hf_is_refused_by_name(model_dir):
+    # A wrong module for the final norm (or one that runs twice) must be refused, never read.
+    from transformers import AutoModelForCausalLM
+
+    from neuronpatch.architecture import Site, describe, verify
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    arch = describe(hf)
+    verify(hf, arch)
+    assert arch.refused == {}
+    arch.final_norm = arch.blocks[0]
+    verify(hf, arch)
+    assert "final_norm" in arch.refused
+    with pytest.raises(ModelLoadError, match="the final_norm site is refused"):
+        arch.check(Site("final_norm", arch.n_layers))
+
+
+def test_conformance_command_writes_exact_and_refused_rows(tmp_path):
+    from neuronpatch.cli import main
+
+    out = tmp_path / "conformance.md"
+    assert main(["conformance", "--arch", "gpt2", "--arch", "bert", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| gpt2 | 22/22 |" in text
+    assert "| bert | 0/1 |" in text and "not a causal attention decoder" in text
+    assert "Cells off: 0." in text

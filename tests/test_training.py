@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from neuronpatch import load_head, load_model, run_experiment
+from neuronpatch import load_head, run_experiment
 from neuronpatch.cli import main
 from neuronpatch.testing import tiny_gpt2
 from neuronpatch.training import train_head

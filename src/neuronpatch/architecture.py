@@ -88,11 +88,9 @@ class Architecture:
         """Raise ``ModelLoadError`` when this architecture has no such site."""
         if site.kind in self.refused:
             why = self.refused[site.kind]
-            raise ModelLoadError(f"{self.name}: {site.kind} units are not supported: {why}")
-        if site.kind in ("logits", "block_in", "block_out"):
+            raise ModelLoadError(f"{self.name}: the {site.kind} site is refused: {why}")
+        if site.kind in ("logits", "block_in", "block_out", "final_norm"):
             return
-        if site.kind == "final_norm":
-            return  # without a final norm, the last block's output stands in (HF does the same)
         table = {"mlp_post": self.mlp_out_proj, "mlp_pre": self.mlp_pre_proj,
                  "mlp_write": self.mlp_write, "attn_write": self.attn_write}[site.kind]
         if table[site.layer] is None:
@@ -260,3 +258,73 @@ def attach(arch: Architecture, site: Site, fn: Edit, batch: int) -> Any:
     mod = table[k][L]
     assert mod is not None, f"{arch.name} has no {k} site in block {L}"
     return mod.register_forward_hook(out_hook)
+
+
+def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> None:
+    """Check the site map against the model's own outputs; refuse (by name) what disagrees.
+
+    One short forward with ``output_hidden_states``: each block's input must be
+    HF's ``hidden_states[L]``, each block's output ``hidden_states[L + 1]``, the
+    final norm's output the last entry, and a block's output must be its input
+    plus its attention and MLP writes. A site that fails is added to
+    ``arch.refused`` with the reason, so nothing is ever patched or read there.
+    """
+    got: dict[tuple[str, int], Tensor] = {}
+    calls: dict[tuple[str, int], int] = {}
+    handles = []
+
+    def keep(key: tuple[str, int]) -> Edit:
+        def fn(t: Tensor) -> None:
+            got[key] = t.detach().float().clone()
+            calls[key] = calls.get(key, 0) + 1
+        return fn
+
+    n = arch.n_layers
+    for L in range(n):
+        for kind in ("block_in", "block_out", "attn_write", "mlp_write"):
+            if kind in arch.refused:
+                continue
+            table = {"attn_write": arch.attn_write, "mlp_write": arch.mlp_write}.get(kind)
+            if table is not None and table[L] is None:
+                continue
+            handles.append(attach(arch, Site(kind, L), keep((kind, L)), 1))
+    handles.append(attach(arch, Site("final_norm", n), keep(("final_norm", n)), 1))
+    vocab = int(hf_model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+    ids = (torch.arange(6) * 7 + 3)[None] % vocab
+    try:
+        with torch.inference_mode():
+            out = hf_model(input_ids=ids.to(next(hf_model.parameters()).device), output_hidden_states=True)
+    finally:
+        for h in handles:
+            h.remove()
+    hs = [h.float() for h in out.hidden_states]
+
+    def close(a: Tensor, b: Tensor) -> bool:
+        return a.shape == b.shape and float((a - b).abs().max()) <= rtol * (float(b.abs().max()) + 1.0)
+
+    def refuse(kinds: tuple[str, ...], why: str) -> None:
+        for kind in kinds:
+            arch.refused.setdefault(kind, why)
+
+    for (kind, _layer), count in calls.items():
+        if count > 1:  # one module used twice (a norm shared by embeddings and output, say)
+            refuse((kind,), f"its module runs {count} times in one forward pass, so the site is ambiguous")
+
+    if len(hs) != n + 1:
+        refuse(("block_in", "block_out", "final_norm"),
+               f"HF returns {len(hs)} hidden states for {n} blocks")
+        return
+    for L in range(n):
+        if ("block_in", L) in got and not close(got["block_in", L], hs[L]):
+            refuse(("block_in",), f"block {L}'s input is not HF's hidden_states[{L}]")
+        if n - 1 > L and ("block_out", L) in got and not close(got["block_out", L], hs[L + 1]):
+            refuse(("block_out",), f"block {L}'s output is not HF's hidden_states[{L + 1}]")
+        keys = [("block_in", L), ("block_out", L), ("attn_write", L), ("mlp_write", L)]
+        if all(k in got for k in keys):
+            total = got["block_in", L] + got["attn_write", L] + got["mlp_write", L]
+            if not close(total, got["block_out", L]):
+                refuse(("attn_write", "mlp_write"),
+                       "a block's output is not its input plus its attention and MLP outputs")
+    final = got.get(("final_norm", n))
+    if final is None or not close(final, hs[n]):
+        refuse(("final_norm",), "HF's last hidden state is not the final norm's output")

@@ -171,6 +171,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    from neuronpatch.conformance import TOLERANCE, run
+
+    cells = run(args.out, args.arch)
+    off = [c for c in cells if c.error is not None and c.error > TOLERANCE]
+    print(f"Wrote {args.out}: {len(cells)} cells, {len(off)} off")
+    return 1 if off else 0
+
+
 def _cmd_train_head(args: argparse.Namespace) -> int:
     check_output_directory(args.out, "--out")
     if args.corpus is not None:
@@ -254,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--min-r2", type=float, default=None, metavar="R2",
                     help="exit with status 1 when the held-out R² is below this")
     th.set_defaults(func=_cmd_train_head)
+    cf = sub.add_parser("conformance", help="check the engine on a tiny random model of every architecture")
+    cf.add_argument("--out", type=Path, default=Path("docs/conformance.md"), help="table to write")
+    cf.add_argument("--arch", action="append", metavar="TYPE",
+                    help="an HF model_type to check (repeatable; default: every candidate)")
+    cf.set_defaults(func=_cmd_conformance)
     return parser
 
 

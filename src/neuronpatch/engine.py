@@ -555,8 +555,8 @@ def _check_shortcut(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, r
     scale = float(want.abs().max()) + 1.0
     err = float((want - have).abs().max())
     if err > _CHECK_RTOL * scale:
-        return (f"route {route.method!r} assumes {route.reason}, but a real patched run differs by "
-                f"{err:.3g} on input 0")
+        return (f"route {route.method!r} does not hold for this model: a real patched run differs from "
+                f"it by {err:.3g} on input 0 (the write path is not linear, e.g. a norm after the MLP)")
     return None
 
 

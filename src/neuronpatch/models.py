@@ -201,7 +201,7 @@ def load_model(
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from neuronpatch.architecture import describe
+        from neuronpatch.architecture import describe, verify
 
         try:
             config = AutoConfig.from_pretrained(path)
@@ -223,6 +223,7 @@ def load_model(
         for p in hf.parameters():
             p.requires_grad_(False)
         arch = describe(hf)
+        verify(hf, arch)  # sites that disagree with HF's own outputs are refused by name
         model = LoadedModel(hf=hf, tokenizer=tokenizer, arch=arch, name=os.fspath(name), path=path,
                             device=dev, dtype=dt)
         _CACHE[key] = model

@@ -76,21 +76,10 @@ _TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key
              intermediate_size=64, max_position_embeddings=128, head_dim=8)
 
 
-def tiny_model(path: str | Path, model_type: str, *, seed: int = 0, std: float = 0.3) -> Path:
-    """Write a tiny random causal LM of any HF architecture, with every parameter random.
+def tiny_config(model_type: str) -> Any:
+    """The config :func:`tiny_model` builds: tiny sizes set through each config's own names."""
+    from transformers import AutoConfig
 
-    Norm gains and biases are random too (gain ``1 + N(0, std)``, bias ``N(0, std)``):
-    default initialisation (gain 1, bias 0) hides code that drops them. Grouped-query
-    attention (2 KV heads for 4 query heads) and a short sliding window are used where
-    the architecture has them.
-
-    Example:
-        >>> tiny_model(tmp_path / "llama", "llama")   # doctest: +SKIP
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()
     cfg = AutoConfig.for_model(model_type)
     sizes = {**_TINY, "vocab_size": len(tokenizer)}
@@ -111,6 +100,26 @@ def tiny_model(path: str | Path, model_type: str, *, seed: int = 0, std: float =
     cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     if hasattr(cfg, "pad_token_id"):
         cfg.pad_token_id = tokenizer.eos_token_id
+    return cfg
+
+
+def tiny_model(path: str | Path, model_type: str, *, seed: int = 0, std: float = 0.3) -> Path:
+    """Write a tiny random causal LM of any HF architecture, with every parameter random.
+
+    Norm gains and biases are random too (gain ``1 + N(0, std)``, bias ``N(0, std)``):
+    default initialisation (gain 1, bias 0) hides code that drops them. Grouped-query
+    attention (2 KV heads for 4 query heads) and a short sliding window are used where
+    the architecture has them.
+
+    Example:
+        >>> tiny_model(tmp_path / "llama", "llama")   # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer()
+    cfg = tiny_config(model_type)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(seed)

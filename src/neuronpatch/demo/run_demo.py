@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         art = write_artifacts(res, args.out / name, title=name)
         figures.append((name, art.directory))
         training = cfg.get("training", {})
-        reads = f"hidden[{cfg['feature_layer']}]"
+        fl = cfg["feature_layer"]
+        reads = (f"hidden_states[{fl}]" if cfg.get("coordinates") == "hf"
+                 else f"resid_post[{fl}]")
         r2 = "  nan" if math.isnan(res.r_squared) else f"{res.r_squared:6.3f}"
         print(f"{name:<16} {reads:<14} {training.get('data', '?'):<15} "
               f"{training.get('held_out_r2', math.nan):>11.3f} {res.baseline_correlation:>10.3f} "
