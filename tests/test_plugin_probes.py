@@ -363,3 +363,37 @@ def test_help_lists_the_options_and_ini_keys(project):
         "*--neuronpatch-batch-size=N*", "*neuronpatch_artifacts (string):*",
         "*neuronpatch_batch_size (string):*",
     ])
+
+
+def test_engine_key_forces_a_route_and_dtype(project, probe_heads):
+    s = probe_heads.causal_slope
+    probe_file(project, "engine.probe.yaml", f"""
+        name: full route in float32
+        head: heads/causal
+        inputs: {json.dumps(INPUTS)}
+        interventions: {SETS}
+        engine: {{route: full, dtype: float32}}
+        expect:
+          slope: {{approx: {s!r}, abs: 1.0e-4}}
+        ---
+        name: a linear route cannot serve a head far from its unit
+        head: heads/blind
+        inputs: {json.dumps(INPUTS)}
+        interventions: {SETS}
+        engine: {{route: linear}}
+        ---
+        name: bad dtype
+        head: heads/causal
+        engine: {{dtype: float64}}
+    """)
+    result = project.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(["*route 'linear' cannot serve*"])
+    result.stdout.fnmatch_lines(
+        ["*engine.probe.yaml:17: key 'engine.dtype'*'float32', 'bfloat16' or 'float16'*"])
+
+
+def test_dtype_option_is_checked(project):
+    probe_file(project, "c.probe.yaml", causal_probe("[0, 1]"))
+    result = project.runpytest("--neuronpatch-dtype=float8")
+    result.stderr.fnmatch_lines(["*--neuronpatch-dtype = 'float8' is invalid; expected float32*"])

@@ -35,7 +35,7 @@ import os
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -361,6 +361,14 @@ class FuzzSpec(_Strict):
         return value
 
 
+class EngineSpec(_Strict):
+    """How the engine runs this probe (each key optional; the session's options otherwise)."""
+
+    route: Literal["auto", "upstream", "linear", "kv", "full"] | None = None
+    device: Annotated[str | None, Field(min_length=1)] = None
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+
 class ProbeSpec(_Strict):
     """One validated probe: which head, which inputs, which patches, which claims.
 
@@ -384,6 +392,7 @@ class ProbeSpec(_Strict):
     ] = None
     interventions: Interventions | None = None
     position: Annotated[str | int | None, BeforeValidator(_check_position)] = None
+    engine: EngineSpec | None = None
     expect: Expectations = Field(default_factory=dict)
     marks: list[MarkSpec] = Field(default_factory=list)
     baseline: BaselineSpec | None = None
@@ -439,6 +448,13 @@ class ProbeSpec(_Strict):
             kwargs["interventions"] = self.interventions.as_list()
         if self.position is not None:
             kwargs["position"] = self.position
+        if self.engine is not None:
+            if self.engine.route is not None:
+                kwargs["method"] = self.engine.route
+            if self.engine.device is not None:
+                kwargs["device"] = self.engine.device
+            if self.engine.dtype is not None:
+                kwargs["dtype"] = self.engine.dtype
         return kwargs
 
 

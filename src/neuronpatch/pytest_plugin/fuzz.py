@@ -81,7 +81,9 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
 
     register_profiles()
     head = runner.load_head(head_dir)
-    model = load_model(head.config.base_model_name, device=runner.settings.device)
+    model = load_model(head.config.base_model_name,
+                       device=run_kwargs.get("device", runner.settings.device),
+                       dtype=run_kwargs.get("dtype", runner.settings.dtype))
     kwargs = {k: v for k, v in run_kwargs.items() if k != "inputs"}
     checks: dict[str, Range] = dict(spec.expect)
     seen = [0]

@@ -37,7 +37,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("artifacts", "DIR",
          "where each probe's summary.json and figures go, one directory per test "
          "(default .neuronpatch/artifacts under the rootdir)"),
-        ("device", "DEVICE", "torch device for the models (default cpu)"),
+        ("device", "DEVICE", "torch device for the models: auto (CUDA when available), cpu, cuda:N "
+                             "(default cpu)"),
+        ("dtype", "float32|bfloat16|float16", "dtype of the models (default float32)"),
         ("batch-size", "N", "rows per forward pass in the engine (default 64)"),
         ("figures", "auto|all|failed|none",
          "which tests draw the five figures (default auto: failed tests, and every test "

@@ -77,6 +77,7 @@ class Settings:
 
     artifacts: Path
     device: str = "cpu"
+    dtype: str = "float32"
     batch_size: int = 64
     figures: FigureMode = "auto"
     root: Path = Path()
@@ -112,6 +113,10 @@ def settings_from_config(config: pytest.Config) -> Settings:
     else:
         root = config.rootpath / artifacts
     device = option("--neuronpatch-device", "neuronpatch_device")[0] or "cpu"
+    dtype, where = option("--neuronpatch-dtype", "neuronpatch_dtype")
+    dtype = dtype or "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise pytest.UsageError(f"{where} = {dtype!r} is invalid; expected float32, bfloat16 or float16")
     raw_batch, where = option("--neuronpatch-batch-size", "neuronpatch_batch_size")
     batch_size = 64
     if raw_batch is not None:
@@ -130,7 +135,7 @@ def settings_from_config(config: pytest.Config) -> Settings:
         raise pytest.UsageError(
             f"{where} = {figures!r} is invalid; expected one of {', '.join(FIGURE_MODES)}"
         )
-    return Settings(artifacts=root, device=device, batch_size=batch_size,
+    return Settings(artifacts=root, device=device, dtype=dtype, batch_size=batch_size,
                     figures=cast(FigureMode, figures), root=config.rootpath,
                     report=bool(config.getoption("neuronpatch_report", None)
                                 or getattr(config.option, "htmlpath", None)))
@@ -201,6 +206,7 @@ class Runner:
         if isinstance(head, (str, Path)):
             head = self.load_head(head)
         kwargs.setdefault("device", self.settings.device)
+        kwargs.setdefault("dtype", self.settings.dtype)
         kwargs.setdefault("batch_size", self.settings.batch_size)
         return run_experiment(head, inputs, **kwargs)
 
