@@ -1,6 +1,6 @@
 """Engine speed as multiples of one clean batched HF forward, on three architectures.
 
-Reference task: 8 inputs of ~16 tokens, 8 scale factors, neuron 481 of layer 8,
+Reference task: 8 inputs of 16–18 tokens, 8 scale factors, neuron 481 of layer 8,
 a linear head on the final state (transformer_lens coordinates), random weights
 at gpt2-small / pythia-160m sizes (and a Llama of that size with grouped-query
 attention). Every repetition draws fresh inputs, so no cache is ever timed.
@@ -54,8 +54,25 @@ def make(root: Path, arch: str) -> Path:
     return path
 
 
-def inputs(rng: random.Random, n: int = 8) -> list[str]:
-    return [" ".join(rng.choice(WORDS) for _ in range(14)) + "." for _ in range(n)]
+def inputs(rng: random.Random, n: int = 8, n_tokens: int = 16) -> list[str]:
+    """``n`` fresh random sentences of about ``n_tokens`` tokens (the demo-style tokenizer)."""
+    tok = _tokenizer()
+    out = []
+    for _ in range(n):
+        words: list[str] = []
+        while len(tok(" ".join(words) + ".")["input_ids"]) < n_tokens:
+            words.append(rng.choice(WORDS))
+        out.append(" ".join(words) + ".")
+    return out
+
+
+_TOK: list = []
+
+
+def _tokenizer():
+    if not _TOK:
+        _TOK.append(tiny_tokenizer())
+    return _TOK[0]
 
 
 def floor(model, texts: list[str]) -> None:

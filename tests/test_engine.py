@@ -188,3 +188,14 @@ def test_conformance_command_writes_exact_and_refused_rows(tmp_path):
     assert "| gpt2 | 22/22 |" in text
     assert "| bert | 0/1 |" in text and "not a causal attention decoder" in text
     assert "Cells off: 0." in text
+
+
+def test_cache_budget_splits_batches_without_changing_a_number(tmp_path, model_dir, monkeypatch):
+    from neuronpatch import engine
+
+    head = write_head(tmp_path / "h", model_dir, target_layer=0, target_neuron=3, feature_layer=-1)
+    whole = run_experiment(head, TEXTS, scale=[0, 2], add=[1], device="cpu")
+    monkeypatch.setattr(engine, "KV_CACHE_BYTES", 1)  # one input per prefix forward
+    split = run_experiment(head, TEXTS, scale=[0, 2], add=[1], device="cpu")
+    assert whole.method == split.method == "kv"
+    np.testing.assert_allclose(split.patched_prediction, whole.patched_prediction, rtol=1e-5, atol=1e-6)

@@ -72,6 +72,9 @@ DEFAULT_INPUTS: tuple[str, ...] = (
     "Mechanistic interpretability aims to understand how neural networks work internally.",
 )
 
+# Bytes the repeated prefix cache of one kv batch may take (keys and values of every layer);
+# it bounds peak memory, since the cache is repeated once per patched row.
+KV_CACHE_BYTES = 128 * 2**20
 # A unit whose clean activation is this small cannot be moved by scaling.
 _SILENT = 1e-6
 # How far a shortcut route may be from a real patched run before it steps aside
@@ -511,6 +514,11 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
     identity = torch.tensor([1.0, 0.0]).expand(n, 1, 2)
     full_affine = torch.cat([identity, affine], dim=1)  # row 0 of each input: clean
     per_chunk = max(1, batch_size // (1 if route.method in ("upstream", "linear") else m))
+    if route.method == "kv":
+        # The prefix cache is repeated once per row: bound its bytes, not just its rows.
+        longest = max(len(ids) for ids in enc.ids)
+        row_bytes = longest * model.n_layers * model.d_model * 2 * model.hf.dtype.itemsize
+        per_chunk = max(1, min(per_chunk, KV_CACHE_BYTES // max(1, m * row_bytes)))
     clean_act, clean_feat, act, feat, guards = [], [], [], [], []
     for idx in _chunks(n, per_chunk):
         if route.method in ("upstream", "linear"):
