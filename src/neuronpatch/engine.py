@@ -37,7 +37,7 @@ import inspect
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -196,7 +196,6 @@ class _Batch:
     alpha: Tensor  # [R]
     beta: Tensor  # [R]
     cache: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _forward_kwargs(model: LoadedModel) -> dict[str, Any]:
