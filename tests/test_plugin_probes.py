@@ -397,3 +397,18 @@ def test_dtype_option_is_checked(project):
     probe_file(project, "c.probe.yaml", causal_probe("[0, 1]"))
     result = project.runpytest("--neuronpatch-dtype=float8")
     result.stderr.fnmatch_lines(["*--neuronpatch-dtype = 'float8' is invalid; expected float32*"])
+
+
+@pytest.mark.parametrize("case", ["corrupt baseline", "artifacts path is a file"])
+def test_user_mistakes_in_files_fail_in_one_line_without_traceback(project, case):
+    extra = "baseline: {file: base.json}" if case == "corrupt baseline" else ""
+    probe_file(project, "p.probe.yaml", causal_probe("[-100, 100]", extra=extra))
+    (project.path / "base.json").write_text('{"format": 1, "metr')
+    (project.path / "blocker").write_text("a file where a directory belongs")
+    args = ["--neuronpatch-artifacts", "blocker/arts"] if case == "artifacts path is a file" else []
+    result = project.runpytest("-p", "no:randomly", *args)
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    assert "Traceback" not in out and "site-packages" not in out and "neuronpatch/" not in out
+    want = "base.json: invalid JSON" if case == "corrupt baseline" else "blocker is a file, not a directory"
+    assert sum(want in line for line in out.splitlines()) >= 1

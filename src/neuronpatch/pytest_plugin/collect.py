@@ -129,7 +129,16 @@ class _OurFailures(pytest.Item):
         if isinstance(exc, (ProbeFailed, ProbeError)):
             style = style or self.config.getoption("tbstyle", "auto")
             return failure_repr(str(exc), exc.crash, exc.path or str(self.path), exc.line, style)
+        if isinstance(exc, NeuronpatchError):
+            return self._one_line(exc, style)
         return super().repr_failure(excinfo, style=style)
+
+    def _one_line(self, exc: BaseException, style: Any) -> TerminalRepr:
+        """A mistake a user can fix (a bad baseline, a file in the way): one line, no traceback."""
+        style = style or self.config.getoption("tbstyle", "auto")
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        path, line, _ = self.reportinfo()
+        return failure_repr(text, text, str(path), None if line is None else line + 1, style)
 
     # Setup errors go through _repr_failure_py (pytest calls repr_failure only for "call").
     def _repr_failure_py(
@@ -139,6 +148,8 @@ class _OurFailures(pytest.Item):
         if isinstance(exc, (ProbeFailed, ProbeError)):
             style = style or self.config.getoption("tbstyle", "auto")
             return failure_repr(str(exc), exc.crash, exc.path or str(self.path), exc.line, style)
+        if isinstance(exc, NeuronpatchError):
+            return self._one_line(exc, style)
         return super()._repr_failure_py(excinfo, style=style)
 
     def _skip_here(self, reason: str) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytest
 
+from neuronpatch._io import ensure_directory
 from neuronpatch.pytest_plugin.report import (
     RECORD_KEY,
     Artifacts,
@@ -276,7 +277,7 @@ class Runner:
         from neuronpatch import artifacts as files
 
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_directory(out, "artifacts directory")  # a file in the way: one line, not a traceback
         for name in FIGURE_NAMES:  # a figure from an earlier run would be mistaken for this one's
             (out / name).unlink(missing_ok=True)
         extra: dict[str, Any] = {"expectations": [o.to_dict() for o in outcomes]}
