@@ -239,3 +239,13 @@ def test_interventions_are_engine_interventions(probe_dir):
         interventions: {add: [0.5], mean: true}
     """))
     assert spec.run_kwargs()["interventions"] == [Intervention("add", 0.5), Intervention("mean")]
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ('inputs: ["...", "12 34"]\nfuzz: {inputs: mutations, expect: {slope: {min: 0}}}',
+     "no input has a word to mutate"),
+    ("position: 7\nfuzz: {expect: {slope: {min: 0}}}", "position 7 with fuzz"),
+])
+def test_fuzzing_that_could_generate_nothing_runnable_is_refused_at_collection(probe_dir, body, message):
+    path = write(probe_dir, "name: f\nhead: heads/causal\n" + body + "\n")
+    assert message in error_of(path)

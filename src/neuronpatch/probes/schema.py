@@ -400,6 +400,20 @@ class ProbeSpec(_Strict):
 
     _doc: Document | None = PrivateAttr(default=None)
 
+    @model_validator(mode="after")
+    def _fuzz_can_generate(self) -> ProbeSpec:
+        """A fuzz block that could generate nothing runnable is refused here, not mid-run."""
+        if self.fuzz is None:
+            return self
+        if self.fuzz.inputs == "mutations" and self.inputs is not None and not any(
+                re.search(r"[A-Za-z]", text) for text in self.inputs):
+            raise ValueError("fuzz.inputs is 'mutations' but no input has a word to mutate; "
+                             "expected inputs with words, or fuzz.inputs: sentences")
+        if isinstance(self.position, int) and self.position not in (0, -1):
+            raise ValueError(f"position {self.position} with fuzz: a generated input can be shorter "
+                             "than that; expected last, 0 or -1 when fuzzing")
+        return self
+
     @field_validator("name")
     @classmethod
     def _valid_name(cls, value: str | None) -> str | None:
