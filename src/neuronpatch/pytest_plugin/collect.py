@@ -41,6 +41,7 @@ from neuronpatch.pytest_plugin.report import (
     crash_line,
     engine_error,
     failure_repr,
+    flag,
     make_record,
     probe_failure,
     record_metrics,
@@ -107,7 +108,12 @@ class ProbeFile(pytest.File):
                 continue
             for head_dir, label in spec.heads():
                 name = spec.title if label is None else f"{spec.title}[{label}]"
-                yield ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir)
+                item = ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir)
+                collision = ci.claim(self.config, spec, name, item.nodeid)
+                if collision is not None:
+                    yield InvalidProbe.from_parent(self, name=name, error=collision, line=doc.line)
+                    continue
+                yield item
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,9 @@ class ProbeItem(_OurFailures):
         if not ci.wanted(self.config, self.spec, self.name):
             return _Baseline(None)
         check = ci.check_baseline(self.config, self.spec, self.name, self.head_dir,
-                                  dict(verdict.metrics))
+                                  dict(verdict.metrics), node_id=self.nodeid,
+                                  expectations_hold=verdict.passed,
+                                  why_not=crash_line("", verdict)[2].lstrip(": "))
         if check.status == "drifted":
             return _Baseline(check, failure=check.message)
         if check.status == "missing":
@@ -233,13 +241,13 @@ class ProbeItem(_OurFailures):
     def record(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:
         """What the report shows for this probe (travels to the controller)."""
         suggestion = None
-        if self.config.getoption("neuronpatch_suggest_tolerances") and self.result is not None:
+        if flag(self.config, "suggest_tolerances") and self.result is not None:
             suggestion = ci.suggestion(self.result)
         self.stash[RECORD_KEY] = make_record(
             kind="probe", name=self.name, location=self.spec.where(), verdict=verdict,
             head=self.head_text, baseline=None if baseline.check is None else baseline.check.to_record(),
             fuzz=self._fuzz_text(fuzzed), suggestion=suggestion,
-            embed=bool(self.config.getoption("neuronpatch_report_embed", False)),
+            embed=flag(self.config, "report_embed"),
         )
 
     def conclude(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:

@@ -65,6 +65,7 @@ def pytest_configure(config: pytest.Config) -> None:
     ci.check_options(config)
     # Outcomes, the summary line and the HTML report live on a per-session object.
     config.pluginmanager.register(report.RunState(config), "neuronpatch-run-state")
+    config.pluginmanager.register(ci.BaselineSession(config), "neuronpatch-baselines")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
 
 

@@ -38,9 +38,11 @@ from neuronpatch.pytest_plugin.report import (
     Verdict,
     artifact_name,
     crash_line,
+    flag,
     make_record,
     probe_failure,
     record_metrics,
+    report_target,
     shown_path,
 )
 
@@ -137,7 +139,7 @@ def settings_from_config(config: pytest.Config) -> Settings:
         )
     return Settings(artifacts=root, device=device, dtype=dtype, batch_size=batch_size,
                     figures=cast(FigureMode, figures), root=config.rootpath,
-                    report=bool(config.getoption("neuronpatch_report", None)
+                    report=bool(report_target(config) is not None
                                 or getattr(config.option, "htmlpath", None)))
 
 
@@ -355,7 +357,7 @@ class ExpectFixture:
         head = shown_path(result.head_path, base)
         item.stash[RECORD_KEY] = make_record(
             kind="test", name=item.name, location=source, verdict=verdict, head=head,
-            embed=bool(item.config.getoption("neuronpatch_report_embed", False)))
+            embed=flag(item.config, "report_embed"))
         if not verdict.passed:
             title = f"test {item.name!r}"
             where, number, crash = crash_line(title, verdict)

@@ -1,0 +1,97 @@
+"""Whose baseline is it: identity from the node id, update semantics, stale files, collisions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+PROBE = """name: {name}
+head: heads/causal
+inputs: ["The cat sat on the mat.", "Machine learning models"]
+interventions: {{set: [0, 1]}}
+baseline: {{}}
+expect:
+  slope: {slope}
+"""
+INI = '[tool.pytest.ini_options]\nneuronpatch_figures = "none"\n'
+Q = ("-p", "no:cacheprovider", "-p", "no:randomly")
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester, probe_heads):
+    probe_heads.copy_heads(pytester.path / "heads")
+    pytester.makefile(".toml", pyproject=INI)
+    return pytester
+
+
+def write(project: pytest.Pytester, file: str, name: str, slope: str = "{min: -1000}") -> None:
+    (project.path / file).write_text(PROBE.format(name=name, slope=slope))
+
+
+def test_same_name_in_two_files_gets_two_baselines_keyed_on_the_node_id(project):
+    write(project, "a.probe.yaml", "tracks")
+    write(project, "b.probe.yaml", "tracks")
+    project.runpytest(*Q, "--neuronpatch-update-baselines").assert_outcomes(passed=2)
+    a = json.loads((project.path / "baselines" / "a" / "tracks.json").read_text())
+    b = json.loads((project.path / "baselines" / "b" / "tracks.json").read_text())
+    assert (a["node"], b["node"]) == ("a.probe.yaml::tracks", "b.probe.yaml::tracks")
+    # both compare against their own file: nothing drifts, nothing is stale
+    again = project.runpytest(*Q)
+    again.assert_outcomes(passed=2)
+    assert "stale" not in again.stdout.str()
+
+
+def test_two_probes_mapping_to_one_file_are_a_collection_error_naming_both(project):
+    (project.path / "c.probe.yaml").write_text(
+        PROBE.format(name="a b", slope="{min: -1000}") + "---\n"
+        + PROBE.format(name="a_b", slope="{min: -1000}"))
+    res = project.runpytest(*Q, "--neuronpatch-update-baselines")
+    res.assert_outcomes(passed=1, errors=1)
+    res.stdout.fnmatch_lines(["*c.probe.yaml:9: key 'name': probe 'c.probe.yaml::a_b' would share the baseline "
+                              "file baselines/c/a_b.json with probe 'c.probe.yaml::a b'*"])
+
+
+def test_update_writes_only_probes_whose_expectations_hold(project):
+    write(project, "ok.probe.yaml", "holds")
+    write(project, "bad.probe.yaml", "breaks", slope="{min: 1000}")
+    res = project.runpytest(*Q, "--neuronpatch-update-baselines")
+    res.assert_outcomes(passed=1, failed=1)  # the update still reports what failed
+    assert (project.path / "baselines" / "ok" / "holds.json").is_file()
+    assert not (project.path / "baselines" / "bad").exists()
+    res.stdout.fnmatch_lines(["1 baseline(s) written",
+                              "not updated: bad.probe.yaml::breaks: expectations failed (slope *"])
+    every = project.runpytest(*Q, "--neuronpatch-update-all-baselines")
+    every.assert_outcomes(passed=1, failed=1)
+    assert (project.path / "baselines" / "bad" / "breaks.json").is_file()
+
+
+def test_update_from_the_ini_key(project):
+    project.makefile(".toml", pyproject=INI + "neuronpatch_update_baselines = true\n")
+    write(project, "ok.probe.yaml", "holds")
+    project.runpytest(*Q).assert_outcomes(passed=1)
+    assert (project.path / "baselines" / "ok" / "holds.json").is_file()
+
+
+def test_a_renamed_probe_leaves_a_stale_baseline_listed_then_removed_on_request(project):
+    write(project, "a.probe.yaml", "old name")
+    write(project, "gone.probe.yaml", "whatever")
+    project.runpytest(*Q, "--neuronpatch-update-baselines").assert_outcomes(passed=2)
+    write(project, "a.probe.yaml", "new name")
+    (project.path / "gone.probe.yaml").rename(project.path / "moved.probe.yaml")
+    (project.path / "baselines" / "a" / ".old_name.json.neuronpatch-tmp-1-x").write_text("{")
+    res = project.runpytest(*Q, "--neuronpatch-missing-baseline=skip")
+    res.assert_outcomes(skipped=2)
+    res.stdout.fnmatch_lines(["2 stale baseline(s), no collected probe maps to them*",
+                              "  baselines/a/old_name.json", "  baselines/gone/whatever.json"])
+    assert (project.path / "baselines" / "a" / "old_name.json").is_file()  # listing deletes nothing
+    removed = project.runpytest(*Q, "--neuronpatch-update-baselines",
+                                "--neuronpatch-remove-stale-baselines")
+    removed.assert_outcomes(passed=2)
+    removed.stdout.fnmatch_lines(["2 stale baseline(s) removed: baselines/a/old_name.json, "
+                                  "baselines/gone/whatever.json"])
+    assert sorted(p.relative_to(project.path / "baselines").as_posix()
+                  for p in (project.path / "baselines").rglob("*.json")) == [
+        "a/new_name.json", "moved/whatever.json"]
