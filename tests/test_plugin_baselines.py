@@ -95,3 +95,51 @@ def test_a_renamed_probe_leaves_a_stale_baseline_listed_then_removed_on_request(
     assert sorted(p.relative_to(project.path / "baselines").as_posix()
                   for p in (project.path / "baselines").rglob("*.json")) == [
         "a/new_name.json", "moved/whatever.json"]
+
+
+# ----- hostile probe files: paths outside the rootdir, the alias bomb ------------------------
+
+
+def test_baseline_and_inputs_files_outside_the_rootdir_are_errors_at_file_line(project):
+    outside = project.path.parent / f"{project.path.name}-outside"
+    outside.mkdir()
+    (outside / "secrets.txt").write_text("root:x:0:0\n")
+    rel = f"../{outside.name}"
+    (project.path / "out.probe.yaml").write_text(
+        PROBE.format(name="writes", slope="{min: -1000}").replace(
+            "baseline: {}", f"baseline: {{file: {rel}/outside.json}}")
+        + "---\n" + PROBE.format(name="reads", slope="{min: -1000}").replace(
+            'inputs: ["The cat sat on the mat.", "Machine learning models"]',
+            f"inputs: {{file: {rel}/secrets.txt}}"))
+    res = project.runpytest(*Q, "--neuronpatch-update-baselines")
+    res.assert_outcomes(errors=2)
+    res.stdout.fnmatch_lines([
+        f"*out.probe.yaml:5: key 'baseline.file': baseline file '{rel}/outside.json' resolves to "
+        f"*, outside the rootdir *; expected a path inside the repository "
+        "(--neuronpatch-allow-outside-rootdir allows it)*",
+        f"*out.probe.yaml:11: key 'inputs': inputs file '{rel}/secrets.txt' resolves to *outside "
+        "the rootdir*"])
+    assert not (outside / "outside.json").exists()
+    allowed = project.runpytest(*Q, "--neuronpatch-update-baselines",
+                                "--neuronpatch-allow-outside-rootdir")
+    allowed.assert_outcomes(passed=2)
+    assert (outside / "outside.json").is_file()
+
+
+def test_the_alias_bomb_is_refused_at_file_line_in_under_a_second(project):
+    import time
+
+    from neuronpatch.probes.schema import iter_probe_file
+
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        lines.append(f"{name}: &{name} [" + ", ".join([f"*{prev}"] * 9) + "]")
+    lines.append("head: *i")
+    bomb = project.path / "bomb.probe.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    start = time.perf_counter()
+    [(_, error)] = list(iter_probe_file(bomb))
+    assert time.perf_counter() - start < 1.0
+    assert str(error).startswith(f"{bomb}:1: YAML anchor '&a' is not allowed")
+    res = project.runpytest(*Q, "--co")
+    res.stdout.fnmatch_lines(["*bomb.probe.yaml:1: YAML anchor '&a' is not allowed in a probe file*"])

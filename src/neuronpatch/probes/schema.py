@@ -144,6 +144,18 @@ def _check_head(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _inside_root(name: str, info: ValidationInfo, what: str) -> None:
+    """Refuse a path that resolves outside the rootdir (when the caller names one)."""
+    root = (info.context or {}).get("root")
+    if root is None:
+        return
+    path = (_base_dir(info) / name).resolve()
+    if not path.is_relative_to(Path(root).resolve()):
+        raise ValueError(
+            f"{what} {name!r} resolves to {path}, outside the rootdir {root}; expected a path "
+            "inside the repository (--neuronpatch-allow-outside-rootdir allows it)")
+
+
 def _read_inputs(value: Any, info: ValidationInfo) -> Any:
     if not isinstance(value, Mapping):
         return value
@@ -155,6 +167,7 @@ def _read_inputs(value: Any, info: ValidationInfo) -> Any:
     name = value["file"]
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"file is {name!r}; expected the path of a text file, one input a line")
+    _inside_root(name, info, "inputs file")
     path = _base_dir(info) / name
     if not path.exists() and not path.is_symlink():
         raise ValueError(
@@ -331,6 +344,15 @@ class BaselineSpec(_Strict):
                              "baselines/<probe name>.json")
     tolerance: dict[Annotated[str, AfterValidator(_check_baseline_metric)],
                     Annotated[float, AfterValidator(_positive)]] = Field(default_factory=dict)
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            if not value.strip():
+                raise ValueError("is empty; expected a JSON file path relative to this file")
+            _inside_root(value, info, "baseline file")
+        return value
 
 
 class FuzzSpec(_Strict):
@@ -540,13 +562,14 @@ def _error_line(doc: Document, err: Mapping[str, Any]) -> tuple[int, str]:
     return doc.line_of(loc), f"key {key!r}: {text}"
 
 
-def parse_document(doc: Document) -> ProbeSpec:
+def parse_document(doc: Document, *, root: str | os.PathLike[str] | None = None) -> ProbeSpec:
     """Validate one document into a :class:`ProbeSpec`.
 
     Raises:
         ProbeSpecError: every problem of the document (its YAML's, such as
             duplicate keys, and its schema's), one ``FILE:LINE: key ...`` line
-            each, in line order.
+            each, in line order. With ``root``, a ``baseline.file`` or
+            ``inputs.file`` that resolves outside it is one of them.
 
     Example:
         >>> [spec.title for spec in map(parse_document, load_documents(p))]  # doctest: +SKIP
@@ -565,7 +588,7 @@ def parse_document(doc: Document) -> ProbeSpec:
                                    f"{', '.join(ProbeSpec.model_fields)}"))
         raise ProbeSpecError(_joined(doc, problems))
     try:
-        spec = ProbeSpec.model_validate(doc.data, context={"base_dir": doc.path.parent})
+        spec = ProbeSpec.model_validate(doc.data, context={"base_dir": doc.path.parent, "root": root})
     except ValidationError as e:
         problems += [_error_line(doc, err) for err in e.errors(include_url=False)]
         raise ProbeSpecError(_joined(doc, problems)) from None
@@ -580,7 +603,8 @@ def _joined(doc: Document, problems: list[tuple[int, str]]) -> str:
 
 
 def iter_probe_file(
-    path: str | os.PathLike[str], *, display: str | None = None
+    path: str | os.PathLike[str], *, display: str | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> Iterator[tuple[Document, ProbeSpec | ProbeSpecError]]:
     """Each document with its spec, or the error that document has (the others still parse).
 
@@ -594,7 +618,7 @@ def iter_probe_file(
     names: dict[str, str] = {}
     for doc in load_documents(path, display=display):
         try:
-            spec = parse_document(doc)
+            spec = parse_document(doc, root=root)
         except ProbeSpecError as e:
             yield doc, e
             continue

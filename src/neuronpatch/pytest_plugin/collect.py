@@ -92,7 +92,8 @@ class ProbeFile(pytest.File):
     def collect(self) -> Iterator[pytest.Item]:
         display = shown_path(self.path, self.config.invocation_params.dir)
         try:
-            parsed = list(iter_probe_file(self.path, display=display))
+            root = None if flag(self.config, "allow_outside_rootdir") else self.config.rootpath
+            parsed = list(iter_probe_file(self.path, display=display, root=root))
         except ProbeSpecError as e:  # the file itself cannot be read
             yield InvalidProbe.from_parent(self, name=probe_stem(self.path), error=str(e), line=1)
             return
