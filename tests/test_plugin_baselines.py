@@ -50,8 +50,8 @@ def test_two_probes_mapping_to_one_file_are_a_collection_error_naming_both(proje
         + PROBE.format(name="a_b", slope="{min: -1000}"))
     res = project.runpytest(*Q, "--neuronpatch-update-baselines")
     res.assert_outcomes(passed=1, errors=1)
-    res.stdout.fnmatch_lines(["*c.probe.yaml:9: key 'name': probe 'c.probe.yaml::a_b' would share the baseline "
-                              "file baselines/c/a_b.json with probe 'c.probe.yaml::a b'*"])
+    res.stdout.fnmatch_lines(["*c.probe.yaml:9: key 'name': probe 'c.probe.yaml::a_b' would share "
+                              "the baseline file baselines/c/a_b.json with probe 'c.probe.yaml::a b'*"])
 
 
 def test_update_writes_only_probes_whose_expectations_hold(project):
@@ -143,3 +143,34 @@ def test_the_alias_bomb_is_refused_at_file_line_in_under_a_second(project):
     assert str(error).startswith(f"{bomb}:1: YAML anchor '&a' is not allowed")
     res = project.runpytest(*Q, "--co")
     res.stdout.fnmatch_lines(["*bomb.probe.yaml:1: YAML anchor '&a' is not allowed in a probe file*"])
+
+
+# ----- every option has a typed ini key; ini errors name the key ------------------------------
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ('neuronpatch_batch_size = "zero"', "ini key neuronpatch_batch_size is invalid (*'zero'); "
+                                        "expected a positive integer"),
+    ('neuronpatch_batch_size = "0"', "*ini key neuronpatch_batch_size = '0' is invalid; expected a "
+                                     "positive integer*"),
+    ('neuronpatch_baselines = "maybe"', "ini key neuronpatch_baselines is invalid (*'maybe'*); "
+                                        "expected true or false"),
+    ('neuronpatch_missing_baseline = "later"', "*ini key neuronpatch_missing_baseline = 'later' is "
+                                               "invalid; expected one of fail, skip*"),
+])
+def test_a_bad_ini_value_names_the_ini_key(pytester: pytest.Pytester, line: str, message: str):
+    pytester.makefile(".toml", pyproject=INI + line + "\n")
+    pytester.makefile(".probe.yaml", p="head: nowhere\n")
+    res = pytester.runpytest(*Q)
+    assert res.ret == pytest.ExitCode.USAGE_ERROR
+    res.stderr.fnmatch_lines([f"*{message}"])
+
+
+def test_report_and_flags_from_ini_keys(project):
+    project.makefile(".toml", pyproject=INI + 'neuronpatch_report = "out/report.html"\n'
+                     "neuronpatch_suggest_tolerances = true\nneuronpatch_batch_size = 1\n")
+    write(project, "a.probe.yaml", "tracks")
+    res = project.runpytest(*Q, "--neuronpatch-missing-baseline=skip")
+    res.assert_outcomes(skipped=1)
+    assert (project.path / "out" / "report.html").is_file()
+    res.stdout.fnmatch_lines(["*suggested baseline.tolerance for a.probe.yaml::tracks*"])

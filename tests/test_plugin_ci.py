@@ -93,7 +93,8 @@ def test_every_probe_opts_in_with_the_flag(project):
 def test_xdist_run_equals_serial_run(project):
     project.runpytest("-p", "no:cacheprovider", "--neuronpatch-baselines",
                       "--neuronpatch-update-baselines")
-    serial = {p.name: json.loads(p.read_text())["metrics"] for p in (project.path / "baselines" / "ci").iterdir()}
+    serial = {p.name: json.loads(p.read_text())["metrics"]
+              for p in (project.path / "baselines" / "ci").iterdir()}
     res = project.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--neuronpatch-baselines",
                                        "--neuronpatch-update-baselines")
     res.assert_outcomes(passed=2)

@@ -27,6 +27,7 @@ knows nothing of items; what it finds goes to :mod:`.report` as a record.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -52,22 +53,9 @@ _MAX_NAME = 100
 
 def add_options(group: Any, parser: pytest.Parser) -> None:
     """The CI-mode command-line flags and ini keys (every flag has a typed ini key)."""
-    flags: list[tuple[str, str, str]] = [
-        ("update-baselines", "bool",
-         "write the measured metrics of each probe whose expectations hold to its baseline file"),
-        ("update-all-baselines", "bool",
-         "with updates: also write baselines of probes whose expectations fail"),
-        ("remove-stale-baselines", "bool",
-         "delete baseline files that no collected probe maps to (they are always listed)"),
-        ("baselines", "bool", "compare every probe with its baseline (not only those with baseline:)"),
-        ("report-embed", "bool", "embed the figures in the HTML page instead of linking them"),
-        ("suggest-tolerances", "bool", "print baseline tolerances suggested by each probe's input noise"),
-        ("allow-outside-rootdir", "bool",
-         "let baseline.file and inputs.file of probe files point outside the rootdir"),
-    ]
-    for name, kind, text in flags:
+    for name, text in FLAGS:
         group.addoption(f"--neuronpatch-{name}", action="store_true", default=None, help=text)
-        parser.addini(f"neuronpatch_{name.replace('-', '_')}", type=kind, default=False, help=text)
+        parser.addini(f"neuronpatch_{name.replace('-', '_')}", type="bool", default=False, help=text)
     group.addoption("--neuronpatch-missing-baseline", metavar="fail|skip", default=None,
                     help="what a probe without a baseline file does (default fail)")
     parser.addini("neuronpatch_missing_baseline", default="fail",
@@ -76,6 +64,22 @@ def add_options(group: Any, parser: pytest.Parser) -> None:
                    "neuronpatch_expect, then details, figures linked from the artifacts")
     group.addoption("--neuronpatch-report", metavar="FILE.html", default=None, help=report_help)
     parser.addini("neuronpatch_report", default="", help=report_help + " (relative to the rootdir)")
+
+
+# Boolean flags; each has an ini key of type bool (--neuronpatch-x-y: neuronpatch_x_y).
+FLAGS: list[tuple[str, str]] = [
+    ("update-baselines",
+     "write the measured metrics of each probe whose expectations hold to its baseline file"),
+    ("update-all-baselines",
+     "with updates: also write baselines of probes whose expectations fail"),
+    ("remove-stale-baselines",
+     "delete baseline files that no collected probe maps to (they are always listed)"),
+    ("baselines", "compare every probe with its baseline (not only those with baseline:)"),
+    ("report-embed", "embed the figures in the HTML page instead of linking them"),
+    ("suggest-tolerances", "print baseline tolerances suggested by each probe's input noise"),
+    ("allow-outside-rootdir",
+     "let baseline.file and inputs.file of probe files point outside the rootdir"),
+]
 
 
 def missing_mode(config: pytest.Config) -> str:
@@ -94,6 +98,8 @@ def missing_mode(config: pytest.Config) -> str:
 def check_options(config: pytest.Config) -> None:
     """Fail the session once, up front, on a bad CI-mode option."""
     missing_mode(config)
+    for name, _ in FLAGS:
+        flag(config, name.replace("-", "_"))
 
 
 def baseline_name(name: str) -> str:
@@ -158,8 +164,9 @@ def claim(config: pytest.Config, spec: ProbeSpec, name: str, node_id: str) -> st
         return None
     explicit = spec.baseline is not None and spec.baseline.file
     where = spec.where("baseline", "file") if explicit else spec.where("name")
-    return (f"{where}: key '{'baseline.file' if explicit else 'name'}': probe {node_id!r} would share the baseline file {key} with "
-            f"probe {other!r}; expected one baseline per probe: rename one of them or give it "
+    key_name = "baseline.file" if explicit else "name"
+    return (f"{where}: key '{key_name}': probe {node_id!r} would share the baseline file {key} "
+            f"with probe {other!r}; expected one baseline per probe: rename one of them or give it "
             "a baseline.file of its own")
 
 
@@ -292,10 +299,8 @@ def remove_stale(config: pytest.Config, stale: list[str]) -> list[str]:
         except OSError:
             continue
         removed.append(key)
-        try:
+        with contextlib.suppress(OSError):
             path.parent.rmdir()  # an emptied baselines/<stem>/ folder goes too
-        except OSError:
-            pass
     return removed
 
 

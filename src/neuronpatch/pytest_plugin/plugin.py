@@ -47,7 +47,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     ]
     for name, metavar, text in options:
         group.addoption(f"--neuronpatch-{name}", metavar=metavar, default=None, help=text)
-        parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
+        if name == "batch-size":
+            parser.addini("neuronpatch_batch_size", help=text, type="int", default=None)
+        else:
+            parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
     ci.add_options(group, parser)
 
 

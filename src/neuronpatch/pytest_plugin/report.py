@@ -71,6 +71,19 @@ _MAX_NAME = 120
 # ----- names and paths ---------------------------------------------------------------------
 
 
+def ini(config: pytest.Config, key: str, expected: str) -> Any:
+    """An ini value, or a usage error that names the ini key (pytest's own names neither).
+
+    Example:
+        >>> ini(config, "neuronpatch_batch_size", "a positive integer")   # doctest: +SKIP
+        64
+    """
+    try:
+        return config.getini(key)
+    except (ValueError, TypeError, pytest.UsageError) as e:
+        raise pytest.UsageError(f"ini key {key} is invalid ({e}); expected {expected}") from None
+
+
 def flag(config: pytest.Config, name: str) -> bool:
     """A boolean option: the command line when given, else its ini key.
 
@@ -81,7 +94,7 @@ def flag(config: pytest.Config, name: str) -> bool:
     value = config.getoption(f"neuronpatch_{name}", None)
     if value is not None:
         return bool(value)
-    return bool(config.getini(f"neuronpatch_{name}"))
+    return bool(ini(config, f"neuronpatch_{name}", "true or false"))
 
 
 def report_target(config: pytest.Config) -> Path | None:

@@ -45,6 +45,9 @@ from neuronpatch.pytest_plugin.report import (
     report_target,
     shown_path,
 )
+from neuronpatch.pytest_plugin.report import (
+    ini as read_ini,
+)
 
 if TYPE_CHECKING:
     from neuronpatch.heads import Head
@@ -104,7 +107,8 @@ def settings_from_config(config: pytest.Config) -> Settings:
         value = config.getoption(flag.lstrip("-").replace("-", "_"))
         if value is not None:
             return value, flag
-        ini_value = str(config.getini(ini) or "").strip()
+        raw = read_ini(config, ini, "a positive integer" if ini.endswith("batch_size") else "a string")
+        ini_value = "" if raw is None else str(raw).strip()
         return (ini_value or None), f"ini key {ini}"
 
     artifacts, where = option("--neuronpatch-artifacts", "neuronpatch_artifacts")
