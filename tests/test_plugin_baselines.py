@@ -174,3 +174,56 @@ def test_report_and_flags_from_ini_keys(project):
     res.assert_outcomes(skipped=1)
     assert (project.path / "out" / "report.html").is_file()
     res.stdout.fnmatch_lines(["*suggested baseline.tolerance for a.probe.yaml::tracks*"])
+
+
+# ----- marks with arguments ---------------------------------------------------------------
+
+MARKED = """name: {name}
+head: heads/causal
+inputs: ["The cat sat on the mat."]
+interventions: {{set: [0, 1]}}
+marks: {marks}
+"""
+CONFTEST = """
+import pytest
+
+@pytest.fixture
+def touched(pytestconfig):
+    (pytestconfig.rootpath / "touched").write_text("yes")
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for m in item.iter_markers("owner"):
+            print("OWNER", item.name, m.args, m.kwargs)
+"""
+
+
+def test_marks_with_arguments_reach_pytest(project):
+    project.makefile(".toml", pyproject=INI + 'markers = ["owner(team): who owns the head"]\n')
+    project.makeconftest(CONFTEST)
+    (project.path / "m.probe.yaml").write_text("---\n".join([
+        MARKED.format(name="skipped", marks="[{skipif: {condition: 'sys.platform != \"nowhere\"', "
+                                            "reason: not on this platform}}]"),
+        MARKED.format(name="kept", marks="[{skipif: {condition: 'sys.platform == \"nowhere\"', "
+                                         "reason: never}}]"),
+        MARKED.format(name="fixtures", marks="[{usefixtures: [touched]}, "
+                                             "{filterwarnings: 'ignore::UserWarning'}]"),
+        MARKED.format(name="owned", marks="[{owner: {args: [vision], kwargs: {since: 2024}}}]"),
+    ]))
+    res = project.runpytest(*Q, "-s", "-rs")
+    res.assert_outcomes(passed=3, skipped=1)
+    res.stdout.fnmatch_lines(["OWNER owned ('vision',) {'since': 2024}", "*not on this platform*"])
+    assert (project.path / "touched").read_text() == "yes"
+
+
+def test_unregistered_or_malformed_marks_are_errors_at_file_line_not_internal_errors(project):
+    (project.path / "m.probe.yaml").write_text("---\n".join([
+        MARKED.format(name="bare", marks="[timeout]"),
+        MARKED.format(name="unknown", marks="[{nosuchmark: 3}]"),
+    ]))
+    res = project.runpytest(*Q)
+    res.assert_outcomes(errors=2)
+    assert "INTERNALERROR" not in res.stdout.str()
+    res.stdout.fnmatch_lines([
+        "*m.probe.yaml:5: key 'marks?0?': mark 'timeout' needs an argument; expected {timeout: seconds}",
+        "*m.probe.yaml:11: key 'marks?0?': mark 'nosuchmark' is not registered*"])

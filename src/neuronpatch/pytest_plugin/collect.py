@@ -71,19 +71,21 @@ def _mark_problems(spec: ProbeSpec, config: pytest.Config) -> list[str]:
             problems.append(
                 f"{spec.where('marks', i)}: key 'marks[{i}]': mark {mark.name!r} is not "
                 f"registered; expected a registered mark (add \"{mark.name}: ...\" to `markers` "
-                "in your pytest configuration) or one of skip, xfail"
+                "in your pytest configuration, or install the plugin that registers it) or one of "
+                "skip, skipif, xfail, filterwarnings, usefixtures"
             )
     return problems
 
 
 def _decorator(mark: MarkSpec) -> pytest.MarkDecorator:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(mark.kwargs)
     if mark.reason is not None:
         kwargs["reason"] = mark.reason
     if mark.strict is not None:
         kwargs["strict"] = mark.strict
     decorator: pytest.MarkDecorator = getattr(pytest.mark, mark.name)
-    return decorator(**kwargs) if kwargs else decorator
+    # MarkDecorator(f) with one callable argument would decorate it; with_args never does.
+    return decorator.with_args(*mark.args, **kwargs) if (mark.args or kwargs) else decorator
 
 
 class ProbeFile(pytest.File):
@@ -164,6 +166,10 @@ class ProbeItem(_OurFailures):
         self.add_marker("neuronpatch")
         for mark in spec.marks:
             self.add_marker(_decorator(mark))
+        # Fixtures as for a test function: autouse ones and `usefixtures` marks.
+        self._fixtureinfo = self.session._fixturemanager.getfixtureinfo(node=self, func=None, cls=None)
+        self.fixturenames = self._fixtureinfo.names_closure
+        self.funcargs: dict[str, Any] = {}
 
     @property
     def head_text(self) -> str:
@@ -176,6 +182,10 @@ class ProbeItem(_OurFailures):
         return self.spec.document.display
 
     def setup(self) -> None:
+        from _pytest.fixtures import TopRequest
+
+        self._request = TopRequest(self, _ispytest=True)  # type: ignore[arg-type]
+        self._request._fillfixtures()
         self.result = self.run_experiment()
 
     def runtest(self) -> None:
