@@ -177,7 +177,15 @@ def stale_baselines(config: pytest.Config) -> list[str]:
     ``baselines/<stem>/`` folders beside it whose probe file is gone (a renamed
     file), and the flat ``baselines/*.json`` files of the older layout.
     """
-    from neuronpatch.baselines import baseline_files
+    # Not neuronpatch.baselines.baseline_files: that module imports numpy, and collecting
+    # probe files must stay light. Same rule: *.json, never a killed writer's temporary file.
+    from neuronpatch._io import is_temporary
+
+    def baseline_files(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return [p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".")
+                and not is_temporary(p) and p.is_file()]
 
     owners = config.stash.get(OWNERS_KEY, {})
     scanned = config.stash.get(SCANNED_KEY, set())
