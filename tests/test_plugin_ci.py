@@ -48,16 +48,16 @@ def _scale_head(path, factor: float) -> None:
 def test_update_then_pass_then_drift_then_accept(project, probe_heads):
     missing = project.runpytest("-p", "no:cacheprovider")
     missing.assert_outcomes(passed=1, failed=1)
-    missing.stdout.fnmatch_lines(["*has no baseline at baselines/tracks.json; run pytest with "
+    missing.stdout.fnmatch_lines(["*has no baseline at baselines/ci/tracks.json; run pytest with "
                                   "--neuronpatch-update-baselines to create it*",
                                   "neuronpatch: 2 probes: 1 failed, 1 passed (1 missing baseline)"])
     project.runpytest("-p", "no:cacheprovider", "--neuronpatch-update-baselines").assert_outcomes(
         passed=2)
-    saved = json.loads((project.path / "baselines" / "tracks.json").read_text())
+    saved = json.loads((project.path / "baselines" / "ci" / "tracks.json").read_text())
     assert saved["metrics"]["slope"] == pytest.approx(probe_heads.causal_slope, rel=1e-4)
-    assert (project.path / "baselines" / "blind.json").is_file()  # every probe gets one
+    assert (project.path / "baselines" / "ci" / "blind.json").is_file()  # every probe gets one
     project.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
-    (project.path / "baselines" / "blind.json").unlink()  # no baseline: key, no file: not checked
+    (project.path / "baselines" / "ci" / "blind.json").unlink()  # no baseline: key, no file: not checked
     project.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=2)
 
     _scale_head(project.path / "heads" / "causal", 1.5)
@@ -93,12 +93,13 @@ def test_every_probe_opts_in_with_the_flag(project):
 def test_xdist_run_equals_serial_run(project):
     project.runpytest("-p", "no:cacheprovider", "--neuronpatch-baselines",
                       "--neuronpatch-update-baselines")
-    serial = {p.name: json.loads(p.read_text())["metrics"] for p in (project.path / "baselines").iterdir()}
+    serial = {p.name: json.loads(p.read_text())["metrics"]
+              for p in (project.path / "baselines" / "ci").iterdir()}
     res = project.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--neuronpatch-baselines",
                                        "--neuronpatch-update-baselines")
     res.assert_outcomes(passed=2)
     parallel = {p.name: json.loads(p.read_text())["metrics"]
-                for p in (project.path / "baselines").iterdir()}
+                for p in (project.path / "baselines" / "ci").iterdir()}
     assert parallel == serial
     again = project.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--neuronpatch-baselines")
     again.assert_outcomes(passed=2)

@@ -9,9 +9,9 @@ import pytest
 pytest_plugins = ["pytester"]
 
 HEAVY = ("torch", "transformer_lens", "transformers", "matplotlib", "numpy")
-# jaxtyping's own pytest plugin (installed with transformer_lens) imports numpy; keep it
-# out so the check is about neuronpatch alone.
-QUIET = ("-p", "no:cacheprovider", "-p", "no:jaxtyping")
+# jaxtyping's own pytest plugin (installed with transformer_lens) and pytest-randomly (which
+# reseeds numpy) import numpy; keep them out so the check is about neuronpatch alone.
+QUIET = ("-p", "no:cacheprovider", "-p", "no:jaxtyping", "-p", "no:randomly")
 
 # A conftest that reports which modules the session imported by the end of collection.
 SPY = """

@@ -117,14 +117,14 @@ def write_baseline(path: str | Path, baseline: Baseline) -> Path:
             ``baselines`` directory belongs, or a directory where the file does).
     """
     path = Path(path)
-    _check_place(path)
+    check_place(path)
     try:
         return atomic_write_text(path, baseline.to_json())
     except OutputPathError as e:
         raise BaselineError(f"cannot write the baseline: {e}") from e
 
 
-def _check_place(path: Path) -> None:
+def check_place(path: Path) -> None:
     """Refuse a baseline path under a file (``baselines`` is a file) in one line."""
     for parent in path.parents:
         if parent.is_dir():
@@ -181,7 +181,7 @@ def read_baseline(path: str | Path) -> Baseline | None:
             (one line naming the file and the fix).
     """
     path = Path(path)
-    _check_place(path)
+    check_place(path)
     if not os.path.lexists(path):
         return None
     fix = f"delete it and regenerate it with {UPDATE_FLAG}"

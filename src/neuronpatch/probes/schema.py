@@ -81,8 +81,6 @@ __all__ = [
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _MARK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# Marks that make no sense on a probe item (they configure Python functions).
-_UNSUPPORTED_MARKS = {"parametrize", "usefixtures", "skipif"}
 
 
 
@@ -144,6 +142,18 @@ def _check_head(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _inside_root(name: str, info: ValidationInfo, what: str) -> None:
+    """Refuse a path that resolves outside the rootdir (when the caller names one)."""
+    root = (info.context or {}).get("root")
+    if root is None:
+        return
+    path = (_base_dir(info) / name).resolve()
+    if not path.is_relative_to(Path(root).resolve()):
+        raise ValueError(
+            f"{what} {name!r} resolves to {path}, outside the rootdir {root}; expected a path "
+            "inside the repository (--neuronpatch-allow-outside-rootdir allows it)")
+
+
 def _read_inputs(value: Any, info: ValidationInfo) -> Any:
     if not isinstance(value, Mapping):
         return value
@@ -155,6 +165,7 @@ def _read_inputs(value: Any, info: ValidationInfo) -> Any:
     name = value["file"]
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"file is {name!r}; expected the path of a text file, one input a line")
+    _inside_root(name, info, "inputs file")
     path = _base_dir(info) / name
     if not path.exists() and not path.is_symlink():
         raise ValueError(
@@ -249,41 +260,108 @@ class Interventions(_Strict):
 
 
 class MarkSpec(_Strict):
-    """One entry of ``marks:``: ``slow``, ``skip``, ``{skip: reason}``, ``{xfail: reason}``,
-    ``{xfail: {reason: ..., strict: true}}``."""
+    """One entry of ``marks:``, as pytest would get it from a decorator.
+
+    ``slow`` (a registered mark by name), ``{skip: reason}``, ``{xfail: reason}``,
+    ``{xfail: {reason: ..., strict: true}}``, ``{skipif: {condition: "sys.platform ==
+    'win32'", reason: ...}}``, ``{timeout: 30}``, ``{filterwarnings: "ignore::UserWarning"}``,
+    ``{usefixtures: [db]}``, and for any registered mark ``{name: value}`` (one
+    argument), ``{name: [a, b]}`` (arguments) or ``{name: {args: [...], kwargs: {...}}}``.
+
+    Example:
+        >>> MarkSpec.model_validate({"timeout": 30}).args
+        [30]
+    """
 
     name: str
     reason: str | None = None
     strict: bool | None = None
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
     def _from_yaml(cls, value: Any) -> Any:
-        allowed = ("a mark name (slow, skip, xfail, ...), {skip: reason}, {xfail: reason} "
-                   "or {xfail: {reason: text, strict: true}}")
+        allowed = ("a mark name (slow, skip, xfail, ...) or {name: argument}, e.g. {skip: reason}, "
+                   "{xfail: {reason: text, strict: true}}, {skipif: {condition: text, reason: text}}, "
+                   "{timeout: 30}, {name: {args: [...], kwargs: {...}}}")
         if isinstance(value, str):
             if not _MARK_NAME.match(value):
                 raise ValueError(f"mark {value!r} is not a valid name; expected {allowed}")
             if value in _UNSUPPORTED_MARKS:
                 raise ValueError(f"mark {value!r} does not apply to probes; expected {allowed}")
+            if value in _MARKS_NEEDING_ARGS:
+                raise ValueError(f"mark {value!r} needs an argument; expected {_MARKS_NEEDING_ARGS[value]}")
             return {"name": value}
         if isinstance(value, Mapping) and len(value) == 1:
             [(name, arg)] = value.items()
-            if name not in ("skip", "xfail"):
-                raise ValueError(
-                    f"mark {name!r} takes no arguments in a probe file; expected {allowed}"
-                )
-            if arg is None or isinstance(arg, str):
-                return {"name": name, "reason": arg}
-            if isinstance(arg, Mapping):
-                keys = {"reason", "strict"} if name == "xfail" else {"reason"}
-                extra = sorted(str(k) for k in set(arg) - keys)
-                if extra:
-                    raise ValueError(
-                        f"unknown {name} option {extra[0]!r}; expected {', '.join(sorted(keys))}"
-                    )
-                return {"name": name, **arg}
+            if not isinstance(name, str) or not _MARK_NAME.match(name):
+                raise ValueError(f"mark {name!r} is not a valid name; expected {allowed}")
+            if name in _UNSUPPORTED_MARKS:
+                raise ValueError(f"mark {name!r} does not apply to probes; expected {allowed}")
+            return _mark_arguments(name, arg)
         raise ValueError(f"got {value!r}; expected {allowed}")
+
+
+# Marks that make no sense on a probe item (they configure Python functions).
+_UNSUPPORTED_MARKS = {"parametrize"}
+# Marks whose plugins crash without arguments: the form they need.
+_MARKS_NEEDING_ARGS = {
+    "skipif": "{skipif: {condition: \"sys.platform == 'win32'\", reason: text}}",
+    "timeout": "{timeout: seconds}",
+    "filterwarnings": "{filterwarnings: \"ignore::DeprecationWarning\"} or a list of filters",
+    "usefixtures": "{usefixtures: [fixture names]}",
+}
+
+
+def _mark_arguments(name: str, arg: Any) -> dict[str, Any]:
+    """``{name: arg}`` as MarkSpec fields, checking the arguments of the marks we know."""
+    if name in ("skip", "xfail"):
+        if arg is None or isinstance(arg, str):
+            return {"name": name, "reason": arg}
+        if isinstance(arg, Mapping):
+            keys = {"reason", "strict"} if name == "xfail" else {"reason"}
+            extra = sorted(str(k) for k in set(arg) - keys)
+            if extra:
+                raise ValueError(f"unknown {name} option {extra[0]!r}; expected {', '.join(sorted(keys))}")
+            return {"name": name, **arg}
+        raise ValueError(f"mark {name!r} got {arg!r}; expected a reason (text) or "
+                         f"{{reason: text{', strict: true' if name == 'xfail' else ''}}}")
+    if name == "skipif":
+        if not isinstance(arg, Mapping) or set(arg) != {"condition", "reason"}:
+            raise ValueError(f"mark 'skipif' got {arg!r}; expected {_MARKS_NEEDING_ARGS['skipif']}")
+        cond, reason = arg["condition"], arg["reason"]
+        if not isinstance(cond, (str, bool)) or not isinstance(reason, str) or not reason.strip():
+            raise ValueError("mark 'skipif' got a bad condition or reason; expected a condition (a "
+                             "Python expression as text, or true/false) and a non-empty reason")
+        if isinstance(cond, str):
+            try:
+                compile(cond, "<skipif condition>", "eval")
+            except SyntaxError as e:
+                raise ValueError(f"skipif condition {cond!r} is not a Python expression ({e.msg}); "
+                                 "expected one such as \"sys.platform == 'win32'\"") from None
+        return {"name": name, "args": [cond], "kwargs": {"reason": reason}}
+    if name == "timeout":
+        if isinstance(arg, bool) or not isinstance(arg, (int, float)) or not arg > 0:
+            raise ValueError(f"mark 'timeout' got {arg!r}; expected a number of seconds > 0")
+        return {"name": name, "args": [arg]}
+    if name in ("filterwarnings", "usefixtures"):
+        items = [arg] if isinstance(arg, str) else arg
+        if not isinstance(items, list) or not items or not all(
+                isinstance(i, str) and i.strip() for i in items):
+            raise ValueError(f"mark {name!r} got {arg!r}; expected {_MARKS_NEEDING_ARGS[name]}")
+        return {"name": name, "args": items}
+    if isinstance(arg, Mapping):
+        extra = sorted(str(k) for k in set(arg) - {"args", "kwargs"})
+        if extra:
+            raise ValueError(f"mark {name!r}: unknown key {extra[0]!r}; expected "
+                             "{args: [...], kwargs: {...}}, a list of arguments or one argument")
+        args, kwargs = arg.get("args", []), arg.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, Mapping):
+            raise ValueError(f"mark {name!r}: bad args or kwargs; expected args a list and kwargs a "
+                             "mapping")
+        return {"name": name, "args": args, "kwargs": dict(kwargs)}
+    return {"name": name, "args": arg if isinstance(arg, list) else [arg]}
 
 
 # Baseline metrics (neuronpatch.baselines.METRICS), repeated so the schema stays light.
@@ -331,6 +409,15 @@ class BaselineSpec(_Strict):
                              "baselines/<probe name>.json")
     tolerance: dict[Annotated[str, AfterValidator(_check_baseline_metric)],
                     Annotated[float, AfterValidator(_positive)]] = Field(default_factory=dict)
+
+    @field_validator("file")
+    @classmethod
+    def _inside(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            if not value.strip():
+                raise ValueError("is empty; expected a JSON file path relative to this file")
+            _inside_root(value, info, "baseline file")
+        return value
 
 
 class FuzzSpec(_Strict):
@@ -554,13 +641,14 @@ def _error_line(doc: Document, err: Mapping[str, Any]) -> tuple[int, str]:
     return doc.line_of(loc), f"key {key!r}: {text}"
 
 
-def parse_document(doc: Document) -> ProbeSpec:
+def parse_document(doc: Document, *, root: str | os.PathLike[str] | None = None) -> ProbeSpec:
     """Validate one document into a :class:`ProbeSpec`.
 
     Raises:
         ProbeSpecError: every problem of the document (its YAML's, such as
             duplicate keys, and its schema's), one ``FILE:LINE: key ...`` line
-            each, in line order.
+            each, in line order. With ``root``, a ``baseline.file`` or
+            ``inputs.file`` that resolves outside it is one of them.
 
     Example:
         >>> [spec.title for spec in map(parse_document, load_documents(p))]  # doctest: +SKIP
@@ -579,7 +667,7 @@ def parse_document(doc: Document) -> ProbeSpec:
                                    f"{', '.join(ProbeSpec.model_fields)}"))
         raise ProbeSpecError(_joined(doc, problems))
     try:
-        spec = ProbeSpec.model_validate(doc.data, context={"base_dir": doc.path.parent})
+        spec = ProbeSpec.model_validate(doc.data, context={"base_dir": doc.path.parent, "root": root})
     except ValidationError as e:
         problems += [_error_line(doc, err) for err in e.errors(include_url=False)]
         raise ProbeSpecError(_joined(doc, problems)) from None
@@ -594,7 +682,8 @@ def _joined(doc: Document, problems: list[tuple[int, str]]) -> str:
 
 
 def iter_probe_file(
-    path: str | os.PathLike[str], *, display: str | None = None
+    path: str | os.PathLike[str], *, display: str | None = None,
+    root: str | os.PathLike[str] | None = None,
 ) -> Iterator[tuple[Document, ProbeSpec | ProbeSpecError]]:
     """Each document with its spec, or the error that document has (the others still parse).
 
@@ -608,7 +697,7 @@ def iter_probe_file(
     names: dict[str, str] = {}
     for doc in load_documents(path, display=display):
         try:
-            spec = parse_document(doc)
+            spec = parse_document(doc, root=root)
         except ProbeSpecError as e:
             yield doc, e
             continue

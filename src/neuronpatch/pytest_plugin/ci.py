@@ -1,11 +1,25 @@
 """CI regression mode: each probe's metrics against its baseline file.
 
-``--neuronpatch-update-baselines`` writes each probe's measured metrics to its
-baseline file. Later runs compare a probe with its baseline when the file
-exists, when the probe has a ``baseline:`` key, or for every probe with
-``--neuronpatch-baselines`` (ini ``neuronpatch_baselines = true``); a drift
-fails with a table. A probe with no baseline file fails (or, with
-``--neuronpatch-missing-baseline=skip``, is skipped) saying how to create one.
+A baseline belongs to one probe, identified by its node id: the probe file's
+path relative to the rootdir plus the probe's name. Its default file is
+``<probe dir>/baselines/<probe file stem>/<probe name>.json`` (the name with
+characters outside ``[A-Za-z0-9._-]`` turned into ``_``), so two files that
+both hold a probe ``tracks`` never share a baseline; a probe's
+``baseline.file`` overrides it. Two probes that would still map to one file
+(two names that sanitise alike, or one ``baseline.file`` twice) are a
+collection error naming both.
+
+``--neuronpatch-update-baselines`` records the measured metrics of each probe
+whose expectations hold; the others are listed at the end with why
+(``--neuronpatch-update-all-baselines`` records them too). Later runs compare
+a probe with its baseline when the file exists, when the probe has a
+``baseline:`` key, or for every probe with ``--neuronpatch-baselines``; a drift
+fails with a table. Baseline files no collected probe maps to are listed at
+the end of every run and removed with ``--neuronpatch-remove-stale-baselines``.
+
+Workers only *measure*: the baseline's content travels in the test report and
+the process that holds the session (the xdist controller, or the one pytest
+process) writes it, atomically, relative to its own rootdir.
 
 This step takes plain values (the probe's spec, name, head and metrics), so it
 knows nothing of items; what it finds goes to :mod:`.report` as a record.
@@ -13,48 +27,70 @@ knows nothing of items; what it finds goes to :mod:`.report` as a record.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from neuronpatch.pytest_plugin.report import artifact_name
+from neuronpatch.pytest_plugin.report import flag
 
 if TYPE_CHECKING:
     from neuronpatch.probes.schema import ProbeSpec
     from neuronpatch.result import ExperimentResult
 
 MISSING_MODES = ("fail", "skip")
+OWNERS_KEY = pytest.StashKey[dict[str, str]]()  # baseline path (rootdir-relative) -> node id
+SCANNED_KEY = pytest.StashKey[set[Path]]()  # baselines/<stem> directories of collected files
+PROBE_SUFFIXES = (".probe.yaml", ".probe.yml")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_NAME = 100
 
 
 def add_options(group: Any, parser: pytest.Parser) -> None:
-    """The CI-mode command-line flags and ini keys."""
-    group.addoption("--neuronpatch-update-baselines", action="store_true", default=False,
-                    help="write each probe's measured metrics to its baseline file")
-    group.addoption("--neuronpatch-baselines", action="store_true", default=None,
-                    help="compare every probe with its baseline (not only those with baseline:)")
+    """The CI-mode command-line flags and ini keys (every flag has a typed ini key)."""
+    for name, text in FLAGS:
+        group.addoption(f"--neuronpatch-{name}", action="store_true", default=None, help=text)
+        parser.addini(f"neuronpatch_{name.replace('-', '_')}", type="bool", default=False, help=text)
     group.addoption("--neuronpatch-missing-baseline", metavar="fail|skip", default=None,
                     help="what a probe without a baseline file does (default fail)")
-    group.addoption("--neuronpatch-report", metavar="FILE.html", default=None,
-                    help="write one HTML page: an overview table of every probe and test that "
-                         "uses neuronpatch_expect, then details, figures linked from the artifacts")
-    group.addoption("--neuronpatch-report-embed", action="store_true", default=False,
-                    help="embed the figures in the HTML page instead of linking them")
-    group.addoption("--neuronpatch-suggest-tolerances", action="store_true", default=False,
-                    help="print baseline tolerances suggested by each probe's input noise")
-    parser.addini("neuronpatch_baselines", type="bool", default=False,
-                  help="compare every probe with its baseline")
     parser.addini("neuronpatch_missing_baseline", default="fail",
                   help="fail or skip a probe that has no baseline file")
+    report_help = ("write one HTML page: an overview table of every probe and test that uses "
+                   "neuronpatch_expect, then details, figures linked from the artifacts")
+    group.addoption("--neuronpatch-report", metavar="FILE.html", default=None, help=report_help)
+    parser.addini("neuronpatch_report", default="", help=report_help + " (relative to the rootdir)")
+
+
+# Boolean flags; each has an ini key of type bool (--neuronpatch-x-y: neuronpatch_x_y).
+FLAGS: list[tuple[str, str]] = [
+    ("update-baselines",
+     "write the measured metrics of each probe whose expectations hold to its baseline file"),
+    ("update-all-baselines",
+     "with updates: also write baselines of probes whose expectations fail"),
+    ("remove-stale-baselines",
+     "delete baseline files that no collected probe maps to (they are always listed)"),
+    ("baselines", "compare every probe with its baseline (not only those with baseline:)"),
+    ("report-embed", "embed the figures in the HTML page instead of linking them"),
+    ("suggest-tolerances", "print baseline tolerances suggested by each probe's input noise"),
+    ("allow-outside-rootdir",
+     "let baseline.file and inputs.file of probe files point outside the rootdir"),
+]
 
 
 def missing_mode(config: pytest.Config) -> str:
     """``fail`` or ``skip``: what a probe without a baseline file does."""
-    value = config.getoption("neuronpatch_missing_baseline") or config.getini(
-        "neuronpatch_missing_baseline") or "fail"
+    value = config.getoption("neuronpatch_missing_baseline")
+    where = "--neuronpatch-missing-baseline"
+    if not value:
+        value, where = config.getini("neuronpatch_missing_baseline") or "fail", \
+            "ini key neuronpatch_missing_baseline"
     if value not in MISSING_MODES:
-        raise pytest.UsageError(f"--neuronpatch-missing-baseline = {value!r} is invalid; "
+        raise pytest.UsageError(f"{where} = {value!r} is invalid; "
                                 f"expected one of {', '.join(MISSING_MODES)}")
     return str(value)
 
@@ -62,10 +98,40 @@ def missing_mode(config: pytest.Config) -> str:
 def check_options(config: pytest.Config) -> None:
     """Fail the session once, up front, on a bad CI-mode option."""
     missing_mode(config)
+    for name, _ in FLAGS:
+        flag(config, name.replace("-", "_"))
+
+
+def baseline_name(name: str) -> str:
+    """A probe name as a file name: readable, without path separators or NUL.
+
+    Example:
+        >>> baseline_name("causal head tracks its neuron")
+        'causal_head_tracks_its_neuron'
+        >>> baseline_name("tracks[demo_causal]")
+        'tracks_demo_causal'
+    """
+    safe = _UNSAFE.sub("_", name).strip("._") or "probe"
+    if len(safe) > _MAX_NAME:
+        safe = f"{safe[:_MAX_NAME]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def probe_stem(path: Path) -> str:
+    """``a.probe.yaml`` -> ``a``."""
+    for suffix in PROBE_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.stem
+
+
+def default_dir(probe_file: Path) -> Path:
+    """Where a probe file's baselines go by default: ``baselines/<file stem>/`` beside it."""
+    return probe_file.parent / "baselines" / probe_stem(probe_file)
 
 
 def baseline_path(spec: ProbeSpec, name: str) -> Path:
-    """``<probe dir>/baselines/<probe name>.json`` or the probe's ``baseline.file``.
+    """``<probe dir>/baselines/<file stem>/<probe name>.json`` or the probe's ``baseline.file``.
 
     ``name`` is the test's name: the probe's title, with ``[head]`` for one
     head of a ``head:`` glob (whose files are kept apart).
@@ -75,7 +141,74 @@ def baseline_path(spec: ProbeSpec, name: str) -> Path:
         if name != spec.title:  # one head of a glob: keep files apart
             path = path.with_name(f"{path.stem}[{name[len(spec.title) + 1:-1]}]{path.suffix}")
         return path
-    return spec.path.parent / "baselines" / f"{artifact_name(name)}.json"
+    return default_dir(spec.path) / f"{baseline_name(name)}.json"
+
+
+def rel(config: pytest.Config, path: Path) -> str:
+    """A baseline path as the report carries it: relative to the rootdir (POSIX) when inside."""
+    import os
+
+    full = Path(os.path.abspath(path))
+    root = Path(os.path.abspath(config.rootpath))
+    return full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
+
+
+def claim(config: pytest.Config, spec: ProbeSpec, name: str, node_id: str) -> str | None:
+    """Register this probe's baseline file; the collision message when another probe has it."""
+    owners = config.stash.setdefault(OWNERS_KEY, {})
+    config.stash.setdefault(SCANNED_KEY, set()).add(default_dir(spec.path))
+    path = baseline_path(spec, name)
+    key = rel(config, path)
+    other = owners.setdefault(key, node_id)
+    if other == node_id:
+        return None
+    explicit = spec.baseline is not None and spec.baseline.file
+    where = spec.where("baseline", "file") if explicit else spec.where("name")
+    key_name = "baseline.file" if explicit else "name"
+    return (f"{where}: key '{key_name}': probe {node_id!r} would share the baseline file {key} "
+            f"with probe {other!r}; expected one baseline per probe: rename one of them or give it "
+            "a baseline.file of its own")
+
+
+def stale_baselines(config: pytest.Config) -> list[str]:
+    """Baseline files (rootdir-relative) in the collected probe files' folders that no probe maps to.
+
+    Looked at: ``baselines/<stem>/`` of each collected probe file, the
+    ``baselines/<stem>/`` folders beside it whose probe file is gone (a renamed
+    file), and the flat ``baselines/*.json`` files of the older layout.
+    """
+    # Not neuronpatch.baselines.baseline_files: that module imports numpy, and collecting
+    # probe files must stay light. Same rule: *.json, never a killed writer's temporary file.
+    from neuronpatch._io import is_temporary
+
+    def baseline_files(folder: Path) -> list[Path]:
+        if not folder.is_dir():
+            return []
+        return [p for p in folder.iterdir() if p.suffix == ".json" and not p.name.startswith(".")
+                and not is_temporary(p) and p.is_file()]
+
+    owners = config.stash.get(OWNERS_KEY, {})
+    scanned = config.stash.get(SCANNED_KEY, set())
+    candidates: set[Path] = set()
+    for folder in scanned:
+        candidates.update(baseline_files(folder))
+        root = folder.parent  # <probe dir>/baselines
+        candidates.update(p for p in baseline_files(root) if _old_layout(p))
+        if root.is_dir():
+            for sub in root.iterdir():
+                if sub.is_dir() and not any((root.parent / f"{sub.name}{s}").is_file()
+                                            for s in PROBE_SUFFIXES):
+                    candidates.update(baseline_files(sub))
+    return sorted(k for k in (rel(config, p) for p in candidates) if k not in owners)
+
+
+def _old_layout(path: Path) -> bool:
+    """A flat ``baselines/<name>.json`` written before baselines had a folder per probe file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")[:1_000_000])
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format" in data and "node" not in data
 
 
 def wanted(config: pytest.Config, spec: ProbeSpec, name: str) -> bool:
@@ -86,47 +219,162 @@ def wanted(config: pytest.Config, spec: ProbeSpec, name: str) -> bool:
     written, and when a baseline file for it already exists (once written,
     a probe stays under regression).
     """
-    return bool(spec.baseline is not None or config.getoption("neuronpatch_update_baselines")
-                or config.getoption("neuronpatch_baselines") or config.getini("neuronpatch_baselines")
+    return bool(spec.baseline is not None or flag(config, "update_baselines")
+                or flag(config, "update_all_baselines") or flag(config, "baselines")
                 or baseline_path(spec, name).is_file())
 
 
 @dataclass(frozen=True)
 class BaselineCheck:
-    """The outcome of a baseline check for one probe."""
+    """The outcome of a baseline check for one probe.
 
-    status: str  # ok | drifted | missing | updated
-    path: Path
+    ``status`` is ``ok``, ``drifted``, ``missing``, ``updated`` (``content`` is
+    the file to write) or ``not-updated`` (``message`` says why).
+    """
+
+    status: str
+    path: str
     message: str = ""
     drifts: list[dict[str, Any]] = field(default_factory=list)
+    content: str | None = None
 
     def to_record(self) -> dict[str, Any]:
-        """What the report shows: path, status and the drift rows."""
-        return {"path": str(self.path), "status": self.status, "drifts": self.drifts}
+        """What the report carries: path, status, the drift rows and what to write."""
+        rec: dict[str, Any] = {"path": self.path, "status": self.status, "drifts": self.drifts}
+        if self.content is not None:
+            rec["content"] = self.content
+        if self.status == "not-updated":
+            rec["why"] = self.message
+        return rec
 
 
 def check_baseline(config: pytest.Config, spec: ProbeSpec, name: str, head_dir: Path,
-                   metrics: dict[str, Any]) -> BaselineCheck:
-    """Update or compare this probe's baseline."""
+                   metrics: dict[str, Any], *, node_id: str, expectations_hold: bool,
+                   why_not: str = "") -> BaselineCheck:
+    """Prepare the update of, or compare, this probe's baseline (nothing is written here)."""
     from neuronpatch import baselines
 
     path = baseline_path(spec, name)
-    shown = path.relative_to(config.rootpath) if path.is_relative_to(config.rootpath) else path
-    if config.getoption("neuronpatch_update_baselines"):
-        base = baselines.make_baseline(name, metrics, head_dir=head_dir)
-        baselines.write_baseline(path, base)
-        return BaselineCheck("updated", path, f"baseline written: {shown}")
+    shown = rel(config, path)
+    if flag(config, "update_baselines") or flag(config, "update_all_baselines"):
+        if not expectations_hold and not flag(config, "update_all_baselines"):
+            return BaselineCheck("not-updated", shown, f"expectations failed ({why_not})"
+                                 if why_not else "expectations failed")
+        baselines.check_place(path)
+        base = baselines.make_baseline(name, metrics, head_dir=head_dir, extra={"node": node_id})
+        return BaselineCheck("updated", shown, f"baseline written: {shown}", content=base.to_json())
     base_or_none = baselines.read_baseline(path)
     if base_or_none is None:
-        return BaselineCheck("missing", path, f"probe {name!r} has no baseline at {shown}; "
+        return BaselineCheck("missing", shown, f"probe {name!r} has no baseline at {shown}; "
                              f"run pytest with {baselines.UPDATE_FLAG} to create it")
     tolerance = spec.baseline.tolerance if spec.baseline is not None else {}
     drifts = baselines.compare(metrics, base_or_none, tolerance)
     rows = [d.__dict__ for d in drifts]
     if all(d.ok for d in drifts):
-        return BaselineCheck("ok", path, drifts=rows)
+        return BaselineCheck("ok", shown, drifts=rows)
     text = baselines.explain(drifts, base_or_none, head_dir=head_dir, baseline_path=shown)
-    return BaselineCheck("drifted", path, f"probe {name!r}: {text}", rows)
+    return BaselineCheck("drifted", shown, f"probe {name!r}: {text}", rows)
+
+
+def write_update(config: pytest.Config, record: dict[str, Any]) -> str | None:
+    """Write a baseline a report carries (controller side); an error line, or None.
+
+    Example:
+        >>> write_update(config, {"path": "baselines/a/t.json", "content": "{}"})  # doctest: +SKIP
+    """
+    from neuronpatch._io import atomic_write_text
+    from neuronpatch.baselines import check_place
+    from neuronpatch.errors import NeuronpatchError
+
+    path = Path(record["path"])
+    if not path.is_absolute():
+        path = config.rootpath / path
+    try:
+        check_place(path)
+        atomic_write_text(path, record["content"])
+    except (NeuronpatchError, OSError) as e:
+        return f"{record['path']}: baseline not written: {e}"
+    return None
+
+
+def remove_stale(config: pytest.Config, stale: list[str]) -> list[str]:
+    """Delete stale baseline files (rootdir-relative paths); the ones removed."""
+    removed = []
+    for key in stale:
+        path = Path(key) if Path(key).is_absolute() else config.rootpath / key
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        removed.append(key)
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()  # an emptied baselines/<stem>/ folder goes too
+    return removed
+
+
+class BaselineSession:
+    """Controller side of CI mode: writes the baselines reports carry, lists stale ones.
+
+    Registered once per pytest process. On an xdist worker it only works out
+    which baselines are stale (workers collect) and hands that list over in
+    ``workeroutput``; the controller (or the single pytest process) writes.
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.written: list[str] = []
+        self.not_updated: list[tuple[str, str]] = []
+        self.errors: list[str] = []
+        self.stale: set[str] = set()
+        self.removed: list[str] = []
+        self.worker = hasattr(config, "workerinput")
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.stale.update(stale_baselines(self.config))
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.worker or report.when != "call":
+            return
+        base = (getattr(report, "neuronpatch", None) or {}).get("baseline") or {}
+        if base.get("status") == "updated" and base.get("content") is not None:
+            error = write_update(self.config, base)
+            if error is None:
+                self.written.append(base["path"])
+            else:
+                self.errors.append(error)
+        elif base.get("status") == "not-updated":
+            self.not_updated.append((report.nodeid, str(base.get("why", ""))))
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist: a worker finished; take its list of stale baselines."""
+        self.stale.update(getattr(node, "workeroutput", {}).get("neuronpatch_stale", []))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.worker:
+            self.config.workeroutput["neuronpatch_stale"] = sorted(self.stale)  # type: ignore[attr-defined]
+        elif self.stale and flag(self.config, "remove_stale_baselines"):
+            self.removed = remove_stale(self.config, sorted(self.stale))
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self.worker or not (self.written or self.not_updated or self.errors or self.stale):
+            return
+        tr = terminalreporter
+        tr.write_sep("-", "neuronpatch baselines")
+        if self.written:
+            tr.line(f"{len(self.written)} baseline(s) written")
+        for nodeid, why in self.not_updated:
+            tr.line(f"not updated: {nodeid}: {why}; --neuronpatch-update-all-baselines writes it anyway")
+        for error in self.errors:
+            tr.line(error, red=True)
+        stale = sorted(self.stale)
+        if self.removed:
+            tr.line(f"{len(self.removed)} stale baseline(s) removed: " + ", ".join(self.removed))
+        elif stale:
+            tr.line(f"{len(stale)} stale baseline(s), no collected probe maps to them "
+                    "(remove them with --neuronpatch-remove-stale-baselines):")
+            for key in stale:
+                tr.line(f"  {key}")
 
 
 def suggestion(result: ExperimentResult) -> dict[str, float]:

@@ -41,6 +41,7 @@ from neuronpatch.pytest_plugin.report import (
     crash_line,
     engine_error,
     failure_repr,
+    flag,
     make_record,
     probe_failure,
     record_metrics,
@@ -70,19 +71,21 @@ def _mark_problems(spec: ProbeSpec, config: pytest.Config) -> list[str]:
             problems.append(
                 f"{spec.where('marks', i)}: key 'marks[{i}]': mark {mark.name!r} is not "
                 f"registered; expected a registered mark (add \"{mark.name}: ...\" to `markers` "
-                "in your pytest configuration) or one of skip, xfail"
+                "in your pytest configuration, or install the plugin that registers it) or one of "
+                "skip, skipif, xfail, filterwarnings, usefixtures"
             )
     return problems
 
 
 def _decorator(mark: MarkSpec) -> pytest.MarkDecorator:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(mark.kwargs)
     if mark.reason is not None:
         kwargs["reason"] = mark.reason
     if mark.strict is not None:
         kwargs["strict"] = mark.strict
     decorator: pytest.MarkDecorator = getattr(pytest.mark, mark.name)
-    return decorator(**kwargs) if kwargs else decorator
+    # MarkDecorator(f) with one callable argument would decorate it; with_args never does.
+    return decorator.with_args(*mark.args, **kwargs) if (mark.args or kwargs) else decorator
 
 
 class ProbeFile(pytest.File):
@@ -91,7 +94,8 @@ class ProbeFile(pytest.File):
     def collect(self) -> Iterator[pytest.Item]:
         display = shown_path(self.path, self.config.invocation_params.dir)
         try:
-            parsed = list(iter_probe_file(self.path, display=display))
+            root = None if flag(self.config, "allow_outside_rootdir") else self.config.rootpath
+            parsed = list(iter_probe_file(self.path, display=display, root=root))
         except ProbeSpecError as e:  # the file itself cannot be read
             yield InvalidProbe.from_parent(self, name=probe_stem(self.path), error=str(e), line=1)
             return
@@ -107,7 +111,12 @@ class ProbeFile(pytest.File):
                 continue
             for head_dir, label in spec.heads():
                 name = spec.title if label is None else f"{spec.title}[{label}]"
-                yield ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir)
+                item = ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir)
+                collision = ci.claim(self.config, spec, name, item.nodeid)
+                if collision is not None:
+                    yield InvalidProbe.from_parent(self, name=name, error=collision, line=doc.line)
+                    continue
+                yield item
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,10 @@ class ProbeItem(_OurFailures):
         self.add_marker("neuronpatch")
         for mark in spec.marks:
             self.add_marker(_decorator(mark))
+        # Fixtures as for a test function: autouse ones and `usefixtures` marks.
+        self._fixtureinfo = self.session._fixturemanager.getfixtureinfo(node=self, func=None, cls=None)
+        self.fixturenames = self._fixtureinfo.names_closure
+        self.funcargs: dict[str, Any] = {}
 
     @property
     def head_text(self) -> str:
@@ -180,6 +193,10 @@ class ProbeItem(_OurFailures):
         return self.spec.document.display
 
     def setup(self) -> None:
+        from _pytest.fixtures import TopRequest
+
+        self._request = TopRequest(self, _ispytest=True)  # type: ignore[arg-type]
+        self._request._fillfixtures()
         self.result = self.run_experiment()
 
     def runtest(self) -> None:
@@ -222,7 +239,9 @@ class ProbeItem(_OurFailures):
         if not ci.wanted(self.config, self.spec, self.name):
             return _Baseline(None)
         check = ci.check_baseline(self.config, self.spec, self.name, self.head_dir,
-                                  dict(verdict.metrics))
+                                  dict(verdict.metrics), node_id=self.nodeid,
+                                  expectations_hold=verdict.passed,
+                                  why_not=crash_line("", verdict)[2].lstrip(": "))
         if check.status == "drifted":
             return _Baseline(check, failure=check.message)
         if check.status == "missing":
@@ -244,13 +263,13 @@ class ProbeItem(_OurFailures):
     def record(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:
         """What the report shows for this probe (travels to the controller)."""
         suggestion = None
-        if self.config.getoption("neuronpatch_suggest_tolerances") and self.result is not None:
+        if flag(self.config, "suggest_tolerances") and self.result is not None:
             suggestion = ci.suggestion(self.result)
         self.stash[RECORD_KEY] = make_record(
             kind="probe", name=self.name, location=self.spec.where(), verdict=verdict,
             head=self.head_text, baseline=None if baseline.check is None else baseline.check.to_record(),
             fuzz=self._fuzz_text(fuzzed), suggestion=suggestion,
-            embed=bool(self.config.getoption("neuronpatch_report_embed", False)),
+            embed=flag(self.config, "report_embed"),
         )
 
     def conclude(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:

@@ -47,7 +47,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     ]
     for name, metavar, text in options:
         group.addoption(f"--neuronpatch-{name}", metavar=metavar, default=None, help=text)
-        parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
+        if name == "batch-size":
+            parser.addini("neuronpatch_batch_size", help=text, type="int", default=None)
+        else:
+            parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
     ci.add_options(group, parser)
 
 
@@ -65,6 +68,7 @@ def pytest_configure(config: pytest.Config) -> None:
     ci.check_options(config)
     # Outcomes, the summary line and the HTML report live on a per-session object.
     config.pluginmanager.register(report.RunState(config), "neuronpatch-run-state")
+    config.pluginmanager.register(ci.BaselineSession(config), "neuronpatch-baselines")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
 
 

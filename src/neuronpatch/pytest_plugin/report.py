@@ -71,6 +71,41 @@ _MAX_NAME = 120
 # ----- names and paths ---------------------------------------------------------------------
 
 
+def ini(config: pytest.Config, key: str, expected: str) -> Any:
+    """An ini value, or a usage error that names the ini key (pytest's own names neither).
+
+    Example:
+        >>> ini(config, "neuronpatch_batch_size", "a positive integer")   # doctest: +SKIP
+        64
+    """
+    try:
+        return config.getini(key)
+    except (ValueError, TypeError, pytest.UsageError) as e:
+        raise pytest.UsageError(f"ini key {key} is invalid ({e}); expected {expected}") from None
+
+
+def flag(config: pytest.Config, name: str) -> bool:
+    """A boolean option: the command line when given, else its ini key.
+
+    Example:
+        >>> flag(config, "update_baselines")     # doctest: +SKIP
+        False
+    """
+    value = config.getoption(f"neuronpatch_{name}", None)
+    if value is not None:
+        return bool(value)
+    return bool(ini(config, f"neuronpatch_{name}", "true or false"))
+
+
+def report_target(config: pytest.Config) -> Path | None:
+    """The HTML report's path: the flag (relative to the start directory) or the ini key."""
+    value = config.getoption("neuronpatch_report", None)
+    if value:
+        return config.invocation_params.dir / value
+    ini = str(config.getini("neuronpatch_report") or "").strip()
+    return config.rootpath / ini if ini else None
+
+
 def shown_path(path: str | os.PathLike[str], base: Path | None = None) -> str:
     """A path as the user should type it: relative to ``base`` (cwd) when that is shorter.
 
@@ -541,13 +576,13 @@ class RunState:
             terminalreporter.line(f"  HTML report: {self.report_path}")
 
     def write_html(self) -> Path | None:
-        target = self.config.getoption("neuronpatch_report")
-        if not target or hasattr(self.config, "workerinput"):
+        target = report_target(self.config)
+        if target is None or hasattr(self.config, "workerinput"):
             return None
         from neuronpatch.report_html import write_report
 
         records = [dict(e) for e in self.tests.values() if e.get("outcome")]
-        return write_report(self.config.invocation_params.dir / target, records)
+        return write_report(target, records)
 
 
 def _longrepr_text(report: pytest.TestReport) -> str:
@@ -580,7 +615,8 @@ def summary_line(entries: Any) -> str | None:
         if n:
             parts.append(f"{n} {'errors' if key == 'error' and n > 1 else key}")
     details: dict[str, int] = {}
-    labels = {"drifted": "drifted", "missing": "missing baseline", "updated": "baselines updated"}
+    labels = {"drifted": "drifted", "missing": "missing baseline", "updated": "baselines updated",
+              "not-updated": "baselines not updated"}
     for e in done:
         status = (e.get("baseline") or {}).get("status")
         if status in labels:

@@ -39,10 +39,15 @@ from neuronpatch.pytest_plugin.report import (
     Verdict,
     artifact_name,
     crash_line,
+    flag,
     make_record,
     probe_failure,
     record_metrics,
+    report_target,
     shown_path,
+)
+from neuronpatch.pytest_plugin.report import (
+    ini as read_ini,
 )
 
 if TYPE_CHECKING:
@@ -103,7 +108,8 @@ def settings_from_config(config: pytest.Config) -> Settings:
         value = config.getoption(flag.lstrip("-").replace("-", "_"))
         if value is not None:
             return value, flag
-        ini_value = str(config.getini(ini) or "").strip()
+        raw = read_ini(config, ini, "a positive integer" if ini.endswith("batch_size") else "a string")
+        ini_value = "" if raw is None else str(raw).strip()
         return (ini_value or None), f"ini key {ini}"
 
     artifacts, where = option("--neuronpatch-artifacts", "neuronpatch_artifacts")
@@ -138,7 +144,7 @@ def settings_from_config(config: pytest.Config) -> Settings:
         )
     return Settings(artifacts=root, device=device, dtype=dtype, batch_size=batch_size,
                     figures=cast(FigureMode, figures), root=config.rootpath,
-                    report=bool(config.getoption("neuronpatch_report", None)
+                    report=bool(report_target(config) is not None
                                 or getattr(config.option, "htmlpath", None)))
 
 
@@ -356,7 +362,7 @@ class ExpectFixture:
         head = shown_path(result.head_path, base)
         item.stash[RECORD_KEY] = make_record(
             kind="test", name=item.name, location=source, verdict=verdict, head=head,
-            embed=bool(item.config.getoption("neuronpatch_report_embed", False)))
+            embed=flag(item.config, "report_embed"))
         if not verdict.passed:
             title = f"test {item.name!r}"
             where, number, crash = crash_line(title, verdict)
