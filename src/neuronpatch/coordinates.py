@@ -24,15 +24,33 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from neuronpatch import units
 from neuronpatch.architecture import Site
 from neuronpatch.errors import config_error
 
 if TYPE_CHECKING:
-    from neuronpatch.heads import HeadConfig
     from neuronpatch.models import LoadedModel
+
+
+class HeadConfig(Protocol):
+    """What a plan needs from a head's config (``heads.HeadConfig`` has it; no import needed)."""
+
+    @property
+    def head_type(self) -> str: ...
+    @property
+    def feature_hook(self) -> str | None: ...
+    @property
+    def feature_layer(self) -> int: ...
+    @property
+    def coordinates(self) -> str: ...
+    @property
+    def layer_type(self) -> str: ...
+    @property
+    def target_layer(self) -> int: ...
+    @property
+    def target_neuron(self) -> int: ...
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
 _HOOK_SITES = {"hook_resid_pre": "block_in", "hook_resid_post": "block_out",
