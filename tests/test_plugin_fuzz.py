@@ -113,3 +113,35 @@ def test_fuzzing_finds_what_the_eight_sentences_miss(pytester):
     check = run_experiment(head, [shrunk], set=[0, 3])
     assert check.clean_activation[0] < 1.5  # and it really breaks the claim
     res.stdout.fnmatch_lines(["*broke:    activation = *, expected ≥ 1.5  at fires.probe.yaml:8*"])
+
+
+def test_each_fuzz_probe_keeps_its_own_saved_counterexamples(project):
+    # Two false claims in one file: each must get its own example-database key (its node id),
+    # so fuzzing one never overwrites the other's saved counterexample.
+    body = textwrap.dedent(f"""
+        head: heads/causal
+        inputs: {INPUTS}
+        interventions: {{set: [-1, 0, 1, 2]}}
+        fuzz:
+          examples: 5
+          max_words: 4
+          expect:
+            activation: {{max: -100}}
+    """).lstrip()
+    (project.path / "two.probe.yaml").write_text("name: f\n" + body + "---\nname: g\n" + body)
+    from hypothesis import settings
+    from hypothesis.database import InMemoryExampleDatabase
+
+    db = InMemoryExampleDatabase()
+    settings.register_profile("fuzz-db-test", deadline=None, database=db)
+    res = project.runpytest("-p", "no:cacheprovider", "--hypothesis-profile=fuzz-db-test")
+    res.assert_outcomes(failed=2)
+    saved = {key for key, values in db.data.items() if values}
+    assert b"two.probe.yaml::f" in saved and b"two.probe.yaml::g" in saved
+
+
+def test_a_falsified_claim_prints_what_replays_it(project):
+    write(project, "slope: {max: -100}", examples=5)
+    res = project.runpytest("-p", "no:cacheprovider", "--hypothesis-profile=neuronpatch-ci")
+    res.assert_outcomes(failed=1)
+    assert any("replay:" in line and "reproduce_failure" in line for line in res.stdout.lines)

@@ -11,7 +11,7 @@ and the figures of a run on that text alone.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +68,7 @@ class FuzzOutcome:
     counterexample: Counterexample | None = None
     tokens: list[str] | None = None
     artifacts: Path | None = None
+    replay: list[str] = field(default_factory=list)  # Hypothesis's seed / @reproduce_failure lines
 
 
 def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[str, Any],
@@ -102,9 +103,14 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
     test = settings(base, max_examples=spec.examples)(
         given(strategy(spec, run_kwargs.get("inputs"), model.tokenizer, int(model.n_ctx or 1024)))(
             check_batch))
+    # Each probe keeps its own saved counterexamples: key the example database on its node id
+    # (Hypothesis would otherwise key every fuzz probe on this one inner function).
+    test._hypothesis_internal_database_key = node_id.encode()
     try:
         test()
     except Counterexample as found:
+        replay = [line.strip() for note in getattr(found, "__notes__", [])
+                  for line in str(note).splitlines() if "reproduce_failure" in line or "seed" in line]
         tokens = model.tokenizer.convert_ids_to_tokens(
             model.tokenizer.encode(found.text, add_special_tokens=False))
         out = runner.artifact_dir(node_id) / "fuzz_counterexample"
@@ -112,7 +118,7 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
         runner.write_artifacts(res, out, probe={"name": f"counterexample of {node_id}",
                                                "node_id": f"{node_id}#fuzz", "source": None,
                                                "passed": False})
-        return FuzzOutcome(seen[0], found, list(tokens), out)
+        return FuzzOutcome(seen[0], found, list(tokens), out, replay)
     return FuzzOutcome(seen[0])
 
 
@@ -128,4 +134,5 @@ def describe(outcome: FuzzOutcome, spec: FuzzSpec, where: str) -> str:
         f"  broke:    {ce.metric} = {ce.value:.6g}, expected {ce.expected}  at {where}",
         f"  numbers:  {nums}",
         f"  figures:  {outcome.artifacts}/",
+        *(f"  replay:   {line}" for line in outcome.replay),
     ])
