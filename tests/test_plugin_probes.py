@@ -417,3 +417,11 @@ def test_user_mistakes_in_files_fail_in_one_line_without_traceback(project, case
     assert "Traceback" not in out and "site-packages" not in out and "neuronpatch/" not in out
     want = "base.json: invalid JSON" if case == "corrupt baseline" else "blocker is a file, not a directory"
     assert sum(want in line for line in out.splitlines()) >= 1
+
+
+def test_header_says_how_probes_run(project):
+    probe_file(project, "c.probe.yaml", causal_probe("[0, 1]"))
+    result = project.runpytest("--collect-only", "--neuronpatch-dtype=bfloat16",
+                               "--hypothesis-profile=neuronpatch-ci")
+    result.stdout.fnmatch_lines(["neuronpatch: device cpu, dtype bfloat16, artifacts .neuronpatch/artifacts, "
+                                 "baselines compare where present, fuzz profile neuronpatch-ci"])

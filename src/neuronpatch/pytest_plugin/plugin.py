@@ -14,6 +14,7 @@ fixture runs.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(report.RunState(config), "neuronpatch-run-state")
     config.pluginmanager.register(ci.BaselineSession(config), "neuronpatch-baselines")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """One line saying how probes will run: device, dtype, artifacts, baselines, fuzz profile."""
+    s = config.stash[SETTINGS_KEY]
+    profile = config.getoption("hypothesis_profile", None)
+    if not profile:
+        # As strategies.default_profile() decides, without importing Hypothesis here.
+        ci_env = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+        profile = "neuronpatch-ci" if ci_env else "neuronpatch-dev"
+    baselines = ("update" if report.flag(config, "update_baselines")
+                 or report.flag(config, "update_all_baselines") else "compare where present")
+    try:
+        artifacts = s.artifacts.relative_to(config.rootpath)
+    except ValueError:
+        artifacts = s.artifacts
+    return [f"neuronpatch: device {s.device}, dtype {s.dtype}, artifacts {artifacts}, "
+            f"baselines {baselines}, fuzz profile {profile}"]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
