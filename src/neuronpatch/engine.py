@@ -47,7 +47,7 @@ from torch import Tensor
 from neuronpatch import architecture, coordinates
 from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
-from neuronpatch.errors import InputError
+from neuronpatch.errors import InputError, PatchError
 from neuronpatch.heads import Head, load_head
 from neuronpatch.interventions import Intervention, build, normalize
 from neuronpatch.models import load_model
@@ -77,6 +77,10 @@ _SILENT = 1e-6
 # How far a shortcut route may be from a real patched run before it steps aside
 # (relative to the features' scale; float32 noise is ~1e-6).
 _CHECK_RTOL = 1e-4
+# How far the unit may be from the requested value after a patch, relative to its
+# scale, by the dtype the model runs in (one rounding of the patched value, and a
+# little room for what the hook chain copies).
+_PATCH_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 class _Stop(Exception):
@@ -194,6 +198,7 @@ class _Batch:
     beta: Tensor  # [R]
     cache: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    neuron: Tensor | None = None  # [R] the column each row patches (controls); None: the plan's
 
 
 def _forward_kwargs(model: LoadedModel) -> dict[str, Any]:
@@ -208,30 +213,45 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
     """Run the model's own forward on ``b`` with the patch and capture hooks attached.
 
     ``guard``: a second feature site to read unchanged (the coordinate guard).
+    Every patch is checked: a second hook at the unit's site, after the patch,
+    reads the column back; a patch that never ran, or left another value than
+    the one requested, raises :class:`~neuronpatch.errors.PatchError`.
     """
     R = b.ids.shape[0]
     ar = torch.arange(R, device=model.device)
     got: dict[str, Tensor] = {}
-    n = p.neuron
+    n: Any = p.neuron if b.neuron is None else b.neuron.to(model.device)
     wanted = {"clean", "features"} | ({"guard"} if guard is not None else set())
+
+    def column(t: Tensor) -> Tensor:
+        return t[..., n] if b.neuron is None else t.gather(-1, n[:, None, None].expand(-1, t.shape[1], 1))[..., 0]
 
     def done() -> None:
         if wanted <= got.keys():
             raise _Stop  # nothing later in the forward can change what was read
 
     def patch(t: Tensor) -> Tensor:
-        col = t[..., n].float()
+        col = column(t).float()
         c = col - t.float().mean(-1) if p.centre_unit else col
         target = b.alpha[:, None] * c + b.beta[:, None]
         delta = torch.where(b.patch, target - c, torch.zeros_like(c))
         got["clean"] = c[ar, b.measure]
         got["patched"] = torch.where(b.patch[ar, b.measure], target[ar, b.measure], c[ar, b.measure])
         got["delta_read"] = delta[ar, b.read]
-        out = t.clone()
-        out[..., n] = (col + delta).to(t.dtype)
+        new_col = (col + delta).to(t.dtype)
+        got["requested"] = new_col
         if wanted <= got.keys():
-            raise _Stop  # the features were read before the unit: an upstream head
+            got["early"] = new_col  # the features were read before the unit: an upstream head
+            raise _Stop
+        out = t.clone()
+        if b.neuron is None:
+            out[..., n] = new_col
+        else:
+            out.scatter_(-1, n[:, None, None].expand(-1, t.shape[1], 1), new_col[..., None])
         return out
+
+    def observe(t: Tensor) -> None:
+        got["observed"] = column(t).detach().clone()
 
     def capture(t: Tensor) -> None:
         f = t[ar, b.read].float()
@@ -246,7 +266,9 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
         got["guard"] = t[ar, b.read].float()
         done()
 
-    handles = [architecture.attach(model.arch, p.unit, patch, R)]
+    # Hooks on one module run in the order they were registered: patch, observe, capture.
+    handles = [architecture.attach(model.arch, p.unit, patch, R),
+               architecture.attach(model.arch, p.unit, observe, R)]
     if p.feature.kind != "logits":
         handles.append(architecture.attach(model.arch, p.feature, capture, R))
     if guard is not None:
@@ -260,11 +282,43 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
     finally:
         for h in handles:
             h.remove()
+    if "requested" not in got:
+        raise PatchError(f"the patch hook at {p.unit} (column {_columns(p, b)}) never ran during the "
+                         "forward pass: no row was patched, so no slope can be measured")
     missing = wanted - got.keys()
     if missing:
         raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
                            f"(missing {sorted(missing)})")
+    if "early" not in got:
+        _check_patch(p, b, got.get("observed"), got["requested"])
     return _Rows(got["clean"], got["patched"], got["features"], got.get("guard"))
+
+
+def _columns(p: Plan, b: _Batch) -> str:
+    if b.neuron is None:
+        return str(p.neuron)
+    cols = sorted({int(x) for x in b.neuron.tolist()})
+    return ", ".join(map(str, cols[:8])) + (", ..." if len(cols) > 8 else "")
+
+
+def _check_patch(p: Plan, b: _Batch, observed: Tensor | None, requested: Tensor) -> None:
+    """Raise unless the unit holds, at every patched position, the value its row requested."""
+    if observed is None:
+        raise PatchError(f"the unit at {p.unit} (column {_columns(p, b)}) was never read back after the "
+                         "patch hook: the patch cannot be confirmed")
+    rtol = _PATCH_RTOL.get(requested.dtype, 1e-5)
+    want, have = requested.float(), observed.float().to(requested.device)
+    mask = b.patch
+    scale = float(want.abs().max()) + float(have.abs().max()) + 1.0
+    err = torch.where(mask, (want - have).abs(), torch.zeros_like(want))
+    worst = float(err.max()) if err.numel() else 0.0
+    if not worst <= rtol * scale:  # NaN fails too
+        r, q = divmod(int(err.reshape(-1).argmax()), err.shape[1])
+        col = p.neuron if b.neuron is None else int(b.neuron[r])
+        raise PatchError(
+            f"the patch at {p.unit} column {col} did not take effect on row {r} position {q}: "
+            f"requested {float(want[r, q]):.6g}, observed {float(have[r, q]):.6g} after the hook "
+            f"(tolerance {rtol * scale:.3g}); the hook did not run or its edit was discarded")
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
