@@ -145,7 +145,7 @@ def _details(rec: Mapping[str, Any], i: int, base: Path | None) -> str:
                               for d in x.get("details") or [])
             out.append(f"<tr{bad}><td>{_e(x.get('metric'))}</td><td>{_e(x.get('measured'))}"
                        f"{details}</td><td>{_e(x.get('expected'))}</td>"
-                       f"<td>{'pass' if x.get('passed') else 'FAIL'}</td>"
+                       f"<td>{x.get('status', 'pass' if x.get('passed') else 'fail').upper().replace('PASS', 'pass')}</td>"
                        f"<td>{_e(x.get('where'))}</td></tr>")
         out.append("</table>")
     reasons = rec.get("reasons") or {}

@@ -397,6 +397,9 @@ class ProbeSpec(_Strict):
     marks: list[MarkSpec] = Field(default_factory=list)
     baseline: BaselineSpec | None = None
     fuzz: FuzzSpec | None = None
+    on_inconclusive: Literal["fail", "skip", "xfail"] | None = Field(
+        default=None, description="pytest outcome of an inconclusive verdict (default: ini "
+                                  "neuronpatch_on_inconclusive, else fail)")
 
     _doc: Document | None = PrivateAttr(default=None)
 
