@@ -343,7 +343,7 @@ def _pad_id(model: LoadedModel) -> int:
 
 # --------------------------------------------------------------------------- routes
 def _full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
-               guard: Site | None = None) -> _Rows:
+               guard: Site | None = None, neurons: Tensor | None = None) -> _Rows:
     """Every row from the start: inputs × (interventions) in one left-padded batch.
 
     ``affine[k, j]`` is ``(α, β)`` of row ``j`` of input ``idx[k]``.
@@ -364,12 +364,13 @@ def _full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], af
     rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
     b = _Batch(ids=rep(ids), mask=rep(mask), positions=rep(pos), patch=rep(patch).to(dev),
                measure=rep(measure).to(dev), read=rep(read).to(dev),
-               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev))
+               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev),
+               neuron=None if neurons is None else neurons.repeat(len(idx)))
     return _run(model, p, b, guard)
 
 
 def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
-             guard: Site | None = None) -> _Rows:
+             guard: Site | None = None, neurons: Tensor | None = None) -> _Rows:
     """One prefix forward keeps the model's cache; each row re-runs only patch..read.
 
     Every input in ``idx`` has one patched position at or before its read
@@ -401,7 +402,8 @@ def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affi
     b = _Batch(ids=rep(sids), mask=rep(smask), positions=rep(spos), patch=patch,
                measure=torch.zeros(R, dtype=torch.long, device=dev),
                read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
-               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev), cache=cache)
+               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev), cache=cache,
+               neuron=None if neurons is None else neurons.repeat(len(idx)))
     return _run(model, p, b, guard)
 
 
@@ -502,10 +504,13 @@ def choose_route(model: LoadedModel, p: Plan, enc: Encoded, method: str) -> Rout
 
 
 def _patched(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: Tensor, route: str,
-             guard: Site | None) -> _Rows:
-    """Rows for inputs ``idx``: for each, a clean row then one per intervention."""
+             guard: Site | None, neurons: Tensor | None = None) -> _Rows:
+    """Rows for inputs ``idx``: for each, a clean row then one per intervention.
+
+    ``neurons[j]``: the column row ``j`` of every input patches (controls); None: the plan's.
+    """
     if route == "full" or any(len(enc.patch_pos[i]) != 1 for i in idx):
-        return _full_rows(model, p, enc, idx, affine, guard)
+        return _full_rows(model, p, enc, idx, affine, guard, neurons)
     # kv: group inputs by how many tokens lie from the patch to the read position.
     groups: dict[int, list[int]] = {}
     direct: list[int] = []
@@ -517,9 +522,10 @@ def _patched(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: 
             groups.setdefault(r - q + 1, []).append(k)
     parts: list[tuple[list[int], _Rows]] = []
     if direct:
-        parts.append((direct, _full_rows(model, p, enc, [idx[k] for k in direct], affine[direct], guard)))
+        parts.append((direct, _full_rows(model, p, enc, [idx[k] for k in direct], affine[direct], guard,
+                                         neurons)))
     for ks in groups.values():
-        parts.append((ks, _kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard)))
+        parts.append((ks, _kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard, neurons)))
     return _merge(parts, len(idx), affine.shape[1])
 
 
@@ -552,14 +558,23 @@ class _Measured:
     act: Tensor  # [n, n_iv]
     feat: Tensor  # [n, n_iv, width]
     guard_feat: Tensor | None  # [n, width] hf-coordinate clean features
+    row_clean: Tensor | None = None  # [n, n_iv] each patched row's own unit, before its patch
 
 
 def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route, *,
-            batch_size: int, guard: Site | None = None, progress: Any = None) -> _Measured:
+            batch_size: int, guard: Site | None = None, progress: Any = None,
+            neurons: Sequence[int] | None = None) -> _Measured:
     """Clean and patched activations and features for every input and intervention.
 
-    ``affine[i, j]`` is ``(α, β)`` of intervention ``j`` on input ``i``.
+    ``affine[i, j]`` is ``(α, β)`` of intervention ``j`` on input ``i``. ``neurons[j]``:
+    the column intervention ``j`` patches (control units: more patched rows over the
+    same clean row); default the plan's unit. Needs a patching route (kv or full).
     """
+    cols = None
+    if neurons is not None:
+        assert route.method in ("kv", "full"), "per-row columns need a patching route"
+        cols = torch.tensor([p.neuron, *neurons], dtype=torch.long, device=model.device)
+    row_clean = []
     n, n_iv = affine.shape[:2]
     m = n_iv + 1
     identity = torch.tensor([1.0, 0.0]).expand(n, 1, 2)
@@ -584,9 +599,10 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             if rows.guard is not None:
                 guards.append(rows.guard.cpu())
         else:
-            rows = _patched(model, p, enc, idx, full_affine[idx], route.method, guard)
+            rows = _patched(model, p, enc, idx, full_affine[idx], route.method, guard, cols)
             k = len(idx)
             cu = rows.clean_unit.reshape(k, m).cpu()
+            row_clean.append(cu[:, 1:])
             pu = rows.patched_unit.reshape(k, m).cpu()
             fe = rows.features.reshape(k, m, -1).cpu()
             clean_act.append(cu[:, 0])
@@ -598,7 +614,7 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
         if progress is not None:
             progress.update(len(idx) * n_iv)
     return _Measured(torch.cat(clean_act), torch.cat(clean_feat), torch.cat(act), torch.cat(feat),
-                     torch.cat(guards) if guards else None)
+                     torch.cat(guards) if guards else None, torch.cat(row_clean) if row_clean else None)
 
 
 def _check_shortcut(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route,
@@ -649,6 +665,7 @@ def run_experiment(
     dtype: str = "float32",
     method: Method = "auto",
     progress: bool = False,
+    controls: Any = None,
 ) -> ExperimentResult:
     """Patch a head's unit on each input and measure how the prediction moves.
 
@@ -668,6 +685,11 @@ def run_experiment(
         method: ``"auto"`` picks the cheapest exact route; the others force one
             (``"full"`` is the slow reference).
         progress: show a progress bar over patched rows.
+        controls: other units of the same layer and type, patched with the same
+            interventions as more rows over the same clean run: a list of
+            indices, or ``{"units": {"random": k, "seed": s}}`` / ``{"units": [...]}``.
+            Their fits land in ``result.controls`` (and the ``specificity``,
+            ``control_slope`` metrics).
 
     Returns:
         The :class:`~neuronpatch.result.ExperimentResult`.
@@ -706,9 +728,27 @@ def run_experiment(
     affine = affine[None].expand(n, -1, -1).contiguous()
     guard = _guard_site(head, model, p)
 
-    bar = _progress(n * len(ivs), progress)
-    got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, progress=bar)
-    bar.close()
+    if controls is not None:
+        from neuronpatch import controls as ctl
+
+        width = model.unit_width(p.unit.kind == "mlp_post")
+        units = ctl.resolve_units(controls, target=p.neuron, width=width)
+        if route.method in ("upstream", "linear"):  # controls need real patched rows
+            route = choose_route(model, p, enc, "kv" if all(len(x) == 1 for x in enc.patch_pos) else "full")
+        k = len(ivs)
+        wide = affine.repeat(1, 1 + len(units), 1)
+        neurons = [p.neuron] * k + [u for u in units for _ in range(k)]
+        bar = _progress(n * k * (1 + len(units)), progress)
+        allg = measure(model, p, enc, wide, route, batch_size=batch_size, guard=guard, progress=bar,
+                       neurons=neurons)
+        bar.close()
+        got = _Measured(allg.clean_act, allg.clean_feat, allg.act[:, :k], allg.feat[:, :k], allg.guard_feat)
+        control_parts = (allg, units, k)
+    else:
+        control_parts = None
+        bar = _progress(n * len(ivs), progress)
+        got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, progress=bar)
+        bar.close()
     if route.method in ("upstream", "linear"):
         mismatch = _check_shortcut(model, p, enc, affine, route, got)
         if mismatch is not None:
@@ -729,6 +769,20 @@ def run_experiment(
         note = _coordinate_guard(head, got, clean_pred)
         if note:
             notes.append(note)
+    control_results = None
+    if control_parts is not None:
+        from neuronpatch.controls import ControlResults
+
+        allg, units, k = control_parts
+        assert allg.row_clean is not None
+        preds = head.predict(allg.feat.reshape(n * allg.feat.shape[1], -1), digit_ids).reshape(n, -1)
+        dy = (preds - clean_pred[:, None]).double().numpy()
+        dx = (allg.act - allg.row_clean).double().numpy()
+        xs = tuple(dx[:, (j + 1) * k:(j + 2) * k] for j in range(len(units)))
+        ys = tuple(dy[:, (j + 1) * k:(j + 2) * k] for j in range(len(units)))
+        tx = (got.act - got.clean_act[:, None]).double().numpy()
+        ty = (pred - clean_pred[:, None]).double().numpy()
+        control_results = ControlResults(tx, ty, xs, ys, tuple(units))
     cos = math.nan
     if head.linear_weight is not None and not p.upstream:
         direction = _linear_direction(model, p, enc)
@@ -756,6 +810,7 @@ def run_experiment(
         patched_prediction=pred.double().numpy(),
         write_direction_cosine=cos,
         notes=tuple(notes),
+        controls=control_results,
     )
 
 

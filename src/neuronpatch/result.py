@@ -267,6 +267,11 @@ class ExperimentResult:
             "weight_cosine": self.weight_cosine,
             "mean_abs_prediction_change": float(np.mean(np.abs(self.prediction_change))),
             "mean_abs_activation_change": float(np.mean(np.abs(self.activation_change))),
+            **({} if self.controls is None else {
+                "specificity": self.controls.specificity,
+                "specificity_ci95": self.controls.specificity_interval(),
+                "control_slope": [c.slope for c in self.controls.controls],
+            }),
         }
 
     def summary(self) -> dict[str, Any]:

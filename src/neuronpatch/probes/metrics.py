@@ -65,6 +65,12 @@ METRICS: dict[str, Metric] = _metrics(
            "cosine of a linear head's weight and the unit's write direction", "weight_cosine"),
     Metric("mean_abs_prediction_change", "scalar", "mean |prediction change| over patched rows"),
     Metric("mean_abs_activation_change", "scalar", "mean |activation change| over patched rows"),
+    Metric("specificity", "scalar",
+           "|target slope| / largest |control slope| (needs controls:)", "specificity"),
+    Metric("specificity_ci95", "interval", "bootstrap 95% interval of specificity (must lie inside)",
+           "specificity"),
+    Metric("control_slope", "per_input", "each control unit's slope (every control must hold)",
+           "control_slope"),
 )
 
 # Metrics with a bootstrap interval at any level: an expectation on them may say `confidence: c`.
