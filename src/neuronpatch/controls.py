@@ -70,7 +70,8 @@ class Control:
                 "slope_ci95": self.slope_ci95}
 
 
-def _slope_samples(x: NDArray[np.float64], y: NDArray[np.float64], draws: NDArray[np.int64]) -> NDArray[np.float64]:
+def _slope_samples(x: NDArray[np.float64], y: NDArray[np.float64],
+                   draws: NDArray[np.int64]) -> NDArray[np.float64]:
     counts = np.zeros((draws.shape[0], x.shape[0]))
     np.add.at(counts, (np.arange(draws.shape[0])[:, None], draws), 1.0)
     suff = np.stack([np.full(x.shape[0], x.shape[1], dtype=np.float64), x.sum(1), y.sum(1),
@@ -116,8 +117,8 @@ class ControlResults:
             return [math.nan, math.nan]
         draws = np.random.default_rng(SEED).integers(0, n, size=(RESAMPLES, n))
         t = np.abs(_slope_samples(self.target_x, self.target_y, draws))
-        c = np.max(np.abs(np.stack([_slope_samples(x, y, draws) for x, y in zip(self.xs, self.ys, strict=True)])),
-                   axis=0)
+        per = [_slope_samples(x, y, draws) for x, y in zip(self.xs, self.ys, strict=True)]
+        c = np.max(np.abs(np.stack(per)), axis=0)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = t / c
         ratio = ratio[np.isfinite(ratio)]

@@ -224,7 +224,9 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
     wanted = {"clean", "features"} | ({"guard"} if guard is not None else set())
 
     def column(t: Tensor) -> Tensor:
-        return t[..., n] if b.neuron is None else t.gather(-1, n[:, None, None].expand(-1, t.shape[1], 1))[..., 0]
+        if b.neuron is None:
+            return t[..., n]
+        return t.gather(-1, n[:, None, None].expand(-1, t.shape[1], 1))[..., 0]
 
     def done() -> None:
         if wanted <= got.keys():

@@ -148,7 +148,8 @@ class ExperimentResult:
         if metric not in ("slope", "r_squared"):
             raise KeyError(f"no bootstrap interval for {metric!r}; expected slope or r_squared")
         which = 0 if metric == "slope" else 1
-        if level == 0.95 or (self.fit.slope == 0.0 and self.fit.reason and self.fit.reason.startswith("no effect")):
+        no_effect = self.fit.slope == 0.0 and (self.fit.reason or "").startswith("no effect")
+        if level == 0.95 or no_effect:
             return self._intervals[which].as_list()
         pair = stats.bootstrap_ci(self.activation_change, self.prediction_change,
                                   n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED, level=level)

@@ -245,8 +245,9 @@ def _check_confident(m: Measurements, exp: Expectation) -> Outcome:
     value = _float(m.values.get(exp.metric))
     text = format_measured(value)
     if m.interval is None or exp.metric not in CONFIDENCE_METRICS:
-        return _verdict(exp, False, value, text, [f"no interval for {exp.metric} at {level:g}: "
-                                                  f"'confidence' needs one of {', '.join(CONFIDENCE_METRICS)}"])
+        why = (f"no interval for {exp.metric} at {level:g}: 'confidence' needs one of "
+               f"{', '.join(CONFIDENCE_METRICS)}")
+        return _verdict(exp, False, value, text, [why])
     lo, hi = (_float(v) for v in m.interval(exp.metric, level))
     pct = f"{level * 100:g}%"
     text = f"{format_measured(value)} ({pct} interval [{format_measured(lo)}, {format_measured(hi)}])"
@@ -255,7 +256,8 @@ def _check_confident(m: Measurements, exp: Expectation) -> Outcome:
     if exp.range.contains_interval(lo, hi):
         return _verdict(exp, True, value, text)._replace_interval((lo, hi), None)
     if exp.range.excludes_interval(lo, hi):
-        out = _verdict(exp, False, value, text, [f"the whole {pct} interval lies outside the expected range"])
+        why = f"the whole {pct} interval lies outside the expected range"
+        out = _verdict(exp, False, value, text, [why])
         return out._replace_interval((lo, hi), None)
     n = len(m.labels)
     need = _inputs_needed(value, lo, hi, exp.range.margin(value), n)
