@@ -47,7 +47,7 @@ from torch import Tensor
 from neuronpatch import architecture, coordinates
 from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
-from neuronpatch.errors import InputError
+from neuronpatch.errors import InputError, PatchError
 from neuronpatch.heads import Head, load_head
 from neuronpatch.interventions import Intervention, build, normalize
 from neuronpatch.models import load_model
@@ -80,6 +80,10 @@ _SILENT = 1e-6
 # How far a shortcut route may be from a real patched run before it steps aside
 # (relative to the features' scale; float32 noise is ~1e-6).
 _CHECK_RTOL = 1e-4
+# How far the unit may be from the requested value after a patch, relative to its
+# scale, by the dtype the model runs in (one rounding of the patched value, and a
+# little room for what the hook chain copies).
+_PATCH_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 class _Stop(Exception):
@@ -196,6 +200,7 @@ class _Batch:
     alpha: Tensor  # [R]
     beta: Tensor  # [R]
     cache: Any = None
+    neuron: Tensor | None = None  # [R] the column each row patches (controls); None: the plan's
 
 
 def _forward_kwargs(model: LoadedModel) -> dict[str, Any]:
@@ -210,30 +215,47 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
     """Run the model's own forward on ``b`` with the patch and capture hooks attached.
 
     ``guard``: a second feature site to read unchanged (the coordinate guard).
+    Every patch is checked: a second hook at the unit's site, after the patch,
+    reads the column back; a patch that never ran, or left another value than
+    the one requested, raises :class:`~neuronpatch.errors.PatchError`.
     """
     R = b.ids.shape[0]
     ar = torch.arange(R, device=model.device)
     got: dict[str, Tensor] = {}
-    n = p.neuron
+    n: Any = p.neuron if b.neuron is None else b.neuron.to(model.device)
     wanted = {"clean", "features"} | ({"guard"} if guard is not None else set())
+
+    def column(t: Tensor) -> Tensor:
+        if b.neuron is None:
+            return t[..., n]
+        return t.gather(-1, n[:, None, None].expand(-1, t.shape[1], 1))[..., 0]
 
     def done() -> None:
         if wanted <= got.keys():
             raise _Stop  # nothing later in the forward can change what was read
 
     def patch(t: Tensor) -> Tensor:
-        col = t[..., n].float()
+        col = column(t).float()
         c = col - t.float().mean(-1) if p.centre_unit else col
         target = b.alpha[:, None] * c + b.beta[:, None]
         delta = torch.where(b.patch, target - c, torch.zeros_like(c))
         got["clean"] = c[ar, b.measure]
         got["patched"] = torch.where(b.patch[ar, b.measure], target[ar, b.measure], c[ar, b.measure])
         got["delta_read"] = delta[ar, b.read]
-        out = t.clone()
-        out[..., n] = (col + delta).to(t.dtype)
+        new_col = (col + delta).to(t.dtype)
+        got["requested"] = new_col
         if wanted <= got.keys():
-            raise _Stop  # the features were read before the unit: an upstream head
+            got["early"] = new_col  # the features were read before the unit: an upstream head
+            raise _Stop
+        out = t.clone()
+        if b.neuron is None:
+            out[..., n] = new_col
+        else:
+            out.scatter_(-1, n[:, None, None].expand(-1, t.shape[1], 1), new_col[..., None])
         return out
+
+    def observe(t: Tensor) -> None:
+        got["observed"] = column(t).detach().clone()
 
     def capture(t: Tensor) -> None:
         f = t[ar, b.read].float()
@@ -248,7 +270,9 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
         got["guard"] = t[ar, b.read].float()
         done()
 
-    handles = [architecture.attach(model.arch, p.unit, patch, R)]
+    # Hooks on one module run in the order they were registered: patch, observe, capture.
+    handles = [architecture.attach(model.arch, p.unit, patch, R),
+               architecture.attach(model.arch, p.unit, observe, R)]
     if p.feature.kind != "logits":
         handles.append(architecture.attach(model.arch, p.feature, capture, R))
     if guard is not None:
@@ -262,11 +286,43 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
     finally:
         for h in handles:
             h.remove()
+    if "requested" not in got:
+        raise PatchError(f"the patch hook at {p.unit} (column {_columns(p, b)}) never ran during the "
+                         "forward pass: no row was patched, so no slope can be measured")
     missing = wanted - got.keys()
     if missing:
         raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
                            f"(missing {sorted(missing)})")
+    if "early" not in got:
+        _check_patch(p, b, got.get("observed"), got["requested"])
     return _Rows(got["clean"], got["patched"], got["features"], got.get("guard"))
+
+
+def _columns(p: Plan, b: _Batch) -> str:
+    if b.neuron is None:
+        return str(p.neuron)
+    cols = sorted({int(x) for x in b.neuron.tolist()})
+    return ", ".join(map(str, cols[:8])) + (", ..." if len(cols) > 8 else "")
+
+
+def _check_patch(p: Plan, b: _Batch, observed: Tensor | None, requested: Tensor) -> None:
+    """Raise unless the unit holds, at every patched position, the value its row requested."""
+    if observed is None:
+        raise PatchError(f"the unit at {p.unit} (column {_columns(p, b)}) was never read back after the "
+                         "patch hook: the patch cannot be confirmed")
+    rtol = _PATCH_RTOL.get(requested.dtype, 1e-5)
+    want, have = requested.float(), observed.float().to(requested.device)
+    mask = b.patch
+    scale = float(want.abs().max()) + float(have.abs().max()) + 1.0
+    err = torch.where(mask, (want - have).abs(), torch.zeros_like(want))
+    worst = float(err.max()) if err.numel() else 0.0
+    if not worst <= rtol * scale:  # NaN fails too
+        r, q = divmod(int(err.reshape(-1).argmax()), err.shape[1])
+        col = p.neuron if b.neuron is None else int(b.neuron[r])
+        raise PatchError(
+            f"the patch at {p.unit} column {col} did not take effect on row {r} position {q}: "
+            f"requested {float(want[r, q]):.6g}, observed {float(have[r, q]):.6g} after the hook "
+            f"(tolerance {rtol * scale:.3g}); the hook did not run or its edit was discarded")
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -291,7 +347,7 @@ def _pad_id(model: LoadedModel) -> int:
 
 # --------------------------------------------------------------------------- routes
 def _full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
-               guard: Site | None = None) -> _Rows:
+               guard: Site | None = None, neurons: Tensor | None = None) -> _Rows:
     """Every row from the start: inputs × (interventions) in one left-padded batch.
 
     ``affine[k, j]`` is ``(α, β)`` of row ``j`` of input ``idx[k]``.
@@ -312,12 +368,13 @@ def _full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], af
     rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
     b = _Batch(ids=rep(ids), mask=rep(mask), positions=rep(pos), patch=rep(patch).to(dev),
                measure=rep(measure).to(dev), read=rep(read).to(dev),
-               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev))
+               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev),
+               neuron=None if neurons is None else neurons.repeat(len(idx)))
     return _run(model, p, b, guard)
 
 
 def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
-             guard: Site | None = None) -> _Rows:
+             guard: Site | None = None, neurons: Tensor | None = None) -> _Rows:
     """One prefix forward keeps the model's cache; each row re-runs only patch..read.
 
     Every input in ``idx`` has one patched position at or before its read
@@ -349,7 +406,8 @@ def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affi
     b = _Batch(ids=rep(sids), mask=rep(smask), positions=rep(spos), patch=patch,
                measure=torch.zeros(R, dtype=torch.long, device=dev),
                read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
-               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev), cache=cache)
+               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev), cache=cache,
+               neuron=None if neurons is None else neurons.repeat(len(idx)))
     return _run(model, p, b, guard)
 
 
@@ -450,10 +508,13 @@ def choose_route(model: LoadedModel, p: Plan, enc: Encoded, method: str) -> Rout
 
 
 def _patched(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: Tensor, route: str,
-             guard: Site | None) -> _Rows:
-    """Rows for inputs ``idx``: for each, a clean row then one per intervention."""
+             guard: Site | None, neurons: Tensor | None = None) -> _Rows:
+    """Rows for inputs ``idx``: for each, a clean row then one per intervention.
+
+    ``neurons[j]``: the column row ``j`` of every input patches (controls); None: the plan's.
+    """
     if route == "full" or any(len(enc.patch_pos[i]) != 1 for i in idx):
-        return _full_rows(model, p, enc, idx, affine, guard)
+        return _full_rows(model, p, enc, idx, affine, guard, neurons)
     # kv: group inputs by how many tokens lie from the patch to the read position.
     groups: dict[int, list[int]] = {}
     direct: list[int] = []
@@ -465,9 +526,10 @@ def _patched(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: 
             groups.setdefault(r - q + 1, []).append(k)
     parts: list[tuple[list[int], _Rows]] = []
     if direct:
-        parts.append((direct, _full_rows(model, p, enc, [idx[k] for k in direct], affine[direct], guard)))
+        parts.append((direct, _full_rows(model, p, enc, [idx[k] for k in direct], affine[direct], guard,
+                                         neurons)))
     for ks in groups.values():
-        parts.append((ks, _kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard)))
+        parts.append((ks, _kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard, neurons)))
     return _merge(parts, len(idx), affine.shape[1])
 
 
@@ -500,14 +562,23 @@ class _Measured:
     act: Tensor  # [n, n_iv]
     feat: Tensor  # [n, n_iv, width]
     guard_feat: Tensor | None  # [n, width] hf-coordinate clean features
+    row_clean: Tensor | None = None  # [n, n_iv] each patched row's own unit, before its patch
 
 
 def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route, *,
-            batch_size: int, guard: Site | None = None, progress: Any = None) -> _Measured:
+            batch_size: int, guard: Site | None = None, progress: Any = None,
+            neurons: Sequence[int] | None = None) -> _Measured:
     """Clean and patched activations and features for every input and intervention.
 
-    ``affine[i, j]`` is ``(α, β)`` of intervention ``j`` on input ``i``.
+    ``affine[i, j]`` is ``(α, β)`` of intervention ``j`` on input ``i``. ``neurons[j]``:
+    the column intervention ``j`` patches (control units: more patched rows over the
+    same clean row); default the plan's unit. Needs a patching route (kv or full).
     """
+    cols = None
+    if neurons is not None:
+        assert route.method in ("kv", "full"), "per-row columns need a patching route"
+        cols = torch.tensor([p.neuron, *neurons], dtype=torch.long, device=model.device)
+    row_clean = []
     n, n_iv = affine.shape[:2]
     m = n_iv + 1
     identity = torch.tensor([1.0, 0.0]).expand(n, 1, 2)
@@ -537,9 +608,10 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             if rows.guard is not None:
                 guards.append(rows.guard.cpu())
         else:
-            rows = _patched(model, p, enc, idx, full_affine[idx], route.method, guard)
+            rows = _patched(model, p, enc, idx, full_affine[idx], route.method, guard, cols)
             k = len(idx)
             cu = rows.clean_unit.reshape(k, m).cpu()
+            row_clean.append(cu[:, 1:])
             pu = rows.patched_unit.reshape(k, m).cpu()
             fe = rows.features.reshape(k, m, -1).cpu()
             clean_act.append(cu[:, 0])
@@ -551,7 +623,7 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
         if progress is not None:
             progress.update(len(idx) * n_iv)
     return _Measured(torch.cat(clean_act), torch.cat(clean_feat), torch.cat(act), torch.cat(feat),
-                     torch.cat(guards) if guards else None)
+                     torch.cat(guards) if guards else None, torch.cat(row_clean) if row_clean else None)
 
 
 def _check_shortcut(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route,
@@ -602,6 +674,7 @@ def run_experiment(
     dtype: str = "float32",
     method: Method = "auto",
     progress: bool = False,
+    controls: Any = None,
 ) -> ExperimentResult:
     """Patch a head's unit on each input and measure how the prediction moves.
 
@@ -621,6 +694,11 @@ def run_experiment(
         method: ``"auto"`` picks the cheapest exact route; the others force one
             (``"full"`` is the slow reference).
         progress: show a progress bar over patched rows.
+        controls: other units of the same layer and type, patched with the same
+            interventions as more rows over the same clean run: a list of
+            indices, or ``{"units": {"random": k, "seed": s}}`` / ``{"units": [...]}``.
+            Their fits land in ``result.controls`` (and the ``specificity``,
+            ``control_slope`` metrics).
 
     Returns:
         The :class:`~neuronpatch.result.ExperimentResult`.
@@ -659,9 +737,27 @@ def run_experiment(
     affine = affine[None].expand(n, -1, -1).contiguous()
     guard = _guard_site(head, model, p)
 
-    bar = _progress(n * len(ivs), progress)
-    got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, progress=bar)
-    bar.close()
+    if controls is not None:
+        from neuronpatch import controls as ctl
+
+        width = model.unit_width(p.unit.kind == "mlp_post")
+        units = ctl.resolve_units(controls, target=p.neuron, width=width)
+        if route.method in ("upstream", "linear"):  # controls need real patched rows
+            route = choose_route(model, p, enc, "kv" if all(len(x) == 1 for x in enc.patch_pos) else "full")
+        k = len(ivs)
+        wide = affine.repeat(1, 1 + len(units), 1)
+        neurons = [p.neuron] * k + [u for u in units for _ in range(k)]
+        bar = _progress(n * k * (1 + len(units)), progress)
+        allg = measure(model, p, enc, wide, route, batch_size=batch_size, guard=guard, progress=bar,
+                       neurons=neurons)
+        bar.close()
+        got = _Measured(allg.clean_act, allg.clean_feat, allg.act[:, :k], allg.feat[:, :k], allg.guard_feat)
+        control_parts = (allg, units, k)
+    else:
+        control_parts = None
+        bar = _progress(n * len(ivs), progress)
+        got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, progress=bar)
+        bar.close()
     if route.method in ("upstream", "linear"):
         mismatch = _check_shortcut(model, p, enc, affine, route, got)
         if mismatch is not None:
@@ -682,6 +778,20 @@ def run_experiment(
         note = _coordinate_guard(head, got, clean_pred)
         if note:
             notes.append(note)
+    control_results = None
+    if control_parts is not None:
+        from neuronpatch.controls import ControlResults
+
+        allg, units, k = control_parts
+        assert allg.row_clean is not None
+        preds = head.predict(allg.feat.reshape(n * allg.feat.shape[1], -1), digit_ids).reshape(n, -1)
+        dy = (preds - clean_pred[:, None]).double().numpy()
+        dx = (allg.act - allg.row_clean).double().numpy()
+        xs = tuple(dx[:, (j + 1) * k:(j + 2) * k] for j in range(len(units)))
+        ys = tuple(dy[:, (j + 1) * k:(j + 2) * k] for j in range(len(units)))
+        tx = (got.act - got.clean_act[:, None]).double().numpy()
+        ty = (pred - clean_pred[:, None]).double().numpy()
+        control_results = ControlResults(tx, ty, xs, ys, tuple(units))
     cos = math.nan
     if head.linear_weight is not None and not p.upstream:
         direction = _linear_direction(model, p, enc)
@@ -709,6 +819,7 @@ def run_experiment(
         patched_prediction=pred.double().numpy(),
         write_direction_cosine=cos,
         notes=tuple(notes),
+        controls=control_results,
     )
 
 

@@ -49,6 +49,10 @@ class LimitError(NeuronpatchError, ValueError):
     """A file is over a documented limit, is not a regular file, or holds bytes it must not."""
 
 
+class PatchError(NeuronpatchError, RuntimeError):
+    """A patch did not take effect: its hook never ran, or the unit holds another value after it."""
+
+
 class OutputPathError(NeuronpatchError, OSError):
     """An output path cannot be written: a file stands where a directory belongs, or the reverse."""
 

@@ -145,7 +145,7 @@ def _details(rec: Mapping[str, Any], i: int, base: Path | None) -> str:
                               for d in x.get("details") or [])
             out.append(f"<tr{bad}><td>{_e(x.get('metric'))}</td><td>{_e(x.get('measured'))}"
                        f"{details}</td><td>{_e(x.get('expected'))}</td>"
-                       f"<td>{'pass' if x.get('passed') else 'FAIL'}</td>"
+                       f"<td>{_word(x)}</td>"
                        f"<td>{_e(x.get('where'))}</td></tr>")
         out.append("</table>")
     reasons = rec.get("reasons") or {}
@@ -224,3 +224,9 @@ def write_report(path: str | Path, records: Sequence[Mapping[str, Any]], *,
     """
     path = Path(path)
     return atomic_write_text(path, render_report(records, title=title, base=path.resolve().parent))
+
+
+def _word(x: dict[str, Any]) -> str:
+    """pass, FAIL or INCONCLUSIVE for one expectation row."""
+    status = x.get("status") or ("pass" if x.get("passed") else "fail")
+    return "pass" if status == "pass" else str(status).upper()

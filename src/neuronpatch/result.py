@@ -80,6 +80,7 @@ class ExperimentResult:
     patched_prediction: NDArray[np.float64]
     write_direction_cosine: float = math.nan
     notes: tuple[str, ...] = ()
+    controls: Any = None  # neuronpatch.controls.ControlResults when the probe asked for controls
     created: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
 
     # ----- derived arrays -------------------------------------------------
@@ -136,6 +137,23 @@ class ExperimentResult:
     def r_squared_ci95(self) -> stats.Interval:
         """Bootstrap 95% interval of the pooled R² (inputs resampled)."""
         return self._intervals[1]
+
+    def interval(self, metric: str, level: float = 0.95) -> list[float]:
+        """Bootstrap interval of ``slope``, ``r_squared`` (or ``specificity``) at ``level``.
+
+        The same resamples as ``slope_ci95`` (same seed), so level 0.95 gives the same numbers.
+        """
+        if metric == "specificity":
+            return self.controls.specificity_interval(level) if self.controls is not None else [math.nan] * 2
+        if metric not in ("slope", "r_squared"):
+            raise KeyError(f"no bootstrap interval for {metric!r}; expected slope or r_squared")
+        which = 0 if metric == "slope" else 1
+        no_effect = self.fit.slope == 0.0 and (self.fit.reason or "").startswith("no effect")
+        if level == 0.95 or no_effect:
+            return self._intervals[which].as_list()
+        pair = stats.bootstrap_ci(self.activation_change, self.prediction_change,
+                                  n_resamples=BOOTSTRAP_RESAMPLES, seed=BOOTSTRAP_SEED, level=level)
+        return pair[which].as_list()
 
     @property
     def slope(self) -> float:
@@ -250,6 +268,11 @@ class ExperimentResult:
             "weight_cosine": self.weight_cosine,
             "mean_abs_prediction_change": float(np.mean(np.abs(self.prediction_change))),
             "mean_abs_activation_change": float(np.mean(np.abs(self.activation_change))),
+            **({} if self.controls is None else {
+                "specificity": self.controls.specificity,
+                "specificity_ci95": self.controls.specificity_interval(),
+                "control_slope": [c.slope for c in self.controls.controls],
+            }),
         }
 
     def summary(self) -> dict[str, Any]:

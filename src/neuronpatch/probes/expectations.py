@@ -17,14 +17,15 @@ probe files without loading numpy or torch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from neuronpatch.errors import NeuronpatchError, ProbeSpecError
-from neuronpatch.probes.metrics import METRICS, Metric, nan_hint, unknown_metric_message
+from neuronpatch.probes.metrics import CONFIDENCE_METRICS, METRICS, Metric, nan_hint, unknown_metric_message
 from neuronpatch.probes.ranges import RANGE_FORMS, Range, format_measured
 
 __all__ = [
@@ -78,6 +79,7 @@ class Measurements:
     reasons: Mapping[str, str] = field(default_factory=dict)
     labels: Sequence[str] = ()
     input_reasons: Sequence[str | None] = ()
+    interval: Callable[[str, float], Sequence[float]] | None = None  # (metric, level) → [lo, hi]
 
     @classmethod
     def of(cls, measured: Any) -> Measurements:
@@ -99,6 +101,7 @@ class Measurements:
                 labels=tuple(getattr(measured, "inputs", ()) or ()),
                 input_reasons=tuple(getattr(getattr(r, "fit", None), "reason", None)
                                     for r in per_input),
+                interval=getattr(measured, "interval", None),
             )
         raise TypeError(
             f"cannot check {type(measured).__name__}; expected an ExperimentResult or a dict "
@@ -128,6 +131,11 @@ class Outcome:
         expected: the range as reports print it.
         source: ``file:line`` of the expectation, if known.
         details: extra lines (why a value is NaN, which inputs failed).
+        inconclusive: with ``confidence``, the interval straddles the range's edge:
+            neither confirmed nor refuted (``passed`` is False).
+        interval: with ``confidence``, the metric's ``[lo, hi]`` at that level.
+        inputs_needed: for an inconclusive outcome, how many inputs the observed
+            spread suggests would decide it (the interval shrinks as 1/√n).
     """
 
     metric: str
@@ -137,13 +145,29 @@ class Outcome:
     expected: str
     source: str | None = None
     details: tuple[str, ...] = ()
+    inconclusive: bool = False
+    interval: tuple[float, float] | None = None
+    inputs_needed: int | None = None
+
+    def _replace_interval(self, interval: tuple[float, float], need: int | None) -> Outcome:
+        return dataclasses.replace(self, interval=interval, inputs_needed=need)
+
+    @property
+    def status(self) -> str:
+        """``pass``, ``fail`` or ``inconclusive``."""
+        return "pass" if self.passed else "inconclusive" if self.inconclusive else "fail"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form, for summary.json (NaN stays float; the writer maps it to null)."""
-        return {
+        out = {
             "metric": self.metric, "passed": self.passed, "measured": self.measured,
             "expected": self.expected, "source": self.source, "details": list(self.details),
+            "status": self.status,
         }
+        if self.interval is not None:
+            out["interval"] = list(self.interval)
+            out["inputs_needed"] = self.inputs_needed
+        return out
 
 
 def parse_expectations(
@@ -167,6 +191,9 @@ def parse_expectations(
                 rng = Range.parse(spec)
             except ProbeSpecError as e:
                 raise ProbeSpecError(f"expectation {name!r}: {e}") from None
+            if rng.confidence is not None and name not in CONFIDENCE_METRICS:
+                raise ProbeSpecError(f"expectation {name!r}: 'confidence' needs a metric with a bootstrap "
+                                     f"interval; expected one of {', '.join(CONFIDENCE_METRICS)}")
             out.append(Expectation(name, rng, source))
         return out
     return list(expectations)
@@ -211,11 +238,51 @@ def _check_each(values: list[float], exp: Expectation, m: Measurements, *, noun:
     return _verdict(exp, False, values, f"{len(bad)} of {len(values)} {noun} out of range", lines)
 
 
+def _check_confident(m: Measurements, exp: Expectation) -> Outcome:
+    """Pass when the interval lies inside the range, fail when wholly outside, else inconclusive."""
+    level = exp.range.confidence
+    assert level is not None
+    value = _float(m.values.get(exp.metric))
+    text = format_measured(value)
+    if m.interval is None or exp.metric not in CONFIDENCE_METRICS:
+        why = (f"no interval for {exp.metric} at {level:g}: 'confidence' needs one of "
+               f"{', '.join(CONFIDENCE_METRICS)}")
+        return _verdict(exp, False, value, text, [why])
+    lo, hi = (_float(v) for v in m.interval(exp.metric, level))
+    pct = f"{level * 100:g}%"
+    text = f"{format_measured(value)} ({pct} interval [{format_measured(lo)}, {format_measured(hi)}])"
+    if math.isnan(lo) or math.isnan(hi):
+        return _verdict(exp, False, value, text, [m.why_nan(exp.metric)])
+    if exp.range.contains_interval(lo, hi):
+        return _verdict(exp, True, value, text)._replace_interval((lo, hi), None)
+    if exp.range.excludes_interval(lo, hi):
+        why = f"the whole {pct} interval lies outside the expected range"
+        out = _verdict(exp, False, value, text, [why])
+        return out._replace_interval((lo, hi), None)
+    n = len(m.labels)
+    need = _inputs_needed(value, lo, hi, exp.range.margin(value), n)
+    more = (f"about {need} inputs would decide it at this spread (now {n})" if need
+            else "more inputs would not decide it: the estimate sits on the range's edge")
+    out = _verdict(exp, False, value, text,
+                   [f"inconclusive: the {pct} interval straddles the expected range's edge; {more}"])
+    return dataclasses.replace(out, inconclusive=True, interval=(lo, hi), inputs_needed=need)
+
+
+def _inputs_needed(value: float, lo: float, hi: float, margin: float, n: int) -> int | None:
+    """Inputs at which an interval of this spread (shrinking as 1/√n) would clear the edge."""
+    half = max(value - lo, hi - value)
+    if n < 1 or not math.isfinite(margin) or margin <= 0 or not math.isfinite(half):
+        return None
+    return max(n + 1, math.ceil(n * (half / margin) ** 2))
+
+
 def _check_one(m: Measurements, exp: Expectation) -> Outcome:
     kind = METRICS[exp.metric].kind if exp.metric in METRICS else "scalar"
     if exp.metric not in m.values:
         return _verdict(exp, False, None, "not measured",
                         ["the experiment did not report this metric"])
+    if exp.range.confidence is not None:
+        return _check_confident(m, exp)
     raw = m.values[exp.metric]
     if kind == "per_input":
         return _check_each([_float(v) for v in raw], exp, m, noun="inputs")
@@ -274,7 +341,7 @@ def format_outcomes(outcomes: Sequence[Outcome], *, indent: str = "  ") -> list[
     w_exp = max(len(o.expected) for o in ordered)
     lines = []
     for o in ordered:
-        verdict = "pass" if o.passed else "FAIL"
+        verdict = {"pass": "pass", "fail": "FAIL", "inconclusive": "INCONCLUSIVE"}[o.status]
         line = (f"{indent}{verdict}  {o.metric:<{w_name}}  = {o.measured_text:<{w_value}}  "
                 f"expected {o.expected:<{w_exp}}")
         if o.source:
@@ -295,6 +362,9 @@ def failure_message(outcomes: Sequence[Outcome], *, title: str | None = None) ->
     failed = sum(not o.passed for o in outcomes)
     noun = "expectation" if len(outcomes) == 1 else "expectations"
     head = f"{failed} of {len(outcomes)} {noun} not met"
+    doubtful = sum(o.inconclusive for o in outcomes)
+    if doubtful:
+        head += f" ({doubtful} inconclusive)"
     head = f"{title}: {head}" if title else head
     return "\n".join([head, *format_outcomes(outcomes)])
 
@@ -315,6 +385,12 @@ def crash_summary(outcomes: Sequence[Outcome]) -> tuple[str | None, str]:
     if not failed:
         return None, "all expectations met"
     first = failed[0]
+    if first.inconclusive:
+        need = f"; ~{first.inputs_needed} inputs would decide it" if first.inputs_needed else ""
+        text = f"{first.metric} inconclusive: {first.measured_text} straddles {first.expected}{need}"
+        if len(failed) > 1:
+            text += f" (+{len(failed) - 1} more)"
+        return first.source, text
     measured = first.measured_text
     if first.details and measured.startswith("NaN"):
         measured = first.details[0]

@@ -12,7 +12,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["METRICS", "Metric", "nan_hint", "unknown_metric_message"]
+__all__ = ["CONFIDENCE_METRICS", "METRICS", "Metric", "nan_hint", "unknown_metric_message"]
 
 Kind = Literal["scalar", "per_input", "interval"]
 
@@ -65,7 +65,16 @@ METRICS: dict[str, Metric] = _metrics(
            "cosine of a linear head's weight and the unit's write direction", "weight_cosine"),
     Metric("mean_abs_prediction_change", "scalar", "mean |prediction change| over patched rows"),
     Metric("mean_abs_activation_change", "scalar", "mean |activation change| over patched rows"),
+    Metric("specificity", "scalar",
+           "|target slope| / largest |control slope| (needs controls:)", "specificity"),
+    Metric("specificity_ci95", "interval", "bootstrap 95% interval of specificity (must lie inside)",
+           "specificity"),
+    Metric("control_slope", "per_input", "each control unit's slope (every control must hold)",
+           "control_slope"),
 )
+
+# Metrics with a bootstrap interval at any level: an expectation on them may say `confidence: c`.
+CONFIDENCE_METRICS: tuple[str, ...] = ("slope", "r_squared", "specificity")
 
 # What explains a NaN when the result gave no reason of its own (e.g. a plain dict).
 _NAN_HINTS = {

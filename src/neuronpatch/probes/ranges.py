@@ -22,6 +22,7 @@ NaN never lies in a range. Only the standard library is imported here.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from collections.abc import Mapping, Sequence
@@ -34,7 +35,8 @@ __all__ = ["RANGE_FORMS", "Range", "format_bound", "format_measured"]
 
 RANGE_FORMS = (
     "[lo, hi], {min: x}, {max: y}, {min: x, max: y}, {approx: v, abs: t}, "
-    "{approx: v, rel: r}, {abs_max: t} or {abs_min: t}"
+    "{approx: v, rel: r}, {abs_max: t} or {abs_min: t}; any mapping may add confidence: c "
+    "(e.g. {range: [lo, hi], confidence: 0.95})"
 )
 
 
@@ -92,12 +94,32 @@ class Range:
     abs_lo: float = 0.0
     abs_hi: float = math.inf
     text: str = "any value"
+    confidence: float | None = None  # judge the metric's interval at this level: pass/fail/inconclusive
 
     def contains(self, x: float) -> bool:
         """Whether ``x`` is allowed; NaN never is."""
         if math.isnan(x):
             return False
         return self.lo <= x <= self.hi and self.abs_lo <= abs(x) <= self.abs_hi
+
+    def excludes_interval(self, lo: float, hi: float) -> bool:
+        """Whether no point of ``[lo, hi]`` lies inside the range (the claim is refuted)."""
+        if math.isnan(lo) or math.isnan(hi) or lo > hi:
+            return False
+        if hi < self.lo or lo > self.hi:
+            return True
+        a, b = max(lo, self.lo), min(hi, self.hi)  # the part inside [self.lo, self.hi]
+        near = 0.0 if a <= 0.0 <= b else min(abs(a), abs(b))
+        far = max(abs(a), abs(b))
+        return near > self.abs_hi or far < self.abs_lo
+
+    def margin(self, x: float) -> float:
+        """Distance from ``x`` to the nearest edge of the range (NaN when it has none)."""
+        edges = [self.lo, self.hi, self.abs_hi, -self.abs_hi]
+        if self.abs_lo > 0:
+            edges += [self.abs_lo, -self.abs_lo]
+        edges = [e for e in edges if math.isfinite(e)]
+        return min((abs(x - e) for e in edges), default=math.nan)
 
     def contains_interval(self, lo: float, hi: float) -> bool:
         """Whether the whole interval ``[lo, hi]`` lies inside the range."""
@@ -166,6 +188,26 @@ class Range:
 
     @classmethod
     def _from_mapping(cls, spec: Mapping[Any, Any]) -> Range:
+        if "confidence" in spec:
+            c = _number(spec["confidence"], "'confidence'")
+            if not 0.5 <= c < 1.0:
+                raise ProbeSpecError(f"'confidence' is {format_bound(c)}; expected a level in [0.5, 1), "
+                                     "e.g. 0.95")
+            rest = {k: v for k, v in spec.items() if k != "confidence"}
+            if not rest:
+                raise ProbeSpecError("'confidence' needs a range beside it; expected e.g. "
+                                     "{range: [0.8, 1.2], confidence: 0.95}")
+            inner = cls.parse(rest)
+            text = f"{inner.text} at {format_bound(c * 100)}% confidence"
+            return dataclasses.replace(inner, confidence=c, text=text)
+        if "range" in spec:
+            if set(spec) != {"range"}:
+                extra = sorted(str(k) for k in set(spec) - {"range"})
+                raise ProbeSpecError(f"'range' cannot be combined with {extra[0]!r}; expected "
+                                     "{range: [lo, hi], confidence: c}")
+            if not isinstance(spec["range"], (list, tuple)):
+                raise ProbeSpecError(f"'range' is {spec['range']!r}; expected [lo, hi]")
+            return cls._from_pair(spec["range"])
         keys = set(spec)
         allowed = {"min", "max", "approx", "abs", "rel", "abs_max", "abs_min"}
         unknown = sorted(str(k) for k in keys - allowed)

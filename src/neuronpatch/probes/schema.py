@@ -484,6 +484,12 @@ class ProbeSpec(_Strict):
     marks: list[MarkSpec] = Field(default_factory=list)
     baseline: BaselineSpec | None = None
     fuzz: FuzzSpec | None = None
+    controls: dict[str, Any] | None = Field(
+        default=None, description="units: {random: k, seed: s} or a list: other units of the layer, "
+                                  "patched the same way (metrics specificity, control_slope)")
+    on_inconclusive: Literal["fail", "skip", "xfail"] | None = Field(
+        default=None, description="pytest outcome of an inconclusive verdict (default: ini "
+                                  "neuronpatch_on_inconclusive, else fail)")
 
     _doc: Document | None = PrivateAttr(default=None)
 
@@ -556,6 +562,8 @@ class ProbeSpec(_Strict):
                 kwargs["device"] = self.engine.device
             if self.engine.dtype is not None:
                 kwargs["dtype"] = self.engine.dtype
+        if self.controls is not None:
+            kwargs["controls"] = self.controls
         return kwargs
 
 

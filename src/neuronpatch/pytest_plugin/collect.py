@@ -42,6 +42,7 @@ from neuronpatch.pytest_plugin.report import (
     engine_error,
     failure_repr,
     flag,
+    inconclusive_mode,
     make_record,
     probe_failure,
     record_metrics,
@@ -277,7 +278,9 @@ class ProbeItem(_OurFailures):
         title = f"probe {self.name!r}"
         messages: list[str] = []
         crashes: list[tuple[str | None, int | None, str]] = []
-        if not verdict.passed:
+        doubt = verdict.status == "inconclusive" and inconclusive_mode(
+            self.config, self.spec.on_inconclusive) != "fail"
+        if not verdict.passed and not doubt:
             messages.append(probe_failure(title, verdict, head=self.head_text, result=self.result,
                                           base=self.config.invocation_params.dir))
             crashes.append(crash_line(title, verdict))
@@ -298,6 +301,11 @@ class ProbeItem(_OurFailures):
                 crash += f" (+{len(crashes) - 1} more)"
             raise ProbeFailed("\n\n".join(messages), crash=crash,
                               path=crash_file or self.display_path, line=crash_no)
+        if doubt:
+            reason = f"INCONCLUSIVE {crash_line(title, verdict)[2]}"
+            if inconclusive_mode(self.config, self.spec.on_inconclusive) == "xfail":
+                pytest.xfail(reason)
+            self._skip_here(reason)
         if baseline.skip:
             self._skip_here(baseline.skip)
 

@@ -53,6 +53,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         else:
             parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
     ci.add_options(group, parser)
+    parser.addini("neuronpatch_on_inconclusive", default="fail",
+                  help="pytest outcome of a probe whose only misses are inconclusive "
+                       "(confidence: an interval straddling the range): fail, skip or xfail")
 
 
 @pytest.hookimpl(tryfirst=True)

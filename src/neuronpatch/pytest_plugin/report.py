@@ -176,6 +176,30 @@ class Verdict:
         """Whether every expectation held."""
         return all(o.passed for o in self.outcomes)
 
+    @property
+    def status(self) -> str:
+        """``pass``; ``fail`` when any expectation failed outright; else ``inconclusive``."""
+        words = {o.status for o in self.outcomes}
+        return "fail" if "fail" in words else "inconclusive" if "inconclusive" in words else "pass"
+
+
+INCONCLUSIVE_MODES: tuple[str, ...] = ("fail", "skip", "xfail")
+
+
+def inconclusive_mode(config: pytest.Config, probe_value: str | None = None) -> str:
+    """What an inconclusive verdict becomes in pytest: the probe's key, else the ini key, else fail.
+
+    Raises:
+        pytest.UsageError: the ini value is not fail, skip or xfail.
+    """
+    if probe_value:
+        return probe_value
+    value = str(config.getini("neuronpatch_on_inconclusive") or "fail").strip()
+    if value not in INCONCLUSIVE_MODES:
+        raise pytest.UsageError(f"ini key neuronpatch_on_inconclusive = {value!r} is invalid; "
+                                f"expected one of {', '.join(INCONCLUSIVE_MODES)}")
+    return value
+
 
 class ProbeFailed(NeuronpatchError, AssertionError):
     """A probe's (or a ``neuronpatch_expect`` call's) claims did not hold.
@@ -372,10 +396,12 @@ def make_record(
         rec["reasons"] = dict(verdict.reasons)
         rec["expectations"] = [
             {"metric": o.metric, "measured": o.measured_text, "expected": o.expected,
-             "passed": o.passed, "where": o.source, "details": list(o.details)}
+             "passed": o.passed, "where": o.source, "details": list(o.details), "status": o.status,
+             "inputs_needed": o.inputs_needed}
             for o in verdict.outcomes
         ]
         rec["expectations_met"] = verdict.passed
+        rec["verdict"] = verdict.status
         art = verdict.artifacts
         if art is not None:
             rec["artifacts"] = str(art.directory)
@@ -411,6 +437,14 @@ def record_metrics(item: pytest.Item, verdict: Verdict) -> None:
         if isinstance(value, float) and math.isnan(value):
             value = f"undefined: {verdict.reasons.get(name, 'no data')}"
         item.user_properties.append((f"neuronpatch.{name}", value))
+    if verdict.outcomes:
+        item.user_properties.append(("neuronpatch.verdict", verdict.status))
+    for o in verdict.outcomes:
+        if o.inconclusive:
+            lo, hi = o.interval or (math.nan, math.nan)
+            item.user_properties.append((f"neuronpatch.inconclusive.{o.metric}",
+                                         f"interval [{lo:.6g}, {hi:.6g}] vs {o.expected}; "
+                                         f"inputs needed {o.inputs_needed}"))
     if verdict.artifacts is not None:
         item.user_properties.append(("neuronpatch.artifacts", str(verdict.artifacts.directory)))
         item.stash[FIGURES_KEY] = tuple(verdict.artifacts.figures)
@@ -537,6 +571,20 @@ class RunState:
         self.config = config
         self.tests: dict[str, dict[str, Any]] = {}
         self.report_path: Path | None = None
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> Any:
+        """INCONCLUSIVE in the terminal line, whatever pytest outcome it was given."""
+        record = getattr(report, "neuronpatch", None)
+        if report.when != "call" or not record or record.get("verdict") != "inconclusive":
+            return None
+        if hasattr(report, "wasxfail"):
+            return "xfailed", "i", ("INCONCLUSIVE (xfail)", {"yellow": True})
+        if report.skipped:
+            return "skipped", "i", ("INCONCLUSIVE (skip)", {"yellow": True})
+        if report.failed:
+            return "failed", "I", ("INCONCLUSIVE", {"red": True})
+        return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         record = getattr(report, "neuronpatch", None)

@@ -291,8 +291,12 @@ class Runner:
             extra["probe"] = dict(probe)
         if outcomes:
             failed = [o for o in outcomes if not o.passed]
+            doubt = [o for o in outcomes if o.inconclusive]
             extra["verdict"] = {
                 "outcome": None,  # pytest's word, stamped in once the test has a report
+                "conclusion": ("fail" if any(o.status == "fail" for o in outcomes)
+                               else "inconclusive" if doubt else "pass"),
+                "inputs_needed": max((o.inputs_needed or 0 for o in doubt), default=None) or None,
                 "expectations_met": not failed,
                 "reasons": [_reason_line(o) for o in failed],
                 "reading": result.interpretation(),

@@ -1,0 +1,41 @@
+"""Control units: more patched rows over one clean run, each equal to patching that unit alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from neuronpatch import load_head, run_experiment
+from neuronpatch.errors import InputError
+from neuronpatch.testing import tiny_model, write_head
+
+TEXTS = ["The cat sat on the mat.", "Numbers 3 4 5 6", "Machine learning models are hard to read."]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_each_control_slope_equals_a_run_on_that_unit(tmp_path, arch):
+    model = tiny_model(tmp_path / "m", arch)
+    head = write_head(tmp_path / "h", model, target_layer=0, target_neuron=3, feature_layer=-1)
+    res = run_experiment(head, TEXTS, set=[-1.0, 0.5, 2.0], device="cpu", controls=[5, 9])
+    assert [c.unit for c in res.controls.controls] == [5, 9]
+    cfg = json.loads((head / "config.json").read_text())
+    for c in res.controls.controls:
+        cfg["target_neuron"] = c.unit
+        (head / "config.json").write_text(json.dumps(cfg))
+        alone = run_experiment(load_head(head), TEXTS, set=[-1.0, 0.5, 2.0], device="cpu")
+        assert c.slope == pytest.approx(alone.slope, rel=1e-4, abs=1e-6)
+    m = res.metrics()
+    assert m["specificity"] == pytest.approx(abs(res.slope) / max(abs(s) for s in m["control_slope"]))
+    lo, hi = m["specificity_ci95"]
+    assert lo <= hi
+
+
+def test_random_controls_are_seeded_and_exclude_the_target(tmp_path):
+    from neuronpatch.controls import resolve_units
+
+    a = resolve_units({"units": {"random": 8, "seed": 1}}, target=3, width=64)
+    assert a == resolve_units({"units": {"random": 8, "seed": 1}}, target=3, width=64)
+    assert len(set(a)) == 8 and 3 not in a
+    with pytest.raises(InputError, match="other than the target"):
+        resolve_units([3], target=3, width=64)
