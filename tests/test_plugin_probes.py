@@ -170,7 +170,7 @@ def test_a_broken_probe_file_never_stops_the_others(project):
         f"  broken.probe.yaml:{line_of(broken, 'slope')}: key 'expect.slope': range [1, 0] is "
         "inverted (lo > hi); expected lo < hi",
         f"  broken.probe.yaml:{line_of(broken, 'colour')}: key 'colour': unknown key; expected "
-        "one of name, head, inputs, interventions, position, engine, expect, marks, baseline, fuzz",
+        "one of name, head, inputs, interventions, position, engine, expect, marks, baseline, fuzz, controls, on_inconclusive",
         "*ERROR at setup of invalid probe: syntax*",
         "  syntax.probe.yaml:3: invalid YAML: *",
     ])
@@ -327,7 +327,7 @@ def test_junit_xml_carries_key_metrics(project, probe_heads):
     # metrics only: no transport data, no internal status
     assert set(props) == {"neuronpatch.slope", "neuronpatch.intercept", "neuronpatch.r_squared",
                           "neuronpatch.baseline_correlation", "neuronpatch.weight_cosine",
-                          "neuronpatch.artifacts"}
+                          "neuronpatch.artifacts", "neuronpatch.verdict"}
     [case] = tree.iter("testcase")
     assert case.get("name") == "junit"
 
@@ -414,7 +414,8 @@ def test_user_mistakes_in_files_fail_in_one_line_without_traceback(project, case
     result = project.runpytest("-p", "no:randomly", *args)
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    assert "Traceback" not in out and "site-packages" not in out and "neuronpatch/" not in out
+    assert "Traceback" not in out, out
+    assert "site-packages" not in out and "src/neuronpatch" not in out, out
     want = "base.json: invalid JSON" if case == "corrupt baseline" else "blocker is a file, not a directory"
     assert sum(want in line for line in out.splitlines()) >= 1
 
