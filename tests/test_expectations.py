@@ -177,12 +177,14 @@ def test_every_metric_of_the_engine_is_known():
         "baseline_correlation", "baseline_p_value", "baseline_spearman", "per_input_slope",
         "per_input_r2", "slope_ci95", "r_squared_ci95", "weight_cosine",
         "mean_abs_prediction_change", "mean_abs_activation_change",
+        # with controls: (issue 17)
+        "specificity", "specificity_ci95", "control_slope",
     }
     assert set(METRICS) == engine_keys
     assert {m.name for m in METRICS.values() if m.kind == "per_input"} == {
-        "per_input_slope", "per_input_r2"}
+        "per_input_slope", "per_input_r2", "control_slope"}
     assert {m.name for m in METRICS.values() if m.kind == "interval"} == {
-        "slope_ci95", "r_squared_ci95"}
+        "slope_ci95", "r_squared_ci95", "specificity_ci95"}
 
 
 # ----- plain-Python helpers ---------------------------------------------------------------

@@ -170,7 +170,8 @@ def test_a_broken_probe_file_never_stops_the_others(project):
         f"  broken.probe.yaml:{line_of(broken, 'slope')}: key 'expect.slope': range [1, 0] is "
         "inverted (lo > hi); expected lo < hi",
         f"  broken.probe.yaml:{line_of(broken, 'colour')}: key 'colour': unknown key; expected "
-        "one of name, head, inputs, interventions, position, expect, marks, baseline, fuzz",
+        "one of name, head, inputs, interventions, position, engine, expect, marks, baseline, fuzz, "
+        "controls, on_inconclusive",
         "*ERROR at setup of invalid probe: syntax*",
         "  syntax.probe.yaml:3: invalid YAML: *",
     ])
@@ -324,7 +325,7 @@ def test_junit_xml_carries_key_metrics(project, probe_heads):
     # metrics only: no transport data, no internal status
     assert set(props) == {"neuronpatch.slope", "neuronpatch.intercept", "neuronpatch.r_squared",
                           "neuronpatch.baseline_correlation", "neuronpatch.weight_cosine",
-                          "neuronpatch.artifacts"}
+                          "neuronpatch.artifacts", "neuronpatch.verdict"}
     [case] = tree.iter("testcase")
     assert case.get("name") == "junit"
 
