@@ -203,12 +203,16 @@ class _Batch:
     neuron: Tensor | None = None  # [R] the column each row patches (controls); None: the plan's
 
 
+# Per model class, read once rather than at every forward: whether it can compute logits
+# for the last position only (``logits_to_keep``).
+_KEEPS_ONE_LOGIT: dict[Any, bool] = {}
+
+
 def _forward_kwargs(model: LoadedModel) -> dict[str, Any]:
-    params = inspect.signature(model.hf.forward).parameters
-    kw: dict[str, Any] = {"return_dict": True}
-    if "logits_to_keep" in params:
-        kw["logits_to_keep"] = 1
-    return kw
+    cls = type(model.hf)
+    if cls not in _KEEPS_ONE_LOGIT:
+        _KEEPS_ONE_LOGIT[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return {"return_dict": True, **({"logits_to_keep": 1} if _KEEPS_ONE_LOGIT[cls] else {})}
 
 
 def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _Rows:
@@ -589,6 +593,7 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
         longest = max(len(ids) for ids in enc.ids)
         row_bytes = longest * model.n_layers * model.d_model * 2 * model.hf.dtype.itemsize
         per_chunk = max(1, min(per_chunk, KV_CACHE_BYTES // max(1, m * row_bytes)))
+    direction = _linear_direction(model, p, enc) if route.method == "linear" else None
     clean_act, clean_feat, act, feat, guards = [], [], [], [], []
     for idx in _chunks(n, per_chunk):
         if route.method in ("upstream", "linear"):
@@ -598,7 +603,6 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             if route.method == "upstream":
                 f = c_feat[:, None, :].expand(-1, n_iv, -1)
             else:
-                direction = _linear_direction(model, p, enc)
                 assert direction is not None
                 f = c_feat[:, None, :] + (new - c_act[:, None])[..., None] * direction.cpu()
             clean_act.append(c_act)
