@@ -135,17 +135,17 @@ class _OurFailures(pytest.Item):
     def repr_failure(
         self, excinfo: ExceptionInfo[BaseException], style: Any = None
     ) -> str | TerminalRepr:
-        exc = excinfo.value
-        if isinstance(exc, (ProbeFailed, ProbeError)):
-            style = style or self.config.getoption("tbstyle", "auto")
-            return failure_repr(str(exc), exc.crash, exc.path or str(self.path), exc.line, style)
-        if isinstance(exc, NeuronpatchError):
-            return self._one_line(exc, style)
-        return super().repr_failure(excinfo, style=style)
+        ours = self._ours(excinfo.value, style)
+        return ours if ours is not None else super().repr_failure(excinfo, style=style)
 
-    def _one_line(self, exc: BaseException, style: Any) -> TerminalRepr:
-        """A mistake a user can fix (a bad baseline, a file in the way): one line, no traceback."""
+    def _ours(self, exc: BaseException, style: Any) -> TerminalRepr | None:
+        """Our failures as their text; a mistake a user can fix (a bad baseline, a file in the
+        way) as one line at the probe file; anything else None (pytest's own traceback)."""
+        if not isinstance(exc, NeuronpatchError):
+            return None
         style = style or self.config.getoption("tbstyle", "auto")
+        if isinstance(exc, (ProbeFailed, ProbeError)):
+            return failure_repr(str(exc), exc.crash, exc.path or str(self.path), exc.line, style)
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         path, line, _ = self.reportinfo()
         return failure_repr(text, text, str(path), None if line is None else line + 1, style)
@@ -154,13 +154,8 @@ class _OurFailures(pytest.Item):
     def _repr_failure_py(
         self, excinfo: ExceptionInfo[BaseException], style: Any = None
     ) -> TerminalRepr:
-        exc = excinfo.value
-        if isinstance(exc, (ProbeFailed, ProbeError)):
-            style = style or self.config.getoption("tbstyle", "auto")
-            return failure_repr(str(exc), exc.crash, exc.path or str(self.path), exc.line, style)
-        if isinstance(exc, NeuronpatchError):
-            return self._one_line(exc, style)
-        return super()._repr_failure_py(excinfo, style=style)
+        ours = self._ours(excinfo.value, style)
+        return ours if ours is not None else super()._repr_failure_py(excinfo, style=style)
 
     def _skip_here(self, reason: str) -> None:
         # `_use_item_location`: the skip is reported at reportinfo() (the probe file's line).
