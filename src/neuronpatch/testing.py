@@ -76,11 +76,11 @@ _TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key
              intermediate_size=64, max_position_embeddings=128, head_dim=8)
 
 
-def tiny_config(model_type: str) -> Any:
+def tiny_config(model_type: str, tokenizer: Any = None) -> Any:
     """The config :func:`tiny_model` builds: tiny sizes set through each config's own names."""
     from transformers import AutoConfig
 
-    tokenizer = tiny_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     cfg = AutoConfig.for_model(model_type)
     sizes = {**_TINY, "vocab_size": len(tokenizer)}
     if isinstance(getattr(cfg, "layer_types", None), list):
@@ -119,7 +119,7 @@ def tiny_model(path: str | Path, model_type: str, *, seed: int = 0, std: float =
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_tokenizer()
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, tokenizer)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     g = torch.Generator().manual_seed(seed)
