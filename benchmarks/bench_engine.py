@@ -75,32 +75,35 @@ def _tokenizer():
     return _TOK[0]
 
 
-def floor(model, texts: list[str]) -> None:
-    tok = model.tokenizer
-    rows = [tok(t)["input_ids"] for t in texts]
+def _left_padded(model, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of ``texts``, left-padded to one length."""
+    rows = [model.tokenizer(t)["input_ids"] for t in texts]
     width = max(map(len, rows))
     ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def _scaling(factor):
+    """A forward pre-hook scaling neuron 481 at the last position by ``factor`` (per row or one)."""
+    def pre(m, args):
+        x = args[0].clone()
+        x[:, -1, 481] *= factor
+        return (x,)
+    return pre
+
+
+def floor(model, texts: list[str]) -> None:
+    ids, mask = _left_padded(model, texts)
     with torch.inference_mode():
         model.hf(input_ids=ids, attention_mask=mask)
 
 
 def hooks_pass(model, texts: list[str]) -> None:
     """64 patched rows (8 inputs × 8 factors) in one forward with a plain HF hook."""
-    tok = model.tokenizer
-    rows = [tok(t)["input_ids"] for t in texts for _ in FACTORS]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    f = torch.tensor(FACTORS * len(texts))
-    proj = model.arch.mlp_out_proj[8]
-
-    def pre(m, args):
-        x = args[0].clone()
-        x[:, -1, 481] *= f
-        return (x,)
-
-    h = proj.register_forward_pre_hook(pre)
+    ids, mask = _left_padded(model, [t for t in texts for _ in FACTORS])
+    h = model.arch.mlp_out_proj[8].register_forward_pre_hook(
+        _scaling(torch.tensor(FACTORS * len(texts))))
     try:
         with torch.inference_mode():
             model.hf(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -108,31 +111,24 @@ def hooks_pass(model, texts: list[str]) -> None:
         h.remove()
 
 
-def _module_path(model, module) -> str:
-    return next(name for name, m in model.hf.named_modules() if m is module)
+def _envoy(lm, model, module):
+    """nnsight's proxy for one of the model's modules, walked down its dotted path."""
+    env = lm
+    for part in next(name for name, m in model.hf.named_modules() if m is module).split("."):
+        env = env[int(part)] if part.isdigit() else getattr(env, part)
+    return env
 
 
 def nnsight_pass(model, lm, texts: list[str]) -> None:
     """One nnsight trace, one invoke per factor over the 8 inputs, reading the final state."""
-    path = _module_path(model, model.arch.mlp_out_proj[8]).split(".")
-    tok = model.tokenizer
-    rows = [tok(t)["input_ids"] for t in texts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    ids, mask = _left_padded(model, texts)
     saved = []
     with torch.inference_mode(), lm.trace() as tracer:
         for f in FACTORS:
             with tracer.invoke({"input_ids": ids, "attention_mask": mask}):
-                env = lm
-                for part in path:
-                    env = env[int(part)] if part.isdigit() else getattr(env, part)
-                x = env.input
+                x = _envoy(lm, model, model.arch.mlp_out_proj[8]).input
                 x[:, -1, 481] = x[:, -1, 481] * f
-                last = lm
-                blocks = _module_path(model, model.arch.blocks[-1]).split(".")
-                for part in blocks:
-                    last = last[int(part)] if part.isdigit() else getattr(last, part)
+                last = _envoy(lm, model, model.arch.blocks[-1])
                 saved.append(last.output[0][:, -1].save() if isinstance(last.output, tuple)
                              else last.output[:, -1].save())
 
@@ -145,13 +141,7 @@ def seed_loop(model, texts: list[str]) -> None:
         for f in FACTORS:
             with torch.inference_mode():
                 model.hf(ids, output_hidden_states=True)
-
-            def pre(m, args, f=f):
-                x = args[0].clone()
-                x[:, -1, 481] *= f
-                return (x,)
-
-            h = proj.register_forward_pre_hook(pre)
+            h = proj.register_forward_pre_hook(_scaling(f))
             try:
                 with torch.inference_mode():
                     model.hf(ids, output_hidden_states=True)
