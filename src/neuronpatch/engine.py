@@ -185,6 +185,7 @@ class _Rows:
     patched_unit: Tensor  # [rows] the value the intervention asked for there
     features: Tensor  # [rows, width] in the head's coordinates
     guard: Tensor | None = None  # [rows, width] features in hf coordinates (the guard)
+    unit_row: Tensor | None = None  # [rows, units] the whole layer where it is measured, before the patch
 
 
 @dataclass
@@ -244,6 +245,8 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
         target = b.alpha[:, None] * c + b.beta[:, None]
         delta = torch.where(b.patch, target - c, torch.zeros_like(c))
         got["clean"] = c[ar, b.measure]
+        row = t[ar, b.measure].float()
+        got["unit_row"] = row - row.mean(-1, keepdim=True) if p.centre_unit else row
         got["patched"] = torch.where(b.patch[ar, b.measure], target[ar, b.measure], c[ar, b.measure])
         got["delta_read"] = delta[ar, b.read]
         new_col = (col + delta).to(t.dtype)
@@ -299,7 +302,7 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
                            f"(missing {sorted(missing)})")
     if "early" not in got:
         _check_patch(p, b, got.get("observed"), got["requested"])
-    return _Rows(got["clean"], got["patched"], got["features"], got.get("guard"))
+    return _Rows(got["clean"], got["patched"], got["features"], got.get("guard"), got["unit_row"])
 
 
 def _columns(p: Plan, b: _Batch) -> str:
@@ -415,14 +418,17 @@ def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affi
     return _run(model, p, b, guard)
 
 
-def _unit_columns(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int]) -> list[Tensor]:
-    """The unit's clean value at every patched position of each input (for ``mean``)."""
+def _unit_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int]) -> list[Tensor]:
+    """Every unit of the layer at every patched position of each input (for ``mean``).
+
+    One tensor ``[positions, units]`` per input, in the unit's own coordinates.
+    """
     ids, mask, pos = _left_pad([enc.ids[i] for i in idx], _pad_id(model), model.device)
     got: dict[str, Tensor] = {}
 
     def grab(t: Tensor) -> None:
-        col = t[..., p.neuron].float()
-        got["col"] = col - t.float().mean(-1) if p.centre_unit else col
+        rows = t.float()
+        got["rows"] = rows - rows.mean(-1, keepdim=True) if p.centre_unit else rows
         raise _Stop
 
     handle = architecture.attach(model.arch, p.unit, grab, ids.shape[0])
@@ -432,7 +438,7 @@ def _unit_columns(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int])
     finally:
         handle.remove()
     S = ids.shape[1]
-    return [got["col"][k, S - len(enc.ids[i]):][enc.patch_pos[i]].cpu() for k, i in enumerate(idx)]
+    return [got["rows"][k, S - len(enc.ids[i]):][enc.patch_pos[i]].cpu() for k, i in enumerate(idx)]
 
 
 # --------------------------------------------------------------------------- routing
@@ -444,38 +450,46 @@ class Route:
     reason: str
 
 
-def _linear_direction(model: LoadedModel, p: Plan, enc: Encoded) -> Tensor | None:
-    """The features' change per unit of the unit's change, when that is a constant vector.
+def _write_directions(model: LoadedModel, p: Plan, enc: Encoded, columns: Sequence[int]) -> Tensor | None:
+    """``[len(columns), width]``: the features' change per unit of each column's change.
 
-    Holds when every input is patched at its read position and the features are
-    the residual stream right after the unit's write (or the unit itself).
+    A constant vector per unit when every input is patched at its read position
+    and the features are the residual stream right after the unit's write (or
+    the unit itself); None otherwise. For MLP neurons it is the output
+    projection's own response to a unit step (its bias cancels).
     """
     if p.upstream or any(pp != [r] for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True)):
         return None
     u, f, n_layers = p.unit, p.feature, model.n_layers
     after = ((f.kind == "block_out" and f.layer == u.layer)
              or (f.kind == "block_in" and f.layer == u.layer + 1))
-    d = model.d_model
+    cols = torch.tensor(list(columns), dtype=torch.long)
     if u.kind == "mlp_post" and after:
         proj = model.arch.mlp_out_proj[u.layer]
         assert proj is not None  # checked when the plan was made
         w = next(proj.parameters())
-        e = torch.zeros(1, 1, model.unit_width(True), dtype=w.dtype, device=w.device)
+        e = torch.zeros(len(cols) + 1, 1, model.unit_width(True), dtype=w.dtype, device=w.device)
+        e[torch.arange(1, len(cols) + 1), 0, cols.to(w.device)] = 1
         with torch.inference_mode():
-            base = proj(e)
-            e[..., p.neuron] = 1
-            direction = (proj(e) - base).reshape(-1).float()
+            out = proj(e)[:, 0].float()
+        directions = out[1:] - out[:1]
         if p.centre_features:
-            direction = direction - direction.mean()
-        return direction
+            directions = directions - directions.mean(-1, keepdim=True)
+        return directions
     same = f == u or (u.kind == "block_out" and f.kind == "block_in" and f.layer == u.layer + 1)
     if (u.kind in ("mlp_write", "block_out") and after) or (u.kind == "block_in" and same) or same:
         if f.kind == "final_norm" or f.layer >= n_layers:
             return None
-        direction = torch.zeros(d, device=model.device)
-        direction[p.neuron] = 1.0
-        return direction
+        # A residual coordinate: centred features move by Δ·(e_c − 1/d), and the δ/d offset
+        # of transformer_lens coordinates gives the 1/d back.
+        return torch.eye(model.d_model, device=model.device)[cols.to(model.device)]
     return None
+
+
+def _linear_direction(model: LoadedModel, p: Plan, enc: Encoded) -> Tensor | None:
+    """The target unit's write direction (:func:`_write_directions` for its column)."""
+    d = _write_directions(model, p, enc, [p.neuron])
+    return None if d is None else d[0]
 
 
 def choose_route(model: LoadedModel, p: Plan, enc: Encoded, method: str) -> Route:
@@ -541,17 +555,19 @@ def _merge(parts: list[tuple[list[int], _Rows]], n: int, m: int) -> _Rows:
     if len(parts) == 1 and parts[0][0] == list(range(n)):
         return parts[0][1]
     first = parts[0][1]
-    width = first.features.shape[-1]
-    out = _Rows(torch.empty(n, m), torch.empty(n, m), torch.empty(n, m, width),
-                None if first.guard is None else torch.empty(n, m, first.guard.shape[-1]))
-    for ks, rows in parts:
-        out.clean_unit[ks] = rows.clean_unit.reshape(len(ks), m).cpu()
-        out.patched_unit[ks] = rows.patched_unit.reshape(len(ks), m).cpu()
-        out.features[ks] = rows.features.reshape(len(ks), m, -1).cpu()
-        if out.guard is not None and rows.guard is not None:
-            out.guard[ks] = rows.guard.reshape(len(ks), m, -1).cpu()
-    return _Rows(out.clean_unit.reshape(-1), out.patched_unit.reshape(-1), out.features.reshape(n * m, -1),
-                 None if out.guard is None else out.guard.reshape(n * m, -1))
+
+    def gather(get: Any) -> Tensor | None:
+        if get(first) is None:
+            return None
+        out = torch.empty(n, m, *get(first).shape[1:])
+        for ks, rows in parts:
+            out[ks] = get(rows).reshape(len(ks), m, *get(rows).shape[1:]).cpu()
+        return out.reshape(n * m, *out.shape[2:])
+
+    clean, patched, features = (gather(lambda r, a=a: getattr(r, a))
+                                for a in ("clean_unit", "patched_unit", "features"))
+    assert clean is not None and patched is not None and features is not None
+    return _Rows(clean, patched, features, gather(lambda r: r.guard), gather(lambda r: r.unit_row))
 
 
 def _chunks(n: int, size: int) -> Iterator[list[int]]:
@@ -576,39 +592,47 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
 
     ``affine[i, j]`` is ``(α, β)`` of intervention ``j`` on input ``i``. ``neurons[j]``:
     the column intervention ``j`` patches (control units: more patched rows over the
-    same clean row); default the plan's unit. Needs a patching route (kv or full).
+    same clean row); default the plan's unit.
     """
-    cols = None
-    if neurons is not None:
-        assert route.method in ("kv", "full"), "per-row columns need a patching route"
-        cols = torch.tensor([p.neuron, *neurons], dtype=torch.long, device=model.device)
-    row_clean = []
     n, n_iv = affine.shape[:2]
+    columns = [p.neuron] * n_iv if neurons is None else list(neurons)
+    cols = None if neurons is None else torch.tensor([p.neuron, *neurons], dtype=torch.long,
+                                                     device=model.device)
     m = n_iv + 1
     identity = torch.tensor([1.0, 0.0]).expand(n, 1, 2)
     full_affine = torch.cat([identity, affine], dim=1)  # row 0 of each input: clean
-    per_chunk = max(1, batch_size // (1 if route.method in ("upstream", "linear") else m))
+    shortcut = route.method in ("upstream", "linear")
+    per_chunk = max(1, batch_size // (1 if shortcut else m))
     if route.method == "kv":
         # The prefix cache is repeated once per row: bound its bytes, not just its rows.
         longest = max(len(ids) for ids in enc.ids)
         row_bytes = longest * model.n_layers * model.d_model * 2 * model.hf.dtype.itemsize
         per_chunk = max(1, min(per_chunk, KV_CACHE_BYTES // max(1, m * row_bytes)))
-    direction = _linear_direction(model, p, enc) if route.method == "linear" else None
-    clean_act, clean_feat, act, feat, guards = [], [], [], [], []
+    directions = None
+    if route.method == "linear":
+        # One direction per distinct column, then one per row of the experiment.
+        distinct = sorted(set(columns))
+        found = _write_directions(model, p, enc, distinct)
+        assert found is not None
+        directions = found.cpu()[torch.tensor([distinct.index(c) for c in columns])]
+    col_index = torch.tensor(columns, dtype=torch.long)
+    clean_act, clean_feat, act, feat, guards, row_clean = [], [], [], [], [], []
     for idx in _chunks(n, per_chunk):
-        if route.method in ("upstream", "linear"):
+        if shortcut:
             rows = _patched(model, p, enc, idx, identity[idx], "kv", guard)
-            c_act, c_feat = rows.clean_unit.cpu(), rows.features.cpu()
-            new = c_act[:, None] * affine[idx, :, 0] + affine[idx, :, 1]
-            if route.method == "upstream":
+            assert rows.unit_row is not None
+            c_feat, every = rows.features.cpu(), rows.unit_row.cpu()
+            before = every[:, col_index]  # [k, n_iv] each row's own column, clean
+            new = before * affine[idx, :, 0] + affine[idx, :, 1]
+            if directions is None:  # upstream: nothing the head reads can change
                 f = c_feat[:, None, :].expand(-1, n_iv, -1)
             else:
-                assert direction is not None
-                f = c_feat[:, None, :] + (new - c_act[:, None])[..., None] * direction.cpu()
-            clean_act.append(c_act)
+                f = c_feat[:, None, :] + (new - before)[..., None] * directions
+            clean_act.append(rows.clean_unit.cpu())
             clean_feat.append(c_feat)
             act.append(new)
             feat.append(f)
+            row_clean.append(before)
             if rows.guard is not None:
                 guards.append(rows.guard.cpu())
         else:
@@ -627,13 +651,17 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
         if progress is not None:
             progress.update(len(idx) * n_iv)
     return _Measured(torch.cat(clean_act), torch.cat(clean_feat), torch.cat(act), torch.cat(feat),
-                     torch.cat(guards) if guards else None, torch.cat(row_clean) if row_clean else None)
+                     torch.cat(guards) if guards else None, torch.cat(row_clean))
 
 
 def _check_shortcut(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route,
-                    got: _Measured) -> str | None:
-    """Compare a shortcut route with a real patched run on the first input; None if they agree."""
-    real = measure(model, p, enc, affine[:1], Route("kv", "check"), batch_size=affine.shape[1] + 1)
+                    got: _Measured, neurons: Sequence[int] | None = None) -> str | None:
+    """Compare a shortcut route with a real patched run on the first input; None if they agree.
+
+    With ``neurons`` (controls) every column is checked, each with its own patched rows.
+    """
+    real = measure(model, p, enc, affine[:1], Route("kv", "check"), batch_size=affine.shape[1] + 1,
+                   neurons=neurons)
     want, have = real.feat[0], got.feat[0]
     scale = float(want.abs().max()) + 1.0
     err = float((want - have).abs().max())
@@ -731,49 +759,43 @@ def run_experiment(
     p = coordinates.plan(cfg, model, where=head.config_path)
     route = choose_route(model, p, enc, method)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
-    n = len(texts)
-    mean_act = 0.0
-    if any(iv.kind == "mean" for iv in ivs):
-        # Mean ablation needs the mean over *all* inputs before any row is patched.
-        cols = [c for idx in _chunks(n, batch_size) for c in _unit_columns(model, p, enc, idx)]
-        mean_act = float(torch.cat(cols).mean())
-    affine = torch.tensor([iv.affine(mean_act) for iv in ivs], dtype=torch.float32)
-    affine = affine[None].expand(n, -1, -1).contiguous()
-    guard = _guard_site(head, model, p)
-
+    n, k = len(texts), len(ivs)
+    width = model.unit_width(p.unit.kind == "mlp_post")
+    units: list[int] = []
     if controls is not None:
         from neuronpatch import controls as ctl
 
-        width = model.unit_width(p.unit.kind == "mlp_post")
         units = ctl.resolve_units(controls, target=p.neuron, width=width)
-        if route.method in ("upstream", "linear"):  # controls need real patched rows
-            route = choose_route(model, p, enc, "kv" if all(len(x) == 1 for x in enc.patch_pos) else "full")
-        k = len(ivs)
-        wide = affine.repeat(1, 1 + len(units), 1)
-        neurons = [p.neuron] * k + [u for u in units for _ in range(k)]
-        bar = _progress(n * k * (1 + len(units)), progress)
-        allg = measure(model, p, enc, wide, route, batch_size=batch_size, guard=guard, progress=bar,
-                       neurons=neurons)
-        bar.close()
-        got = _Measured(allg.clean_act, allg.clean_feat, allg.act[:, :k], allg.feat[:, :k], allg.guard_feat)
-        control_parts = (allg, units, k)
-    else:
-        control_parts = None
-        bar = _progress(n * len(ivs), progress)
-        got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, progress=bar)
-        bar.close()
+    columns = [p.neuron, *units]
+    means = torch.zeros(width)
+    if any(iv.kind == "mean" for iv in ivs):
+        # Mean ablation needs each unit's mean over *all* inputs before any row is patched;
+        # a control is mean-ablated to its own mean.
+        seen = [r for idx in _chunks(n, batch_size) for r in _unit_rows(model, p, enc, idx)]
+        means = torch.cat(seen).mean(0)
+    # The experiment's rows: the target's interventions, then each control's, in its own units.
+    affine = torch.tensor([iv.affine(float(means[c])) for c in columns for iv in ivs], dtype=torch.float32)
+    affine = affine[None].expand(n, -1, -1).contiguous()
+    neurons = [c for c in columns for _ in ivs] if units else None
+    guard = _guard_site(head, model, p)
+
+    bar = _progress(n * k * len(columns), progress)
+    allg = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, progress=bar,
+                   neurons=neurons)
+    bar.close()
     if route.method in ("upstream", "linear"):
-        mismatch = _check_shortcut(model, p, enc, affine, route, got)
+        mismatch = _check_shortcut(model, p, enc, affine, route, allg, neurons)
         if mismatch is not None:
             if method != "auto":
                 raise InputError(mismatch)
             route = choose_route(model, p, enc, "kv" if all(len(x) == 1 for x in enc.patch_pos) else "full")
             route = Route(route.method, f"{mismatch}; stepped aside to {route.method}")
-            got = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard)
+            allg = measure(model, p, enc, affine, route, batch_size=batch_size, guard=guard, neurons=neurons)
+    got = _Measured(allg.clean_act, allg.clean_feat, allg.act[:, :k], allg.feat[:, :k], allg.guard_feat)
 
     clean_pred = head.predict(got.clean_feat, digit_ids)
-    flat = got.feat.reshape(n * len(ivs), -1)
-    patched_pred = head.predict(flat, digit_ids).reshape(n, len(ivs))
+    flat = got.feat.reshape(n * k, -1)
+    patched_pred = head.predict(flat, digit_ids).reshape(n, k)
     # Rows whose features did not move get the clean prediction bit for bit.
     unmoved = (got.feat == got.clean_feat[:, None]).all(-1)
     pred = torch.where(unmoved, clean_pred[:, None], patched_pred)
@@ -783,16 +805,18 @@ def run_experiment(
         if note:
             notes.append(note)
     control_results = None
-    if control_parts is not None:
+    if units:
         from neuronpatch.controls import ControlResults
 
-        allg, units, k = control_parts
         assert allg.row_clean is not None
-        preds = head.predict(allg.feat.reshape(n * allg.feat.shape[1], -1), digit_ids).reshape(n, -1)
+        rest = allg.feat[:, k:]
+        preds = head.predict(rest.reshape(-1, rest.shape[-1]), digit_ids).reshape(n, -1)
+        still = (rest == allg.clean_feat[:, None]).all(-1)
+        preds = torch.where(still, clean_pred[:, None], preds)
         dy = (preds - clean_pred[:, None]).double().numpy()
-        dx = (allg.act - allg.row_clean).double().numpy()
-        xs = tuple(dx[:, (j + 1) * k:(j + 2) * k] for j in range(len(units)))
-        ys = tuple(dy[:, (j + 1) * k:(j + 2) * k] for j in range(len(units)))
+        dx = (allg.act[:, k:] - allg.row_clean[:, k:]).double().numpy()
+        xs = tuple(dx[:, j * k:(j + 1) * k] for j in range(len(units)))
+        ys = tuple(dy[:, j * k:(j + 1) * k] for j in range(len(units)))
         tx = (got.act - got.clean_act[:, None]).double().numpy()
         ty = (pred - clean_pred[:, None]).double().numpy()
         control_results = ControlResults(tx, ty, xs, ys, tuple(units))
