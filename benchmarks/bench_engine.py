@@ -157,6 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--archs", nargs="+", default=list(SIZES))
+    ap.add_argument("--columns", nargs="+", default=["engine", "hooks", "nnsight", "seed"],
+                    help="which columns to time besides the floor (the rest print as '–')")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +178,7 @@ def main() -> None:
                 lm = LanguageModel(model.hf, tokenizer=model.tokenizer)
             except ImportError:
                 lm = None
-            columns = ["floor", "engine", "hooks", "nnsight", "seed"]
+            columns = ["floor", *args.columns]
             times: dict[str, list[float]] = {name: [] for name in columns}
             route = ""
             for rep in range(args.repeats + 1):
@@ -199,8 +201,11 @@ def main() -> None:
                         times[name].append(time.perf_counter() - t0)
             fl = statistics.median(times["floor"])
             r = {name: _ratio(ts, fl) for name, ts in times.items()}
-            print(f"| {arch} | {fl:.3f} | {r['engine']} ({min(times['engine']) / fl:.2f}–"
-                  f"{max(times['engine']) / fl:.2f}) | {r['hooks']} | {r['nnsight']} | "
+            for name in ("engine", "hooks", "nnsight", "seed"):
+                r.setdefault(name, "–")
+            span = (f" ({min(times['engine']) / fl:.2f}–{max(times['engine']) / fl:.2f})"
+                    if times.get("engine") else "")
+            print(f"| {arch} | {fl:.3f} | {r['engine']}{span} | {r['hooks']} | {r['nnsight']} | "
                   f"{r['seed']} | {route} |", flush=True)
             clear_cache()
 

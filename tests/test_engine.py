@@ -199,3 +199,40 @@ def test_cache_budget_splits_batches_without_changing_a_number(tmp_path, model_d
     split = run_experiment(head, TEXTS, scale=[0, 2], add=[1], device="cpu")
     assert whole.method == split.method == "kv"
     np.testing.assert_allclose(split.patched_prediction, whole.patched_prediction, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("arch", "grows"), [("gpt2", True), ("llama", True), ("bloom", False)])
+@pytest.mark.parametrize("method", ["kv", "full"])
+def test_blocks_below_the_unit_run_once_per_input(tmp_path, monkeypatch, arch, grows, method):
+    # Patched rows differ only from the unit's block on: below it each input runs once, and
+    # the rows multiply at the unit's block. Bloom hands its blocks an ALiBi table with heads
+    # folded into the batch, so the check refuses growth there and every row runs every block.
+    from neuronpatch.models import load_model
+
+    path = tiny_model(tmp_path / "m", arch)
+    head = write_head(tmp_path / "h", path, target_layer=1, target_neuron=3, feature_layer=-1)
+    model = load_model(str(path), device="cpu")
+    texts = TEXTS[:2]
+    # The first run checks, once for this model and block, that growing reproduces plain rows.
+    run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method)
+    seen: dict[int, set[int]] = {0: set(), 1: set()}
+    hooks = [model.arch.blocks[i].register_forward_pre_hook(
+        lambda mod, args, kw, i=i: seen[i].add((args[0] if args else kw["hidden_states"]).shape[0]),
+        with_kwargs=True) for i in (0, 1)]
+    try:
+        res = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model,
+                             method=method)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = len(texts) * 4  # each input: a clean row and three patched ones
+    assert res.method == method
+    assert (max(seen[0]) == len(texts)) is grows
+    assert max(seen[1]) == rows
+    # The same rows with every row through every block (tests/test_architectures.py holds the
+    # grown routes against the HF reference on 14 architectures).
+    from neuronpatch import engine
+
+    monkeypatch.setattr(engine, "_growth", lambda model, p: None)
+    plain = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method)
+    np.testing.assert_allclose(res.patched_prediction, plain.patched_prediction, rtol=1e-4, atol=1e-5)

@@ -36,8 +36,9 @@ import contextlib
 import inspect
 import math
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -202,6 +203,54 @@ class _Batch:
     beta: Tensor  # [R]
     cache: Any = None
     neuron: Tensor | None = None  # [R] the column each row patches (controls); None: the plan's
+    grow: Growth | None = None  # ids hold one row per input; rows multiply at the unit's block
+
+
+@dataclass(frozen=True)
+class Growth:
+    """Where a batch of one row per input becomes ``m`` rows per input.
+
+    Blocks below the unit compute the same values for every row of an input,
+    so they run once per input; a forward pre-hook on each block from ``at``
+    on repeats the hidden states and every per-input argument the model hands
+    its blocks (mask, positions, rotary tables) ``m`` times. The blocks are the
+    model's own; only their batch grows. ``names``: the block arguments that
+    carry the batch, found once per model and block by :func:`_growth` and
+    checked there against an ungrown run; None while they are being found
+    (every argument whose first dimension is the batch grows, recorded in ``seen``).
+    """
+
+    at: int
+    m: int
+    names: frozenset[str | int] | None
+    seen: set[str | int] = field(default_factory=set)
+
+
+def _grow_hook(g: Growth, n: int) -> Any:
+    """A forward pre-hook that repeats each per-input block argument ``g.m`` times."""
+    def grows(x: Any) -> bool:
+        return isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == n
+
+    def grow(key: str | int, x: Any) -> Any:
+        if g.names is not None and key not in g.names:
+            return x
+        if grows(x):
+            g.seen.add(key)
+            return x.repeat_interleave(g.m, 0)
+        if isinstance(x, tuple) and x and all(grows(y) for y in x):  # rotary (cos, sin)
+            g.seen.add(key)
+            return tuple(y.repeat_interleave(g.m, 0) for y in x)
+        if g.names is not None:
+            for y in x if isinstance(x, tuple) else (x,):
+                if isinstance(y, Tensor) and y.dim() >= 2 and y.shape[0] not in (1, n * g.m):
+                    raise RuntimeError(f"block argument {key!r} has a batch of {y.shape[0]}, "
+                                       f"expected {n} inputs")
+        return x
+
+    def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return tuple(grow(i, a) for i, a in enumerate(args)), {k: grow(k, v) for k, v in kwargs.items()}
+
+    return hook
 
 
 # Per model class, read once rather than at every forward: whether it can compute logits
@@ -224,7 +273,7 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
     reads the column back; a patch that never ran, or left another value than
     the one requested, raises :class:`~neuronpatch.errors.PatchError`.
     """
-    R = b.ids.shape[0]
+    R = b.alpha.shape[0]
     ar = torch.arange(R, device=model.device)
     got: dict[str, Tensor] = {}
     n: Any = p.neuron if b.neuron is None else b.neuron.to(model.device)
@@ -264,8 +313,11 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
     def observe(t: Tensor) -> None:
         got["observed"] = column(t).detach().clone()
 
+    def rows(t: Tensor) -> Tensor:  # a site below the growth point still has one row per input
+        return t if t.shape[0] == R else t.repeat_interleave(R // t.shape[0], 0)
+
     def capture(t: Tensor) -> None:
-        f = t[ar, b.read].float()
+        f = rows(t)[ar, b.read].float()
         if p.centre_features:
             f = f - f.mean(-1, keepdim=True)
         if p.offset:
@@ -274,12 +326,17 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
         done()
 
     def capture_guard(t: Tensor) -> None:
-        got["guard"] = t[ar, b.read].float()
+        got["guard"] = rows(t)[ar, b.read].float()
         done()
 
     # Hooks on one module run in the order they were registered: patch, observe, capture.
-    handles = [architecture.attach(model.arch, p.unit, patch, R),
-               architecture.attach(model.arch, p.unit, observe, R)]
+    handles = []
+    if b.grow is not None:  # registered first (and prepended): the batch grows before any edit
+        hook = _grow_hook(b.grow, b.ids.shape[0])
+        handles += [blk.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+                    for blk in model.arch.blocks[b.grow.at:]]
+    handles += [architecture.attach(model.arch, p.unit, patch, R),
+                architecture.attach(model.arch, p.unit, observe, R)]
     if p.feature.kind != "logits":
         handles.append(architecture.attach(model.arch, p.feature, capture, R))
     if guard is not None:
@@ -354,10 +411,11 @@ def _pad_id(model: LoadedModel) -> int:
 
 # --------------------------------------------------------------------------- routes
 def _full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
-               guard: Site | None = None, neurons: Tensor | None = None) -> _Rows:
+               guard: Site | None = None, neurons: Tensor | None = None, grow: Growth | None = None) -> _Rows:
     """Every row from the start: inputs × (interventions) in one left-padded batch.
 
-    ``affine[k, j]`` is ``(α, β)`` of row ``j`` of input ``idx[k]``.
+    ``affine[k, j]`` is ``(α, β)`` of row ``j`` of input ``idx[k]``. With ``grow``, the
+    tokens go in once per input and the rows multiply at the unit's block.
     """
     m = affine.shape[1]
     dev = model.device
@@ -373,19 +431,22 @@ def _full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], af
     measure = torch.tensor([pads[k] + enc.measure_pos[i] for k, i in enumerate(idx)])
     read = torch.tensor([pads[k] + enc.read_pos[i] for k, i in enumerate(idx)])
     rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
-    b = _Batch(ids=rep(ids), mask=rep(mask), positions=rep(pos), patch=rep(patch).to(dev),
+    tokens = (lambda t: t) if grow is not None else rep
+    b = _Batch(ids=tokens(ids), mask=tokens(mask), positions=tokens(pos), patch=rep(patch).to(dev),
                measure=rep(measure).to(dev), read=rep(read).to(dev),
                alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev),
-               neuron=None if neurons is None else neurons.repeat(len(idx)))
+               neuron=None if neurons is None else neurons.repeat(len(idx)), grow=grow)
     return _run(model, p, b, guard)
 
 
 def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
-             guard: Site | None = None, neurons: Tensor | None = None) -> _Rows:
+             guard: Site | None = None, neurons: Tensor | None = None, grow: Growth | None = None) -> _Rows:
     """One prefix forward keeps the model's cache; each row re-runs only patch..read.
 
     Every input in ``idx`` has one patched position at or before its read
     position, and the same number of tokens from the patch to the read position.
+    The prefix cache is repeated once per row, in every layer or (with ``grow``)
+    only in the layers from the unit's block on, where the rows differ.
     """
     from transformers import DynamicCache
 
@@ -401,7 +462,13 @@ def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affi
     with torch.inference_mode():
         model.hf(input_ids=pids, attention_mask=pmask, position_ids=ppos, past_key_values=cache,
                  use_cache=True, **_forward_kwargs(model))
-    cache.batch_repeat_interleave(m)
+    if grow is None:
+        cache.batch_repeat_interleave(m)
+    else:
+        if len(cache.layers) != model.n_layers:
+            raise RuntimeError("the cache does not hold one layer per block")
+        for layer in cache.layers[grow.at:]:
+            layer.batch_repeat_interleave(m)  # type: ignore[union-attr]
     lengths = torch.tensor([len(x) for x in prefixes], device=dev)
     sids = torch.tensor(suffixes, dtype=torch.long, device=dev)
     spos = lengths[:, None] + torch.arange(s, device=dev)[None, :]
@@ -410,12 +477,59 @@ def _kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affi
     patch[:, 0] = True
     R = len(idx) * m
     rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
-    b = _Batch(ids=rep(sids), mask=rep(smask), positions=rep(spos), patch=patch,
+    tokens = (lambda t: t) if grow is not None else rep
+    b = _Batch(ids=tokens(sids), mask=tokens(smask), positions=tokens(spos), patch=patch,
                measure=torch.zeros(R, dtype=torch.long, device=dev),
                read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
                alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev), cache=cache,
-               neuron=None if neurons is None else neurons.repeat(len(idx)))
+               neuron=None if neurons is None else neurons.repeat(len(idx)), grow=grow)
     return _run(model, p, b, guard)
+
+
+# Per model, then per (block, feature site): the block arguments that carry the batch, or None
+# where growing the batch at that block does not reproduce an ungrown run. The feature site is
+# part of the key because code after the last block (a reshape to the input's batch) can differ.
+_GROWTH: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], frozenset[str | int] | None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def _growth(model: LoadedModel, p: Plan) -> frozenset[str | int] | None:
+    """Whether rows may multiply at the unit's block on this model, and which arguments grow.
+
+    Checked once per model, block and feature site on a small padded batch, through both the
+    full and the kv paths: grown and ungrown runs must give the same features.
+    A model whose blocks take per-input state some other way (Bloom's ALiBi
+    table, a cache with layers not one per block) fails the check and keeps
+    one row per row all the way up.
+    """
+    at = p.unit.layer
+    if at < 1 or p.upstream:
+        return None
+    known = _GROWTH.setdefault(model.hf, {})
+    key = (at, str(p.feature))
+    if key not in known:
+        known[key] = _check_growth(model, p, at)
+    return known[key]
+
+
+def _check_growth(model: LoadedModel, p: Plan, at: int) -> frozenset[str | int] | None:
+    vocab = model.vocab_size
+    ids = [[(7 * j + 3) % vocab for j in range(7)], [(5 * j + 11) % vocab for j in range(5)]]
+    enc = Encoded(ids=ids, read_pos=[6, 4], patch_pos=[[3], [1]], measure_pos=[3, 1])
+    affine = torch.tensor([[1.0, 0.0], [2.0, 0.5], [0.0, 1.0]]).expand(2, -1, -1).contiguous()
+    seen: set[str | int] = set()
+    try:
+        for rows in (_full_rows, _kv_rows):
+            want = rows(model, p, enc, [0, 1], affine)
+            g = Growth(at, affine.shape[1], None)
+            have = rows(model, p, enc, [0, 1], affine, grow=g)
+            scale = float(want.features.abs().max()) + 1.0
+            if not float((want.features - have.features).abs().max()) <= _CHECK_RTOL * scale:
+                return None
+            seen |= g.seen
+    except Exception:
+        return None
+    return frozenset(seen)
 
 
 def _unit_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int]) -> list[Tensor]:
@@ -531,8 +645,10 @@ def _patched(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: 
 
     ``neurons[j]``: the column row ``j`` of every input patches (controls); None: the plan's.
     """
+    names = _growth(model, p) if affine.shape[1] > 1 else None
+    grow = None if names is None else Growth(p.unit.layer, affine.shape[1], names)
     if route == "full" or any(len(enc.patch_pos[i]) != 1 for i in idx):
-        return _full_rows(model, p, enc, idx, affine, guard, neurons)
+        return _full_rows(model, p, enc, idx, affine, guard, neurons, grow)
     # kv: group inputs by how many tokens lie from the patch to the read position.
     groups: dict[int, list[int]] = {}
     direct: list[int] = []
@@ -545,9 +661,9 @@ def _patched(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: 
     parts: list[tuple[list[int], _Rows]] = []
     if direct:
         parts.append((direct, _full_rows(model, p, enc, [idx[k] for k in direct], affine[direct], guard,
-                                         neurons)))
+                                         neurons, grow)))
     for ks in groups.values():
-        parts.append((ks, _kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard, neurons)))
+        parts.append((ks, _kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard, neurons, grow)))
     return _merge(parts, len(idx), affine.shape[1])
 
 
@@ -604,9 +720,11 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
     shortcut = route.method in ("upstream", "linear")
     per_chunk = max(1, batch_size // (1 if shortcut else m))
     if route.method == "kv":
-        # The prefix cache is repeated once per row: bound its bytes, not just its rows.
+        # The prefix cache is repeated once per row (from the unit's block on, when rows grow
+        # there): bound its bytes, not just its rows.
         longest = max(len(ids) for ids in enc.ids)
-        row_bytes = longest * model.n_layers * model.d_model * 2 * model.hf.dtype.itemsize
+        layers = model.n_layers - (p.unit.layer if _growth(model, p) is not None else 0)
+        row_bytes = longest * layers * model.d_model * 2 * model.hf.dtype.itemsize
         per_chunk = max(1, min(per_chunk, KV_CACHE_BYTES // max(1, m * row_bytes)))
     directions = None
     if route.method == "linear":
