@@ -25,6 +25,12 @@ with the identities of :mod:`neuronpatch.coordinates`. Routes, cheapest first:
 ``full``      every row, every position, from the start (the reference, and
               what ``position: all`` needs).
 
+In ``kv`` and ``full``, an input's rows are identical below the unit's block,
+so those blocks run once per input and the rows multiply at the unit's block
+(:class:`Growth`; the cache is repeated only from there on). Whether a model's
+blocks take a grown batch is checked once per model, block and feature site
+against ungrown rows; where it does not hold, every row runs every block.
+
 Inputs are left-padded with explicit ``position_ids`` and an attention mask,
 so a batch gives the numbers each input gives alone. Hooks live only inside
 one call. Everything is deterministic.
