@@ -70,11 +70,16 @@ class Oracle:
         }[layer_type]
 
     def run(self, text: str, *, cfg: dict[str, Any], patch: tuple[list[int], float, float] | None = None,
-            ) -> tuple[float, float | None, torch.Tensor]:
+            direction: torch.Tensor | None = None) -> tuple[float, float | None, torch.Tensor]:
         """(clean unit value at the measured position, patched value, features) for one input.
 
         ``patch``: (positions, alpha, beta); the unit value is measured at the first position
         (or at the read position when every position is patched).
+
+        ``direction``: patch along ``v`` (a residual-space vector) instead of the column
+        ``target_neuron``: the value is ``v`` dotted with the tensor (centred first in
+        transformer_lens coordinates of a LayerNorm model), and the patch adds the change
+        times ``v`` to the tensor. A column is the same with ``v = e_neuron``.
         """
         coords = cfg.get("coordinates", "transformer_lens")
         layer, neuron, lt = cfg["target_layer"], cfg["target_neuron"], cfg.get("layer_type", "post")
@@ -87,15 +92,22 @@ class Oracle:
 
         def edit(t: torch.Tensor) -> torch.Tensor:
             t3 = t.reshape(1, n, -1).clone()
-            col = t3[0, :, neuron].clone()
-            c = col - t3[0].mean(-1) if centre_unit else col
+            x = t3[0]
+            if direction is None:
+                write = torch.zeros(x.shape[-1])
+                write[neuron] = 1.0
+            else:
+                write = direction.to(x.dtype)
+            xc = x - x.mean(-1, keepdim=True) if centre_unit else x
+            c = xc @ write
             rec["clean"] = c.clone()
+            rec["write"] = write
             if patch is not None:
                 positions, alpha, beta = patch
                 delta = torch.zeros(n)
                 for q in positions:
                     delta[q] = alpha * c[q] + beta - c[q]
-                t3[0, :, neuron] = col + delta
+                t3[0] = x + delta[:, None] * write[None, :]
                 rec["delta"] = delta
             return t3.reshape(t.shape)
 
@@ -133,7 +145,9 @@ class Oracle:
                 if self.ln:
                     feats = feats - feats.mean()
                     if lt != "post" and "delta" in rec:
-                        feats = feats + rec["delta"][read] / self.d
+                        # The processed model never re-centres a patched residual tensor: what
+                        # the patch wrote off-centre (its mean, δ·mean(write)) stays in the features.
+                        feats = feats + rec["delta"][read] * rec["write"].mean()
         if patch is None:
             return float(rec["clean"][read]), None, feats.float()
         positions, alpha, beta = patch

@@ -177,3 +177,52 @@ def test_trivial_per_input_r2_is_named_in_its_panel():
 
 
 SETS4 = [Intervention("set", v) for v in (0.0, 1.0, 2.0, 3.0)]
+
+
+def controls_case(n: int = 8) -> ExperimentResult:
+    """linear_case with two unit and two direction controls of known slopes (0.1, −0.3, 0.05, 0)."""
+    import dataclasses
+
+    from neuronpatch.controls import ControlResults, random_directions
+
+    res = linear_case(n)
+    rng = np.random.default_rng(1)
+    x = res.activation_change
+    xs = tuple(x * (1 + 0.1 * k) for k in range(4))
+    slopes = (0.1, -0.3, 0.05, 0.0)
+    ys = tuple(s * xk + rng.normal(0, 0.002, x.shape) for s, xk in zip(slopes, xs, strict=True))
+    ctl = ControlResults(x, res.prediction_change, xs, ys, (3, 11), random_directions(2, 0, 16), 0)
+    return dataclasses.replace(res, controls=ctl)
+
+
+def test_with_controls_a_sixth_figure_shows_the_target_among_them(tmp_path):
+    paths = write_figures(controls_case(), tmp_path)
+    assert [p.name for p in paths] == [*FIGURES, "controls.png"]
+    assert paths[-1].read_bytes()[:8] == PNG and imread(paths[-1]).shape[0] > 200
+    assert "controls.png" not in {p.name for p in write_figures(linear_case(), tmp_path / "plain")}
+
+
+def test_the_controls_figure_draws_each_slope_with_its_interval_and_the_target_on_top():
+    from matplotlib.container import ErrorbarContainer
+
+    res = controls_case()
+    fig = render(res, "controls.png", title="h", expected={"specificity": "≥ 5"})
+    [ax] = fig.axes
+    ticks = [t.get_text() for t in ax.get_yticklabels()]
+    assert [t.split("  ")[0] for t in ticks] == ["target", "unit3", "unit11", "dir0", "dir1"]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    rows = [("target", res.slope, res.slope_ci95.as_list())] + [
+        (c.label, c.slope, c.slope_ci95) for c in res.controls.controls]
+    assert len(bars) == len(rows)
+    ys = sorted((float(b.lines[0].get_ydata()[0]) for b in bars), reverse=True)
+    for bar, (label, slope, (lo, hi)), y in zip(bars, rows, ys, strict=True):
+        assert float(bar.lines[0].get_xdata()[0]) == pytest.approx(slope), label
+        assert float(bar.lines[0].get_ydata()[0]) == y  # drawn top to bottom, target first
+        seg = bar.lines[2][0].get_segments()[0]  # the horizontal interval
+        assert sorted(float(v) for v in seg[:, 0]) == pytest.approx([lo, hi]), label
+    title = ax.get_title()
+    spec = res.controls.specificity
+    assert f"specificity {spec:.3f}" in title and "expected ≥ 5" in title
+    assert "2 units, 2 directions" in title
+    labels = ax.get_legend_handles_labels()[1]
+    assert any(lab.startswith("|slope| ≤ largest control's (0.3") for lab in labels)

@@ -104,3 +104,25 @@ def test_a_real_browser_renders_the_report_links_resolve_and_images_load(records
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=800,600",
                     target.as_uri()], capture_output=True, timeout=120, check=True)
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5_000
+
+
+def test_a_probe_with_controls_gets_a_controls_table(tmp_path):
+    controls = {"units": [3], "directions": {"random": 1, "seed": 0}, "specificity": 4.5,
+                "specificity_ci95": [4.0, 5.0], "max_abs_control_slope": 0.2,
+                "controls": [{"label": "unit3", "kind": "unit", "unit": 3, "slope": -0.2, "r_squared": 0.98,
+                              "slope_ci95": [-0.25, -0.15], "r_squared_ci95": [0.95, 0.99]},
+                             {"label": "dir0", "kind": "direction", "unit": None, "slope": 0.05,
+                              "r_squared": None, "slope_ci95": [0.01, 0.09], "r_squared_ci95": [None, None]}]}
+    rec = {"nodeid": "a.probe.yaml::c", "name": "c", "kind": "probe", "outcome": "passed",
+           "metrics": {"slope": 0.9, "r_squared": 0.99, "slope_ci95": [0.85, 0.95],
+                       "r_squared_ci95": [0.97, 1.0]}, "controls": controls}
+    page = render_report([rec, {"nodeid": "b.probe.yaml::plain", "name": "plain", "outcome": "passed"}],
+                         base=tmp_path)
+    [table] = re.findall(r'<table class="controls">.*?</table>', page, re.DOTALL)
+    assert "specificity 4.5 (95% CI [4, 5])" in table and "largest |control slope| (0.2)" in table
+    rows = re.findall(r"<tr[^>]*><td>(?:<b>)?([^<]+)(?:</b>)?</td><td>([^<]+)</td>"
+                      r"<td class=num>(?:<b>)?([^<]+)", table)
+    assert rows == [("target", "target", "0.9"), ("unit3", "unit", "-0.2"), ("dir0", "direction", "0.05")]
+    assert "[-0.25, -0.15]" in table and "[0.97, 1]" in table
+    assert "undefined" in table  # dir0's R²
+    assert page.count('<table class="controls">') == 1  # none for the probe without controls

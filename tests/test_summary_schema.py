@@ -40,3 +40,36 @@ def test_the_schema_rejects_the_old_shapes(tmp_path, validator, broken):
     summary = json.loads(write_artifacts(linear_case(), tmp_path, figures=False).summary.read_text())
     summary.update(broken)
     assert list(validator.iter_errors(summary))
+
+
+def test_controls_are_in_the_summary_with_their_fits_and_validate(tmp_path, validator):
+    from tests.test_plots import controls_case
+
+    res = controls_case()
+    summary = json.loads(write_artifacts(res, tmp_path, figures=False).summary.read_text())
+    validator.validate(summary)
+    ctl = summary["controls"]
+    assert [c["label"] for c in ctl["controls"]] == ["unit3", "unit11", "dir0", "dir1"]
+    assert [c["kind"] for c in ctl["controls"]] == ["unit", "unit", "direction", "direction"]
+    assert [c["unit"] for c in ctl["controls"]] == [3, 11, None, None]
+    assert ctl["directions"] == {"random": 2, "seed": 0} and ctl["units"] == [3, 11]
+    for c, fit in zip(ctl["controls"], res.controls.controls, strict=True):
+        assert (c["slope"], c["r_squared"], c["slope_ci95"]) == (fit.slope, fit.r_squared, fit.slope_ci95)
+        assert c["slope_ci95"][0] <= c["slope"] <= c["slope_ci95"][1]
+    assert ctl["specificity"] == pytest.approx(abs(res.slope) / 0.3, rel=0.05)
+    plain = json.loads(write_artifacts(linear_case(), tmp_path / "plain", figures=False).summary.read_text())
+    assert plain["controls"] is None
+    validator.validate(plain)
+
+
+@pytest.mark.parametrize("broken", [
+    {"kind": "neuron"},            # not unit or direction
+    {"slope_ci95": [0.1]},         # an interval is a pair
+    {"label": None},
+])
+def test_the_schema_rejects_malformed_controls(tmp_path, validator, broken):
+    from tests.test_plots import controls_case
+
+    summary = json.loads(write_artifacts(controls_case(), tmp_path, figures=False).summary.read_text())
+    summary["controls"]["controls"][0].update(broken)
+    assert list(validator.iter_errors(summary))

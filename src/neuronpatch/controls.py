@@ -1,11 +1,39 @@
-"""Negative controls: other units of the same layer and type, patched the same way.
+"""Negative controls: other units of the same layer, or random directions, patched the same way.
 
 A head's slope on its unit says the head moves with the unit; it does not say
-the head reads *this* unit. Controls answer that: each control unit gets the
-same interventions (in its own activation units) as more patched rows over the
+the head reads *this* unit. Controls answer that: each control gets the same
+interventions (in its own activation units) as more patched rows over the
 same clean run, and its own slope, R² and bootstrap interval.
 ``specificity`` = |target slope| / largest |control slope|, with a bootstrap
 interval that resamples inputs jointly for target and controls.
+
+Two kinds of control, in this order in every result:
+
+``units``       other columns of the unit's layer: ``{random: k, seed: s}`` or a list
+                of indices (labels ``unit17``, ...).
+``directions``  ``{random: k, seed: s}``: k random directions of the residual space
+                (labels ``dir0``, ``dir1``, ...), for residual-stream units only
+                (``resid_post``, ``resid_pre``, ``mlp_out``, ``attn_out``).
+
+A direction ``v`` (unit norm, and mean-zero: its coordinates sum to 0) is a unit
+whose value is ``a = v·t`` for the tensor ``t`` the unit lives in. An
+intervention maps it to ``α·a + β`` and adds the change ``δ = α·a + β − a``
+times ``v`` to ``t``, so the value becomes exactly ``a + δ·|v|² = α·a + β``.
+
+Why mean-zero. In ``transformer_lens`` coordinates of a LayerNorm model every
+residual tensor is centred, ``t − mean(t)·1``. Because ``v·1 = 0``:
+
+* the value is the same in both coordinate systems, ``v·(t − mean(t)·1) = v·t``;
+* the patch keeps a centred tensor centred (``mean(δ·v) = 0``), so the centred
+  value moves by exactly ``δ`` and the processed model sees exactly the HF
+  patch, centred. A column patch instead adds ``δ`` to one coordinate, which
+  leaves the centred stream off-centre by ``δ/d_model`` on every coordinate
+  (the offset :mod:`neuronpatch.coordinates` describes); for a direction that
+  offset is ``δ·mean(v) = 0``, so none applies.
+
+In ``hf`` coordinates and in RMSNorm models nothing is centred and the same
+directions are used, so a seed names the same directions everywhere
+(:func:`random_directions`).
 """
 
 from __future__ import annotations
@@ -13,61 +41,153 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from neuronpatch import stats
-from neuronpatch.errors import InputError
+from neuronpatch.errors import ControlsError
+from neuronpatch.units import MLP_HIDDEN_TYPES, UNIT_SITES
 
 RESAMPLES = 1000
 SEED = 0
+# Layer types whose unit lives in the residual space (d_model wide): directions apply.
+RESIDUAL_TYPES: tuple[str, ...] = ("resid_post", "resid_pre", "mlp_out", "attn_out")
+assert set(RESIDUAL_TYPES) == set(UNIT_SITES) - MLP_HIDDEN_TYPES
+_FORMS = ("units: {random: k, seed: s} or a list of unit indices, and/or "
+          "directions: {random: k, seed: s}")
+
+
+def _random_pick(spec: Any, key: str, top: int) -> tuple[int, int]:
+    """``{random: k, seed: s}`` → ``(k, s)``, with ``1 <= k <= top`` and ``s >= 0``."""
+    if not isinstance(spec, Mapping) or "random" not in spec or set(spec) - {"random", "seed"}:
+        raise ControlsError(f"controls.{key} is {spec!r}; expected {{random: k, seed: s}}")
+    k, seed = spec["random"], spec.get("seed", 0)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= top:
+        raise ControlsError(f"controls.{key}.random is {k!r}; expected an int in [1, {top}]")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ControlsError(f"controls.{key}.seed is {seed!r}; expected an int >= 0")
+    return k, seed
 
 
 def resolve_units(spec: Any, *, target: int, width: int) -> list[int]:
     """``{units: {random: k, seed: s}}``, ``{units: [..]}`` or a list → control columns.
 
     Raises:
-        InputError: a unit outside ``[0, width)``, the target itself, or a bad form.
+        ControlsError: a unit outside ``[0, width)``, the target itself, or a bad form.
     """
     units = spec.get("units") if isinstance(spec, Mapping) else spec
     if isinstance(spec, Mapping) and set(spec) - {"units"}:
-        extra = sorted(set(spec) - {"units"})
-        raise InputError(f"controls: {extra[0]!r} is not supported here; expected units: "
-                         "{random: k, seed: s} or a list of unit indices")
+        extra = sorted(map(str, set(spec) - {"units"}))
+        raise ControlsError(f"controls: {extra[0]!r} is not supported here; expected units: "
+                            "{random: k, seed: s} or a list of unit indices")
     if isinstance(units, Mapping):
-        k, seed = units.get("random"), units.get("seed", 0)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k < width:
-            raise InputError(f"controls.units.random is {k!r}; expected an int in [1, {width - 1}]")
-        rng = np.random.default_rng(int(seed))
+        k, seed = _random_pick(units, "units", width - 1)
+        rng = np.random.default_rng(seed)
         pool = np.array([u for u in range(width) if u != target])
         return sorted(int(u) for u in rng.choice(pool, size=k, replace=False))
     if isinstance(units, Sequence) and not isinstance(units, str):
         out = []
         for u in units:
             if isinstance(u, bool) or not isinstance(u, int) or not 0 <= u < width or u == target:
-                raise InputError(f"control unit {u!r} is invalid; expected an index in [0, {width - 1}] "
-                                 f"other than the target {target}")
+                raise ControlsError(f"control unit {u!r} is invalid; expected an index in [0, {width - 1}] "
+                                    f"other than the target {target}")
             out.append(int(u))
         if len(set(out)) != len(out) or not out:
-            raise InputError(f"control units {list(units)!r}: expected distinct indices, at least one")
+            raise ControlsError(f"control units {list(units)!r}: expected distinct indices, at least one")
         return out
-    raise InputError(f"controls {spec!r}: expected units: {{random: k, seed: s}} or a list of indices")
+    raise ControlsError(f"controls {spec!r}: expected units: {{random: k, seed: s}} or a list of indices")
+
+
+def random_directions(k: int, seed: int, d_model: int) -> NDArray[np.float64]:
+    """``[k, d_model]``: k random directions, each of unit norm with coordinates summing to 0.
+
+    Seeded (numpy's ``default_rng``): the same ``(k, seed, d_model)`` gives the same directions.
+
+    Example:
+        >>> v = random_directions(3, seed=0, d_model=8)
+        >>> np.allclose(np.linalg.norm(v, axis=1), 1), np.allclose(v.sum(1), 0)
+        (True, True)
+    """
+    g = np.random.default_rng(seed).standard_normal((k, d_model))
+    g -= g.mean(axis=1, keepdims=True)
+    return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class ControlSet:
+    """What a run patches besides its target: unit columns first, then directions."""
+
+    units: tuple[int, ...] = ()
+    directions: NDArray[np.float64] | None = None  # [k, d_model], see random_directions
+    seed: int | None = None  # the directions' seed
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        n_dir = 0 if self.directions is None else len(self.directions)
+        return (*(f"unit{u}" for u in self.units), *(f"dir{i}" for i in range(n_dir)))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def resolve(spec: Any, *, target: int, width: int, d_model: int, layer_type: str,
+            config: str | Path = "config.json") -> ControlSet:
+    """A ``controls`` value (as in probe files, or a list of indices) → the controls to patch.
+
+    Raises:
+        ControlsError: a bad form or value, or directions for an MLP neuron (one line each).
+
+    Example:
+        >>> cs = resolve({"directions": {"random": 2, "seed": 1}}, target=3, width=16, d_model=16,
+        ...              layer_type="resid_post")
+        >>> cs.labels, cs.directions.shape
+        (('dir0', 'dir1'), (2, 16))
+    """
+    if not isinstance(spec, Mapping):
+        return ControlSet(units=tuple(resolve_units(spec, target=target, width=width)))
+    extra = sorted(map(str, set(spec) - {"units", "directions"}))
+    if extra or not spec:
+        what = f"{extra[0]!r} is not a controls key" if extra else "nothing to patch"
+        raise ControlsError(f"controls: {what}; expected {_FORMS}")
+    units: tuple[int, ...] = ()
+    if spec.get("units") is not None:
+        units = tuple(resolve_units({"units": spec["units"]}, target=target, width=width))
+    if spec.get("directions") is None:
+        if not units:
+            raise ControlsError(f"controls: nothing to patch; expected {_FORMS}")
+        return ControlSet(units=units)
+    if layer_type not in RESIDUAL_TYPES:
+        raise ControlsError(
+            f"controls.directions needs a residual-stream unit, but {config} has layer_type "
+            f"{layer_type!r} (an MLP neuron); expected controls.units for MLP neurons, or a head whose "
+            f"layer_type is one of {', '.join(RESIDUAL_TYPES)}")
+    k, seed = _random_pick(spec["directions"], "directions", d_model - 1)
+    return ControlSet(units=units, directions=random_directions(k, seed, d_model), seed=seed)
 
 
 @dataclass(frozen=True)
 class Control:
-    """One control unit's fit."""
+    """One control's fit."""
 
-    unit: int
+    label: str  # unit17, dir0, ...
+    unit: int | None  # the column, for a unit control
     slope: float
     r_squared: float
     slope_ci95: list[float]
+    r_squared_ci95: list[float]
+
+    @property
+    def kind(self) -> str:
+        return "unit" if self.unit is not None else "direction"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"unit": self.unit, "slope": self.slope, "r_squared": self.r_squared,
-                "slope_ci95": self.slope_ci95}
+        return {"label": self.label, "kind": self.kind, "unit": self.unit, "slope": self.slope,
+                "r_squared": self.r_squared, "slope_ci95": self.slope_ci95,
+                "r_squared_ci95": self.r_squared_ci95}
 
 
 def _slope_samples(x: NDArray[np.float64], y: NDArray[np.float64],
@@ -90,15 +210,22 @@ class ControlResults:
     target_y: NDArray[np.float64]
     xs: tuple[NDArray[np.float64], ...]  # per control
     ys: tuple[NDArray[np.float64], ...]
-    units: tuple[int, ...]
+    units: tuple[int, ...]  # the unit controls' columns (the first len(units) controls)
+    directions: NDArray[np.float64] | None = None  # [k, d_model]: the direction controls
+    seed: int | None = None  # the directions' seed
 
     @property
+    def labels(self) -> tuple[str, ...]:
+        return ControlSet(self.units, self.directions, self.seed).labels
+
+    @cached_property
     def controls(self) -> list[Control]:
         out = []
-        for u, x, y in zip(self.units, self.xs, self.ys, strict=True):
+        columns = [*self.units, *[None] * (len(self.xs) - len(self.units))]
+        for label, u, x, y in zip(self.labels, columns, self.xs, self.ys, strict=True):
             fit = stats.ols(x.ravel(), y.ravel())
-            ci, _ = stats.bootstrap_ci(x, y, n_resamples=RESAMPLES, seed=SEED)
-            out.append(Control(u, fit.slope, fit.r_squared, ci.as_list()))
+            ci, r2 = stats.bootstrap_ci(x, y, n_resamples=RESAMPLES, seed=SEED)
+            out.append(Control(label, u, fit.slope, fit.r_squared, ci.as_list(), r2.as_list()))
         return out
 
     @property
@@ -128,5 +255,9 @@ class ControlResults:
         return [float(np.percentile(ratio, tail)), float(np.percentile(ratio, 100 - tail))]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"units": [c.to_dict() for c in self.controls], "specificity": self.specificity,
+        """What summary.json holds under ``controls`` (the directions by seed, not by value)."""
+        n_dir = 0 if self.directions is None else len(self.directions)
+        return {"units": list(self.units),
+                "directions": None if not n_dir else {"random": n_dir, "seed": self.seed},
+                "controls": [c.to_dict() for c in self.controls], "specificity": self.specificity,
                 "specificity_ci95": self.specificity_interval(), "max_abs_control_slope": self.max_abs_slope}

@@ -22,9 +22,9 @@ engine consumes the :class:`Plan` and never asks again.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from neuronpatch import units
 from neuronpatch.architecture import Site
@@ -70,6 +70,9 @@ class Plan:
     offset: bool  # a patch of δ adds δ/d_model to the features at the patched position
     upstream: bool  # the features are computed before the unit: no patch can reach them
     d_model: int
+    # Direction controls ([k, d_model] float64 tensor; see neuronpatch.controls), set by the
+    # engine: a patched row whose column is ``d_model + i`` patches along ``directions[i]``.
+    directions: Any = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"{self.unit}:{self.neuron} → {self.feature} ({self.coordinates} coordinates)"

@@ -39,6 +39,7 @@ one call. Everything is deterministic.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import warnings
@@ -60,6 +61,7 @@ from neuronpatch.interventions import Intervention, build, normalize
 from neuronpatch.models import load_model
 from neuronpatch.result import ExperimentResult
 from neuronpatch.stats import weight_cosine
+from neuronpatch.units import MLP_HIDDEN_TYPES
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
@@ -271,18 +273,50 @@ def _forward_kwargs(model: LoadedModel) -> dict[str, Any]:
     return {"return_dict": True, **({"logits_to_keep": 1} if _KEEPS_ONE_LOGIT[cls] else {})}
 
 
+class _Along:
+    """The rows of a batch that patch along a direction instead of a column (direction controls).
+
+    A row whose column is ``d_model + i`` patches ``p.directions[i] = v`` (unit norm,
+    mean-zero): its value is ``v·t`` and its patch adds ``(target − v·t)·v`` to the tensor,
+    in float64, written back in the tensor's dtype. No centring applies in either
+    coordinate system (``v·1 = 0``; see :mod:`neuronpatch.controls`).
+    """
+
+    def __init__(self, p: Plan, n: Tensor) -> None:
+        self.rows = (n >= p.d_model).nonzero()[:, 0]
+        self.index = n[self.rows] - p.d_model  # which direction each of those rows patches
+        self.v = p.directions.to(n.device, torch.float64)[self.index]  # [rows, d_model]
+
+    def __bool__(self) -> bool:
+        return len(self.rows) > 0
+
+    def value(self, t: Tensor) -> Tensor:
+        """``[rows, positions]``: ``v·t`` of each direction row, float64."""
+        return torch.einsum("rsd,rd->rs", t[self.rows].double(), self.v)
+
+    def add(self, out: Tensor, delta: Tensor) -> None:
+        """Add ``delta[row, position] · v`` to the direction rows of ``out`` (in place)."""
+        moved = out[self.rows].double() + delta[..., None] * self.v[:, None, :]
+        out[self.rows] = moved.to(out.dtype)
+
+
 def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _Rows:
     """Run the model's own forward on ``b`` with the patch and capture hooks attached.
 
     ``guard``: a second feature site to read unchanged (the coordinate guard).
     Every patch is checked: a second hook at the unit's site, after the patch,
-    reads the column back; a patch that never ran, or left another value than
-    the one requested, raises :class:`~neuronpatch.errors.PatchError`.
+    reads the column (or the direction's value) back; a patch that never ran, or
+    left another value than the one requested, raises :class:`~neuronpatch.errors.PatchError`.
     """
     R = b.alpha.shape[0]
     ar = torch.arange(R, device=model.device)
     got: dict[str, Tensor] = {}
     n: Any = p.neuron if b.neuron is None else b.neuron.to(model.device)
+    along: _Along | None = None
+    if p.directions is not None and b.neuron is not None:
+        along = _Along(p, n)
+        n = torch.where(n >= p.d_model, p.neuron, n)  # direction rows leave every column to _Along
+        along = along or None
     wanted = {"clean", "features"} | ({"guard"} if guard is not None else set())
 
     def column(t: Tensor) -> Tensor:
@@ -299,11 +333,22 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
         c = col - t.float().mean(-1) if p.centre_unit else col
         target = b.alpha[:, None] * c + b.beta[:, None]
         delta = torch.where(b.patch, target - c, torch.zeros_like(c))
-        got["clean"] = c[ar, b.measure]
+        clean = c[ar, b.measure]
+        patched = torch.where(b.patch[ar, b.measure], target[ar, b.measure], clean)
+        if along is not None:
+            rows, m = along.rows, b.measure[along.rows]
+            k = torch.arange(len(rows), device=rows.device)
+            a = along.value(t)
+            a_target = b.alpha[rows, None].double() * a + b.beta[rows, None].double()
+            a_delta = torch.where(b.patch[rows], a_target - a, torch.zeros_like(a))
+            delta[rows] = 0.0
+            clean[rows] = a[k, m].float()
+            patched[rows] = torch.where(b.patch[rows, m], a_target[k, m], a[k, m]).float()
+            got["along_requested"] = a + a_delta
+        got["clean"], got["patched"] = clean, patched
         row = t[ar, b.measure].float()
         got["unit_row"] = row - row.mean(-1, keepdim=True) if p.centre_unit else row
-        got["patched"] = torch.where(b.patch[ar, b.measure], target[ar, b.measure], c[ar, b.measure])
-        got["delta_read"] = delta[ar, b.read]
+        got["delta_read"] = delta[ar, b.read]  # direction rows: 0, they carry no δ/d offset
         new_col = (col + delta).to(t.dtype)
         got["requested"] = new_col
         if wanted <= got.keys():
@@ -314,10 +359,15 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
             out[..., n] = new_col
         else:
             out.scatter_(-1, n[:, None, None].expand(-1, t.shape[1], 1), new_col[..., None])
+        if along is not None:
+            along.add(out, a_delta)
         return out
 
     def observe(t: Tensor) -> None:
         got["observed"] = column(t).detach().clone()
+        if along is not None:
+            got["along_observed"] = along.value(t)
+            got["along_norm"] = t[along.rows].double().norm(dim=-1)
 
     def rows(t: Tensor) -> Tensor:  # a site below the growth point still has one row per input
         return t if t.shape[0] == R else t.repeat_interleave(R // t.shape[0], 0)
@@ -364,7 +414,11 @@ def _run(model: LoadedModel, p: Plan, b: _Batch, guard: Site | None = None) -> _
         raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
                            f"(missing {sorted(missing)})")
     if "early" not in got:
-        _check_patch(p, b, got.get("observed"), got["requested"])
+        _check_patch(p, b, got.get("observed"), got["requested"],
+                     skip=None if along is None else along.rows)
+        if along is not None:
+            _check_along(p, b, along, got["along_requested"], got.get("along_observed"),
+                         got.get("along_norm"), got["requested"].dtype)
     return _Rows(got["clean"], got["patched"], got["features"], got.get("guard"), got["unit_row"])
 
 
@@ -372,17 +426,26 @@ def _columns(p: Plan, b: _Batch) -> str:
     if b.neuron is None:
         return str(p.neuron)
     cols = sorted({int(x) for x in b.neuron.tolist()})
-    return ", ".join(map(str, cols[:8])) + (", ..." if len(cols) > 8 else "")
+    names = [f"dir{c - p.d_model}" if p.directions is not None and c >= p.d_model else str(c)
+             for c in cols]
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
 
 
-def _check_patch(p: Plan, b: _Batch, observed: Tensor | None, requested: Tensor) -> None:
-    """Raise unless the unit holds, at every patched position, the value its row requested."""
+def _check_patch(p: Plan, b: _Batch, observed: Tensor | None, requested: Tensor,
+                 skip: Tensor | None = None) -> None:
+    """Raise unless the unit holds, at every patched position, the value its row requested.
+
+    ``skip``: rows that patch along a direction (checked by :func:`_check_along`).
+    """
     if observed is None:
         raise PatchError(f"the unit at {p.unit} (column {_columns(p, b)}) was never read back after the "
                          "patch hook: the patch cannot be confirmed")
     rtol = _PATCH_RTOL.get(requested.dtype, 1e-5)
     want, have = requested.float(), observed.float().to(requested.device)
     mask = b.patch
+    if skip is not None:
+        mask = mask.clone()
+        mask[skip] = False
     scale = float(want.abs().max()) + float(have.abs().max()) + 1.0
     err = torch.where(mask, (want - have).abs(), torch.zeros_like(want))
     worst = float(err.max()) if err.numel() else 0.0
@@ -393,6 +456,31 @@ def _check_patch(p: Plan, b: _Batch, observed: Tensor | None, requested: Tensor)
             f"the patch at {p.unit} column {col} did not take effect on row {r} position {q}: "
             f"requested {float(want[r, q]):.6g}, observed {float(have[r, q]):.6g} after the hook "
             f"(tolerance {rtol * scale:.3g}); the hook did not run or its edit was discarded")
+
+
+def _check_along(p: Plan, b: _Batch, along: _Along, requested: Tensor, observed: Tensor | None,
+                 norm: Tensor | None, dtype: torch.dtype) -> None:
+    """Raise unless every direction row's value ``v·t`` is, where patched, what it requested.
+
+    Writing the patched tensor back in its dtype rounds each coordinate once, which moves
+    ``v·t`` by at most the rounding times ``|t|`` (``|v| = 1``): the tolerance scales with
+    ``|t|`` at that position as well as with the values.
+    """
+    if observed is None or norm is None:
+        raise PatchError(f"the unit at {p.unit} (directions {_columns(p, b)}) was never read back "
+                         "after the patch hook: the patch cannot be confirmed")
+    rtol = _PATCH_RTOL.get(dtype, 1e-5)
+    scale = requested.abs() + observed.abs() + norm + 1.0
+    mask = b.patch[along.rows]
+    err = torch.where(mask, (requested - observed).abs() / scale, torch.zeros_like(scale))
+    worst = float(err.max()) if err.numel() else 0.0
+    if not worst <= rtol:  # NaN fails too
+        r, q = divmod(int(err.reshape(-1).argmax()), err.shape[1])
+        raise PatchError(
+            f"the patch at {p.unit} along direction dir{int(along.index[r])} did not take effect on "
+            f"row {int(along.rows[r])} position {q}: requested {float(requested[r, q]):.6g}, observed "
+            f"{float(observed[r, q]):.6g} after the hook (tolerance {rtol * float(scale[r, q]):.3g}); "
+            "the hook did not run or its edit was discarded")
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -732,21 +820,28 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
         layers = model.n_layers - (p.unit.layer if _growth(model, p) is not None else 0)
         row_bytes = longest * layers * model.d_model * 2 * model.hf.dtype.itemsize
         per_chunk = max(1, min(per_chunk, KV_CACHE_BYTES // max(1, m * row_bytes)))
+    # Rows that patch along a direction control (column d_model + i), when there are any.
+    on_dir = (torch.tensor(columns) >= p.d_model) if p.directions is not None else None
     directions = None
     if route.method == "linear":
-        # One direction per distinct column, then one per row of the experiment.
-        distinct = sorted(set(columns))
+        # One write direction per distinct column, then one per row of the experiment.
+        plain = [c for c in columns if on_dir is None or c < p.d_model]
+        distinct = sorted(set(plain))
         found = _write_directions(model, p, enc, distinct)
         assert found is not None
-        directions = found.cpu()[torch.tensor([distinct.index(c) for c in columns])]
-    col_index = torch.tensor(columns, dtype=torch.long)
+        directions = torch.empty(len(columns), found.shape[-1])
+        plain_rows = torch.ones(len(columns), dtype=torch.bool) if on_dir is None else ~on_dir
+        directions[plain_rows] = found.cpu()[torch.tensor([distinct.index(c) for c in plain],
+                                                          dtype=torch.long)]
+        if on_dir is not None and bool(on_dir.any()):
+            directions[on_dir] = _direction_writes(model, p, enc)[torch.tensor(columns)[on_dir] - p.d_model]
     clean_act, clean_feat, act, feat, guards, row_clean = [], [], [], [], [], []
     for idx in _chunks(n, per_chunk):
         if shortcut:
             rows = _patched(model, p, enc, idx, identity[idx], "kv", guard)
             assert rows.unit_row is not None
             c_feat, every = rows.features.cpu(), rows.unit_row.cpu()
-            before = every[:, col_index]  # [k, n_iv] each row's own column, clean
+            before = _row_values(p, every, columns, on_dir)  # [k, n_iv] each row's own unit, clean
             new = before * affine[idx, :, 0] + affine[idx, :, 1]
             if directions is None:  # upstream: nothing the head reads can change
                 f = c_feat[:, None, :].expand(-1, n_iv, -1)
@@ -776,6 +871,36 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             progress.update(len(idx) * n_iv)
     return _Measured(torch.cat(clean_act), torch.cat(clean_feat), torch.cat(act), torch.cat(feat),
                      torch.cat(guards) if guards else None, torch.cat(row_clean))
+
+
+def _row_values(p: Plan, every: Tensor, columns: Sequence[int], on_dir: Tensor | None) -> Tensor:
+    """``[inputs, rows]``: each row's own unit, clean, from the whole layer ``every`` ``[inputs, width]``.
+
+    A column row reads its column; a direction row reads ``v·every`` (mean-zero ``v``: the
+    same whether ``every`` is centred or not).
+    """
+    index = torch.tensor(list(columns), dtype=torch.long)
+    if on_dir is None or not bool(on_dir.any()):
+        return every[:, index]
+    out = torch.empty(every.shape[0], len(index))
+    out[:, ~on_dir] = every[:, index[~on_dir]]
+    along = p.directions.to(torch.float64)[index[on_dir] - p.d_model]  # [rows, d_model]
+    out[:, on_dir] = (every.double() @ along.T).float()
+    return out
+
+
+def _direction_writes(model: LoadedModel, p: Plan, enc: Encoded) -> Tensor:
+    """``[k, width]``: the features' change per unit of change along each direction control.
+
+    A change ``Δ`` along ``v`` moves the tensor by ``Δ·v = Σ_c Δ·v_c·e_c``, so by linearity
+    the features move by ``Δ·Σ_c v_c·w_c`` (``w_c``: column ``c``'s write direction,
+    :func:`_write_directions`). In transformer_lens coordinates ``w_c`` holds the
+    ``δ/d_model`` offset of a column patch on every coordinate; summed with weights ``v_c``
+    it is ``mean(v) = 0``, as a direction patch carries no offset.
+    """
+    w = _write_directions(model, p, enc, range(p.d_model))
+    assert w is not None and p.directions is not None
+    return (p.directions.to(w.device, torch.float64) @ w.double()).float().cpu()
 
 
 def _check_shortcut(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route,
@@ -850,11 +975,13 @@ def run_experiment(
         method: ``"auto"`` picks the cheapest exact route; the others force one
             (``"full"`` is the slow reference).
         progress: show a progress bar over patched rows.
-        controls: other units of the same layer and type, patched with the same
-            interventions as more rows over the same clean run: a list of
-            indices, or ``{"units": {"random": k, "seed": s}}`` / ``{"units": [...]}``.
-            Their fits land in ``result.controls`` (and the ``specificity``,
-            ``control_slope`` metrics).
+        controls: other units of the same layer and type, or random residual-space
+            directions, patched with the same interventions as more rows over the
+            same clean run: a list of indices, or a mapping with ``"units"``
+            (``{"random": k, "seed": s}`` or a list) and/or ``"directions"``
+            (``{"random": k, "seed": s}``; residual-stream units only, see
+            :mod:`neuronpatch.controls`). Their fits land in ``result.controls``
+            (and the ``specificity``, ``control_slope`` metrics).
 
     Returns:
         The :class:`~neuronpatch.result.ExperimentResult`.
@@ -884,23 +1011,32 @@ def run_experiment(
     route = choose_route(model, p, enc, method)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
     n, k = len(texts), len(ivs)
-    width = model.unit_width(p.unit.kind == "mlp_post")
-    units: list[int] = []
+    width = model.unit_width(cfg.layer_type in MLP_HIDDEN_TYPES)
+    cset = None
     if controls is not None:
         from neuronpatch import controls as ctl
 
-        units = ctl.resolve_units(controls, target=p.neuron, width=width)
-    columns = [p.neuron, *units]
-    means = torch.zeros(width)
+        cset = ctl.resolve(controls, target=p.neuron, width=width, d_model=model.d_model,
+                           layer_type=cfg.layer_type, config=head.config_path)
+    units = list(cset.units) if cset is not None else []
+    n_dir = 0 if cset is None or cset.directions is None else len(cset.directions)
+    if n_dir:
+        assert cset is not None and cset.directions is not None and width == model.d_model
+        # Direction i rides as column d_model + i (see _Along).
+        p = dataclasses.replace(p, directions=torch.from_numpy(cset.directions))
+    columns = [p.neuron, *units, *(model.d_model + i for i in range(n_dir))]
+    means = torch.zeros(width + n_dir)  # indexed by column (direction i: column d_model + i)
     if any(iv.kind == "mean" for iv in ivs):
         # Mean ablation needs each unit's mean over *all* inputs before any row is patched;
-        # a control is mean-ablated to its own mean.
+        # a control is mean-ablated to its own mean (a direction's: v · the layer's mean).
         seen = [r for idx in _chunks(n, batch_size) for r in _unit_rows(model, p, enc, idx)]
-        means = torch.cat(seen).mean(0)
+        means[:width] = torch.cat(seen).mean(0)
+        if n_dir:
+            means[width:] = (p.directions @ means[:width].double()).float()
     # The experiment's rows: the target's interventions, then each control's, in its own units.
     affine = torch.tensor([iv.affine(float(means[c])) for c in columns for iv in ivs], dtype=torch.float32)
     affine = affine[None].expand(n, -1, -1).contiguous()
-    neurons = [c for c in columns for _ in ivs] if units else None
+    neurons = [c for c in columns for _ in ivs] if len(columns) > 1 else None
     guard = _guard_site(head, model, p)
 
     bar = _progress(n * k * len(columns), progress)
@@ -929,7 +1065,7 @@ def run_experiment(
         if note:
             notes.append(note)
     control_results = None
-    if units:
+    if cset is not None:
         from neuronpatch.controls import ControlResults
 
         assert allg.row_clean is not None
@@ -939,11 +1075,11 @@ def run_experiment(
         preds = torch.where(still, clean_pred[:, None], preds)
         dy = (preds - clean_pred[:, None]).double().numpy()
         dx = (allg.act[:, k:] - allg.row_clean[:, k:]).double().numpy()
-        xs = tuple(dx[:, j * k:(j + 1) * k] for j in range(len(units)))
-        ys = tuple(dy[:, j * k:(j + 1) * k] for j in range(len(units)))
+        xs = tuple(dx[:, j * k:(j + 1) * k] for j in range(len(cset)))
+        ys = tuple(dy[:, j * k:(j + 1) * k] for j in range(len(cset)))
         tx = (got.act - got.clean_act[:, None]).double().numpy()
         ty = (pred - clean_pred[:, None]).double().numpy()
-        control_results = ControlResults(tx, ty, xs, ys, tuple(units))
+        control_results = ControlResults(tx, ty, xs, ys, cset.units, cset.directions, cset.seed)
     cos = math.nan
     if head.linear_weight is not None and not p.upstream:
         direction = _linear_direction(model, p, enc)

@@ -32,6 +32,10 @@ class InputError(NeuronpatchError, ValueError):
     """The texts to run are empty, too long for the model, or unreadable."""
 
 
+class ControlsError(InputError):
+    """A ``controls`` value is malformed, or asks for controls the head's unit cannot have."""
+
+
 class InterventionError(NeuronpatchError, ValueError):
     """An intervention is unknown or has an invalid value."""
 

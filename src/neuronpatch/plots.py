@@ -11,6 +11,9 @@
   slope is the causal effect.
 * ``per_input_sensitivity.png``: one small panel per input with its own fit
   (the eight most sensitive inputs), all panels on the same axes.
+* ``controls.png`` (only for a run with controls): the target's slope among its
+  negative controls', each with its 95% bootstrap interval and R², the band of
+  slopes no larger than the largest control's, and the specificity in the title.
 
 Every change-vs-change figure carries the references a reader needs: the
 ideal slope 1 ("tracks the unit") and slope 0 ("ignores it") through the
@@ -46,6 +49,8 @@ FIGURES: tuple[str, ...] = (
     "per_input_sensitivity.png",
 )
 MAX_PANELS = 8
+# Written besides FIGURES when the result has negative controls.
+CONTROLS_FIGURE = "controls.png"
 
 
 def _short(text: str, n: int = 24) -> str:
@@ -270,6 +275,54 @@ def _per_input(fig: Figure, res: ExperimentResult, title: str | None,
                  f"{_verdict_line(res, expected)} · {lines}", fontsize=10)
 
 
+def _controls(fig: Figure, res: ExperimentResult, title: str | None,
+              expected: Mapping[str, str]) -> None:
+    """The target's slope among its controls' (95% intervals), target on top."""
+    ctl = res.controls
+    ax = fig.add_subplot()
+    each = ctl.controls
+    rows = [("target", "target", res.slope, res.slope_ci95.as_list(), res.r_squared),
+            *[(c.label, c.kind, c.slope, c.slope_ci95, c.r_squared) for c in each]]
+    # kind → (colour, marker, marker size, legend label)
+    style = {"target": ("tab:red", "D", 8.0, "target"), "unit": ("tab:blue", "o", 6.0, "unit controls"),
+             "direction": ("tab:purple", "s", 6.0, "direction controls")}
+    ys = np.arange(len(rows))[::-1].astype(float)
+    top = ctl.max_abs_slope
+    if math.isfinite(top):
+        ax.axvspan(-top, top, color="0.88", zorder=0,
+                   label=f"|slope| ≤ largest control's ({top:.3g})")
+    ax.axvline(0.0, color="k", lw=0.8, alpha=0.5)
+    if math.isfinite(res.slope):
+        ax.axvline(res.slope, color="tab:red", ls="--", lw=1, alpha=0.6)
+    seen: set[str] = set()
+    for y, (_label, kind, slope, ci, _r2) in zip(ys, rows, strict=True):
+        if not math.isfinite(slope):
+            ax.annotate("slope undefined", (0.0, y), fontsize=8, va="center", color="0.3")
+            continue
+        colour, marker, size, name = style[kind]
+        lo, hi = ci
+        err = ([[slope - lo], [hi - slope]] if math.isfinite(lo) and math.isfinite(hi) else None)
+        ax.errorbar([slope], [y], xerr=err, fmt=marker, color=colour, ms=size, capsize=3, lw=1.5,
+                    label=None if kind in seen else name)
+        seen.add(kind)
+    ax.set_yticks(ys, [f"{label}  (R² {_fmt(r2, 2)})" for label, _, _, _, r2 in rows], fontsize=8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("causal slope (Δ prediction per unit of Δ activation), 95% bootstrap interval")
+    ax.grid(axis="x", alpha=0.3)
+    lo, hi = ctl.specificity_interval()
+    spec = (f"specificity {_fmt(ctl.specificity, 3)}"
+            + (f" (95% CI [{_fmt(lo, 3)}, {_fmt(hi, 3)}])" if math.isfinite(lo) else "")
+            + (f", expected {expected['specificity']}" if "specificity" in expected else ""))
+    wanted = (f" · expected control slopes {expected['control_slope']}"
+              if "control_slope" in expected else "")
+    n_units = len(ctl.units)
+    kinds = ", ".join(x for x in (f"{n_units} units" if n_units else "",
+                                  f"{len(each) - n_units} directions" if len(each) > n_units else "") if x)
+    ax.set_title(f"{_title(res, title)}: the target among its controls ({kinds})\n{spec}{wanted}",
+                 fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # never over a unit
+
+
 _Draw = Callable[[Figure, ExperimentResult, "str | None", Mapping[str, str]], None]
 _DRAW: dict[str, tuple[_Draw, tuple[float, float]]] = {
     "baseline_correlation.png": (_baseline, (8, 5.5)),
@@ -277,6 +330,7 @@ _DRAW: dict[str, tuple[_Draw, tuple[float, float]]] = {
     "pred_vs_act_change_all.png": (_all_points, (8.5, 6.5)),
     "pred_vs_act_regression.png": (_regression, (8, 6.5)),
     "per_input_sensitivity.png": (_per_input, (8, 9)),
+    CONTROLS_FIGURE: (_controls, (10, 0.0)),  # height: one row per unit, see render()
 }
 
 
@@ -290,6 +344,10 @@ def render(result: ExperimentResult, name: str, *, title: str | None = None,
         >>> fig = render(res, "pred_vs_act_regression.png")    # doctest: +SKIP
     """
     draw, size = _DRAW[name]
+    if name == CONTROLS_FIGURE:
+        if result.controls is None:
+            raise ValueError(f"{CONTROLS_FIGURE} needs a result with controls")
+        size = (size[0], 2.2 + 0.32 * (len(result.controls.controls) + 1))
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     draw(fig, result, title, expected or {})
@@ -300,7 +358,7 @@ def write_figures(
     result: ExperimentResult, out_dir: str | Path, *, title: str | None = None, dpi: int = 80,
     expected: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write the five PNG figures of ``result`` into ``out_dir``.
+    """Write the five PNG figures of ``result`` into ``out_dir`` (and ``controls.png`` with controls).
 
     Args:
         result: an experiment's result.
@@ -310,7 +368,7 @@ def write_figures(
         expected: metric → expected range text, shown beside the measured values.
 
     Returns:
-        The paths written, in :data:`FIGURES` order.
+        The paths written, in :data:`FIGURES` order, then :data:`CONTROLS_FIGURE` if written.
 
     Example:
         >>> paths = write_figures(res, "out/demo_causal")    # doctest: +SKIP
@@ -320,7 +378,8 @@ def write_figures(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name in FIGURES:
+    names = FIGURES + ((CONTROLS_FIGURE,) if result.controls is not None else ())
+    for name in names:
         fig = render(result, name, title=title, expected=expected)
         path = out / name
         fig.savefig(path, dpi=dpi)

@@ -44,6 +44,8 @@ pre{background:#f6f6f6;padding:.6em;overflow-x:auto;white-space:pre-wrap;font-si
 .figs{display:flex;flex-wrap:wrap;gap:8px} .figs figure{margin:0;width:190px}
 .figs img{width:190px;border:1px solid #eee} figcaption{font-size:.75em;color:#555;word-break:break-all}
 .muted{color:#777}
+table.controls caption{text-align:left;font-size:.9em;color:#444;padding:.2em 0}
+tr.target td{background:#fff8e1}
 """
 
 
@@ -148,6 +150,7 @@ def _details(rec: Mapping[str, Any], i: int, base: Path | None) -> str:
                        f"<td>{_word(x)}</td>"
                        f"<td>{_e(x.get('where'))}</td></tr>")
         out.append("</table>")
+    out.append(_controls_table(rec))
     reasons = rec.get("reasons") or {}
     if reasons:
         items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"
@@ -186,6 +189,33 @@ def _details(rec: Mapping[str, Any], i: int, base: Path | None) -> str:
         out.append(f"<p>figures not written: {html.escape(str(rec['figure_error']))}</p>")
     out.append("</section>")
     return "\n".join(out)
+
+
+def _controls_table(rec: Mapping[str, Any]) -> str:
+    """The target and each negative control: slope, R², 95% intervals; then the specificity."""
+    controls = rec.get("controls") or {}
+    each = controls.get("controls") or []
+    if not each:
+        return ""
+    metrics = rec.get("metrics") or {}
+    spec = (f"specificity {_e(controls.get('specificity'))} (95% CI "
+            f"{_e(controls.get('specificity_ci95'))}): |target slope| / largest |control slope| "
+            f"({_e(controls.get('max_abs_control_slope'))})")
+    rows = [f'<table class="controls"><caption>negative controls · {spec}</caption>'
+            "<tr><th>unit</th><th>kind</th><th>slope</th><th>slope 95% CI</th><th>R²</th>"
+            "<th>R² 95% CI</th></tr>",
+            f'<tr class="target"><td><b>target</b></td><td>target</td>'
+            f"<td class=num><b>{_number(rec, 'slope')}</b></td>"
+            f"<td class=num>{_number(rec, 'slope_ci95')}</td>"
+            f"<td class=num>{_number(rec, 'r_squared')}</td><td class=num>"
+            f"{_e(metrics.get('r_squared_ci95')) if 'r_squared_ci95' in metrics else '—'}</td></tr>"]
+    for c in each:
+        rows.append(f"<tr><td>{_e(c.get('label'))}</td><td>{_e(c.get('kind'))}</td>"
+                    f"<td class=num>{_e(c.get('slope'))}</td><td class=num>{_e(c.get('slope_ci95'))}</td>"
+                    f"<td class=num>{_e(c.get('r_squared'))}</td>"
+                    f"<td class=num>{_e(c.get('r_squared_ci95'))}</td></tr>")
+    rows.append("</table>")
+    return "\n".join(rows)
 
 
 def render_report(records: Sequence[Mapping[str, Any]], *, title: str = "neuronpatch probes",

@@ -331,6 +331,8 @@ class ExperimentResult:
             ],
             "reasons": self.reasons,
             "notes": list(self.notes),
+            # Each control's slope, R² and intervals, and the specificity (null: no controls).
+            "controls": None if self.controls is None else self.controls.to_dict(),
             # Outside pytest nothing was claimed: no outcome, only the reading.
             "verdict": {"outcome": None, "expectations_met": None, "reasons": [],
                         "reading": self.interpretation()},

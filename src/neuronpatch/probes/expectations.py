@@ -80,6 +80,7 @@ class Measurements:
     labels: Sequence[str] = ()
     input_reasons: Sequence[str | None] = ()
     interval: Callable[[str, float], Sequence[float]] | None = None  # (metric, level) → [lo, hi]
+    control_labels: Sequence[str] = ()  # unit17, dir0, ...: to name controls in control_slope failures
 
     @classmethod
     def of(cls, measured: Any) -> Measurements:
@@ -102,6 +103,7 @@ class Measurements:
                 input_reasons=tuple(getattr(getattr(r, "fit", None), "reason", None)
                                     for r in per_input),
                 interval=getattr(measured, "interval", None),
+                control_labels=tuple(getattr(getattr(measured, "controls", None), "labels", ()) or ()),
             )
         raise TypeError(
             f"cannot check {type(measured).__name__}; expected an ExperimentResult or a dict "
@@ -215,7 +217,8 @@ def _verdict(
 
 
 def _check_each(values: list[float], exp: Expectation, m: Measurements, *, noun: str) -> Outcome:
-    """Every element must hold; a failure names the elements (and inputs) that did not."""
+    """Every element must hold; a failure names the elements (inputs, or controls) that did not."""
+    labels, reasons = (m.control_labels, ()) if noun == "controls" else (m.labels, m.input_reasons)
     if not values:
         return _verdict(exp, False, values, f"no {noun}")
     bad = [i for i, v in enumerate(values) if not exp.range.contains(v)]
@@ -225,10 +228,10 @@ def _check_each(values: list[float], exp: Expectation, m: Measurements, *, noun:
         return _verdict(exp, True, values, text)
     lines = []
     for i in bad[:5]:
-        label = f" {_short(m.labels[i])!r}" if i < len(m.labels) else ""
+        label = f" {_short(labels[i])!r}" if i < len(labels) else ""
         value = values[i]
         if math.isnan(value):
-            why = m.input_reasons[i] if i < len(m.input_reasons) else None
+            why = reasons[i] if i < len(reasons) else None
             shown = f"NaN (undefined: {why})" if why else "NaN (undefined)"
         else:
             shown = format_measured(value)
@@ -285,7 +288,8 @@ def _check_one(m: Measurements, exp: Expectation) -> Outcome:
         return _check_confident(m, exp)
     raw = m.values[exp.metric]
     if kind == "per_input":
-        return _check_each([_float(v) for v in raw], exp, m, noun="inputs")
+        noun = "controls" if exp.metric == "control_slope" else "inputs"
+        return _check_each([_float(v) for v in raw], exp, m, noun=noun)
     if kind == "interval":
         lo, hi = (_float(v) for v in raw)
         text = f"[{format_measured(lo)}, {format_measured(hi)}]"

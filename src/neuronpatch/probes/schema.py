@@ -456,6 +456,67 @@ class EngineSpec(_Strict):
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
 
+class RandomPick(_Strict):
+    """``{random: k, seed: s}``: k controls drawn at random, reproducibly."""
+
+    random: Annotated[int, Field(ge=1, description="how many")]
+    seed: Annotated[int, Field(ge=0)] = 0
+
+
+def _check_control_units(value: Any) -> Any:
+    """``units:`` is ``{random: k, seed: s}`` or a non-empty list of distinct indices."""
+    if value is None:
+        return value
+    if isinstance(value, Mapping):
+        try:
+            RandomPick.model_validate(value)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            where = ".".join(str(x) for x in err["loc"])
+            what = _describe(err["input"]) if err["type"] != "extra_forbidden" else "unknown key"
+            raise ValueError(f"{where + ': ' if where else ''}{what}; expected "
+                             "{random: k, seed: s} with ints k >= 1 and s >= 0") from None
+        return dict(value)
+    if isinstance(value, list) and value and all(
+            isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in value):
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value!r} repeats a unit; expected distinct unit indices")
+        return value
+    raise ValueError(f"{_describe(value)}; expected {{random: k, seed: s}} or a non-empty list of "
+                     "unit indices (ints >= 0)")
+
+
+class ControlsSpec(_Strict):
+    """``controls:``: negative controls patched like the target (at least one kind).
+
+    Example:
+        >>> ControlsSpec.model_validate({"directions": {"random": 8, "seed": 0}}).as_dict()
+        {'directions': {'random': 8, 'seed': 0}}
+    """
+
+    units: Annotated[Any, AfterValidator(_check_control_units), Field(
+        description="{random: k, seed: s} or a list: other units of the same layer")] = None
+    directions: RandomPick | None = Field(
+        default=None, description="{random: k, seed: s}: random residual-space directions "
+                                  "(residual-stream units only)")
+
+    @model_validator(mode="after")
+    def _something(self) -> ControlsSpec:
+        if self.units is None and self.directions is None:
+            raise ValueError("nothing to patch; expected units: {random: k, seed: s} or a list of "
+                             "unit indices, and/or directions: {random: k, seed: s}")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        """The form ``run_experiment(controls=...)`` takes."""
+        out: dict[str, Any] = {}
+        if self.units is not None:
+            out["units"] = self.units
+        if self.directions is not None:
+            out["directions"] = self.directions.model_dump()
+        return out
+
+
 class ProbeSpec(_Strict):
     """One validated probe: which head, which inputs, which patches, which claims.
 
@@ -484,8 +545,9 @@ class ProbeSpec(_Strict):
     marks: list[MarkSpec] = Field(default_factory=list)
     baseline: BaselineSpec | None = None
     fuzz: FuzzSpec | None = None
-    controls: dict[str, Any] | None = Field(
-        default=None, description="units: {random: k, seed: s} or a list: other units of the layer, "
+    controls: ControlsSpec | None = Field(
+        default=None, description="units: {random: k, seed: s} or a list (other units of the layer), "
+                                  "and/or directions: {random: k, seed: s} (residual-space directions), "
                                   "patched the same way (metrics specificity, control_slope)")
     on_inconclusive: Literal["fail", "skip", "xfail"] | None = Field(
         default=None, description="pytest outcome of an inconclusive verdict (default: ini "
@@ -563,7 +625,7 @@ class ProbeSpec(_Strict):
             if self.engine.dtype is not None:
                 kwargs["dtype"] = self.engine.dtype
         if self.controls is not None:
-            kwargs["controls"] = self.controls
+            kwargs["controls"] = self.controls.as_dict()
         return kwargs
 
 
@@ -640,6 +702,10 @@ def _error_line(doc: Document, err: Mapping[str, Any]) -> tuple[int, str]:
         text = str(err.get("ctx", {}).get("error", err["msg"]))
         if "; expected" not in text:
             text += f"; expected {RANGE_FORMS}" if loc[:1] == ("expect",) else ""
+    elif kind in ("greater_than_equal", "less_than_equal"):
+        bound = err.get("ctx", {}).get("ge" if kind == "greater_than_equal" else "le")
+        sign = ">=" if kind == "greater_than_equal" else "<="
+        text = f"{_describe(err['input'])}; expected a number {sign} {bound}"
     elif kind == "too_short":
         text = f"{_describe(err['input'])}; expected at least 1 item"
     elif kind in _EXPECTED:

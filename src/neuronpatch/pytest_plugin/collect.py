@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from neuronpatch.errors import NeuronpatchError, ProbeSpecError
+from neuronpatch.errors import ControlsError, NeuronpatchError, ProbeSpecError
 from neuronpatch.probes.schema import MarkSpec, ProbeSpec, iter_probe_file, probe_stem
 from neuronpatch.pytest_plugin import ci
 from neuronpatch.pytest_plugin.report import (
@@ -208,12 +208,18 @@ class ProbeItem(_OurFailures):
     # ----- the steps -------------------------------------------------------------------
     def run_experiment(self) -> ExperimentResult:
         """The engine's result for this probe and head; an engine error is an ERROR."""
+        path, line = self.display_path, self.spec.document.line
         try:
             return get_runner(self.config).run(self.head_dir, **self.spec.run_kwargs())
         except NeuronpatchError as e:
             message = engine_error(self.name, self.head_text, e)
+            if isinstance(e, ControlsError) and self.spec.controls is not None:
+                # controls this head cannot have (directions on an MLP neuron): at `controls:`
+                message = f"{self.spec.where('controls')}: {message}"
+                where, _, number = self.spec.where("controls").rpartition(":")
+                path, line = where, int(number)
         # Outside the except block: the engine's exception chain is not printed.
-        raise ProbeError(message, crash=message, path=self.display_path, line=self.spec.document.line)
+        raise ProbeError(message, crash=message, path=path, line=line)
 
     def check_expectations(self) -> Verdict:
         """Check ``expect:`` and write the artifacts (summary.json, figures)."""

@@ -164,12 +164,14 @@ class Verdict:
         artifacts: where summary.json and the figures went.
         metrics: ``ExperimentResult.metrics()``.
         reasons: why a metric is undefined or trivial, by metric.
+        controls: the negative controls (labels, slopes, R², intervals, specificity), or None.
     """
 
     outcomes: Sequence[Outcome]
     artifacts: Artifacts | None = None
     metrics: Mapping[str, Any] = field(default_factory=dict)
     reasons: Mapping[str, str] = field(default_factory=dict)
+    controls: Mapping[str, Any] | None = None  # ControlResults.to_dict(): each control's fit
 
     @property
     def passed(self) -> bool:
@@ -295,6 +297,62 @@ def artifact_lines(artifacts: Artifacts | None, base: Path | None = None) -> lis
     return lines
 
 
+def _num(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "undefined"
+    return f"{float(value):.4g}"
+
+
+def _interval(pair: Any) -> str:
+    lo, hi = (pair or [None, None])[:2]
+    return f"[{_num(lo)}, {_num(hi)}]"
+
+
+# How many controls the failure text lists (largest |slope| first); summary.json has them all.
+MAX_CONTROL_LINES = 5
+
+
+def controls_lines(controls: Mapping[str, Any] | None, metrics: Mapping[str, Any]) -> list[str]:
+    """The failure text's controls block: specificity, then the target and the strongest controls.
+
+    Example:
+        >>> for line in controls_lines({"controls": [{"label": "unit7", "slope": 0.1, "r_squared": 0.9,
+        ...                              "slope_ci95": [0.05, 0.15]}], "specificity": 9.2,
+        ...                              "specificity_ci95": [7.0, 12.0], "max_abs_control_slope": 0.1},
+        ...                             {"slope": 0.92, "r_squared": 1.0, "slope_ci95": [0.9, 0.94]}):
+        ...     print(line)
+          controls: 1 unit; specificity 9.2, 95% CI [7, 12]; largest |control slope| 0.1
+            target  slope 0.92  R² 1    95% CI [0.9, 0.94]
+            unit7   slope 0.1   R² 0.9  95% CI [0.05, 0.15]
+    """
+    if not controls:
+        return []
+    each = list(controls.get("controls") or [])
+    n_dir = sum(1 for c in each if c.get("kind") == "direction")
+    n_unit = len(each) - n_dir
+    kinds = ", ".join(k for k in (f"{n_unit} unit{'s' if n_unit != 1 else ''}" if n_unit else "",
+                                  f"{n_dir} direction{'s' if n_dir != 1 else ''}" if n_dir else "") if k)
+    head = (f"  controls: {kinds}; specificity {_num(controls.get('specificity'))}, "
+            f"95% CI {_interval(controls.get('specificity_ci95'))}; "
+            f"largest |control slope| {_num(controls.get('max_abs_control_slope'))}")
+
+    def size(c: Mapping[str, Any]) -> float:
+        v = c.get("slope")
+        return -abs(v) if isinstance(v, (int, float)) and not math.isnan(v) else math.inf
+
+    shown = sorted(each, key=size)[:MAX_CONTROL_LINES]
+    rows = [("target", metrics.get("slope"), metrics.get("r_squared"), metrics.get("slope_ci95")),
+            *[(str(c.get("label")), c.get("slope"), c.get("r_squared"), c.get("slope_ci95")) for c in shown]]
+    cells = [(label, f"slope {_num(sl)}", f"R² {_num(r2)}", f"95% CI {_interval(ci)}")
+             for label, sl, r2, ci in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(3)]
+    lines = [head] + ["    " + "  ".join(c[i].ljust(widths[i]) for i in range(3)) + "  " + c[3]
+                      for c in cells]
+    if len(each) > len(shown):
+        lines.append(f"    ... and {len(each) - len(shown)} more (all in summary.json)")
+    return lines
+
+
 def probe_failure(
     title: str,
     verdict: Verdict,
@@ -321,6 +379,7 @@ def probe_failure(
     if head is not None:
         lines.append(_head_line(head, result))
     lines += table
+    lines += controls_lines(verdict.controls, verdict.metrics)
     if result is not None:
         lines += [f"  note: {note}" for note in result.notes]
     lines += artifact_lines(verdict.artifacts, base)
@@ -391,8 +450,8 @@ def make_record(
     rec: dict[str, Any] = {"kind": kind, "name": name, "location": location, "head": head}
     if verdict is not None:
         rec["metrics"] = {k: verdict.metrics.get(k) for k in
-                          ("slope", "intercept", "r_squared", "slope_ci95", "baseline_correlation",
-                           "weight_cosine") if k in verdict.metrics}
+                          ("slope", "intercept", "r_squared", "slope_ci95", "r_squared_ci95",
+                           "baseline_correlation", "weight_cosine") if k in verdict.metrics}
         rec["reasons"] = dict(verdict.reasons)
         rec["expectations"] = [
             {"metric": o.metric, "measured": o.measured_text, "expected": o.expected,
@@ -402,6 +461,8 @@ def make_record(
         ]
         rec["expectations_met"] = verdict.passed
         rec["verdict"] = verdict.status
+        if verdict.controls is not None:
+            rec["controls"] = dict(verdict.controls)
         art = verdict.artifacts
         if art is not None:
             rec["artifacts"] = str(art.directory)
@@ -437,6 +498,8 @@ def record_metrics(item: pytest.Item, verdict: Verdict) -> None:
         if isinstance(value, float) and math.isnan(value):
             value = f"undefined: {verdict.reasons.get(name, 'no data')}"
         item.user_properties.append((f"neuronpatch.{name}", value))
+    for name, value in control_properties(verdict.controls):
+        item.user_properties.append((name, value))
     if verdict.outcomes:
         item.user_properties.append(("neuronpatch.verdict", verdict.status))
     for o in verdict.outcomes:
@@ -448,6 +511,34 @@ def record_metrics(item: pytest.Item, verdict: Verdict) -> None:
     if verdict.artifacts is not None:
         item.user_properties.append(("neuronpatch.artifacts", str(verdict.artifacts.directory)))
         item.stash[FIGURES_KEY] = tuple(verdict.artifacts.figures)
+
+
+def control_properties(controls: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
+    """JUnit properties of the controls: numbers only (an undefined one is ``undefined``).
+
+    Example:
+        >>> control_properties({"controls": [{"label": "dir0", "slope": 0.1, "r_squared": 0.5,
+        ...                     "slope_ci95": [0.0, 0.2]}], "specificity": 9.0,
+        ...                     "specificity_ci95": [7.0, 12.0], "max_abs_control_slope": 0.1})[4:6]
+        [('neuronpatch.control.dir0.slope', 0.1), ('neuronpatch.control.dir0.r_squared', 0.5)]
+    """
+    if not controls:
+        return []
+
+    def number(v: Any) -> Any:
+        return "undefined" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
+
+    out: list[tuple[str, Any]] = []
+    lo, hi = (controls.get("specificity_ci95") or [None, None])[:2]
+    out += [("neuronpatch.specificity", number(controls.get("specificity"))),
+            ("neuronpatch.specificity_ci95_lo", number(lo)), ("neuronpatch.specificity_ci95_hi", number(hi)),
+            ("neuronpatch.max_abs_control_slope", number(controls.get("max_abs_control_slope")))]
+    for c in controls.get("controls") or []:
+        key = f"neuronpatch.control.{c.get('label')}"
+        lo, hi = (c.get("slope_ci95") or [None, None])[:2]
+        out += [(f"{key}.slope", number(c.get("slope"))), (f"{key}.r_squared", number(c.get("r_squared"))),
+                (f"{key}.slope_ci95_lo", number(lo)), (f"{key}.slope_ci95_hi", number(hi))]
+    return out
 
 
 def html_extras(figures: Sequence[Path]) -> list[dict[str, Any]]:

@@ -59,13 +59,15 @@ FigureMode = Literal["auto", "all", "failed", "none"]
 FIGURE_MODES: tuple[str, ...] = ("auto", "all", "failed", "none")
 DEFAULT_ARTIFACTS = ".neuronpatch/artifacts"
 
-# The notebook's five figures, as neuronpatch.plots writes them (stale copies are removed).
+# The notebook's five figures, and the controls figure of a probe with controls, as
+# neuronpatch.plots writes them (stale copies are removed).
 FIGURE_NAMES: tuple[str, ...] = (
     "baseline_correlation.png",
     "scaling_experiment.png",
     "pred_vs_act_change_all.png",
     "pred_vs_act_regression.png",
     "per_input_sensitivity.png",
+    "controls.png",
 )
 
 SETTINGS_KEY = pytest.StashKey["Settings"]()
@@ -247,8 +249,9 @@ class Runner:
         artifacts = self.write_artifacts(
             result, self.artifact_dir(node_id), outcomes=outcomes, probe=probe, figures=figures
         )
+        controls = result.controls.to_dict() if result.controls is not None else None
         return Verdict(outcomes=outcomes, artifacts=artifacts, metrics=measured.values,
-                       reasons=dict(measured.reasons))
+                       reasons=dict(measured.reasons), controls=controls)
 
     def wants_figures(self, passed: bool) -> bool:
         """Whether this test's figures are drawn (drawing dominates a probe's time).
