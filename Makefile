@@ -28,6 +28,7 @@ conformance: $(PY)
 
 bench: $(PY)
 	$(PY) benchmarks/bench_engine.py
+	$(PY) benchmarks/bench_controls.py
 
 clean:
 	rm -rf .venv .neuronpatch build src/*.egg-info
