@@ -15,7 +15,7 @@ range of each repetition's own ratio), measured in the same process on the
 same model: wall-clock time, and the process's CPU time (all its threads),
 which other load on a shared machine disturbs far less.
 
-    python benchmarks/bench_controls.py --repeats 5 [--threads 1]
+    python benchmarks/bench_controls.py --repeats 5 [--threads 1] [--batch-size 128]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--archs", nargs="+", default=["gpt2"], choices=list(SIZES))
+    ap.add_argument("--batch-size", type=int, default=128, help="rows per forward (the API's default: 128)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
                     help="torch threads (1: CPU time is the work done, even on a busy machine)")
     args = ap.parse_args()
@@ -78,6 +79,7 @@ def main() -> None:
                         texts = inputs(rng)  # fresh inputs every repetition and every variant
                         t0, c0 = time.perf_counter(), time.process_time()
                         res = run_experiment(head, texts, scale=FACTORS, model=model,
+                                             batch_size=args.batch_size,
                                              controls=controls if name == "with" else None)
                         if rep:  # the first repetition warms up
                             wall[name].append(time.perf_counter() - t0)

@@ -31,7 +31,8 @@ DIRS = {"random": 3, "seed": 1}
 CASES: dict[str, tuple[dict, dict, str]] = {
     # a head on the final state: the kv route
     "kv-post": (dict(target_layer=0, layer_type="post", feature_layer=-1), {"units": [5, 9]}, "kv"),
-    "kv-resid_post": (dict(target_layer=0, layer_type="resid_post", feature_layer=-1),
+    # (a unit above block 0: the rows multiply at its block, where blocks below run once per input)
+    "kv-resid_post": (dict(target_layer=1, layer_type="resid_post", feature_layer=-1),
                       {"units": [5, 9], "directions": DIRS}, "kv"),
     "kv-attn_out-hf": (dict(target_layer=1, layer_type="attn_out", feature_layer=-1, coordinates="hf"),
                        {"directions": {"random": 2, "seed": 4}}, "kv"),

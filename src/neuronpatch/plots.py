@@ -30,6 +30,7 @@ never through pyplot: no global state, no window, safe in worker processes.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -318,8 +319,8 @@ def _controls(fig: Figure, res: ExperimentResult, title: str | None,
     n_units = len(ctl.units)
     kinds = ", ".join(x for x in (f"{n_units} units" if n_units else "",
                                   f"{len(each) - n_units} directions" if len(each) > n_units else "") if x)
-    ax.set_title(f"{_title(res, title)}: the target among its controls ({kinds})\n{spec}{wanted}",
-                 fontsize=10)
+    head = textwrap.fill(_title(res, title), 90)  # a long probe name must not run off the figure
+    ax.set_title(f"{head}\nthe target among its controls ({kinds}) · {spec}{wanted}", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # never over a unit
 
 
