@@ -814,9 +814,15 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
     shortcut = route.method in ("upstream", "linear")
     per_chunk = max(1, batch_size // (1 if shortcut else m))
     if route.method == "kv":
+        # A kv row runs only its suffix (patch..read), not the whole input: ``batch_size`` counts
+        # rows of full length, so as many suffix rows fit as carry the same number of tokens.
+        longest = max(len(ids) for ids in enc.ids)
+        # (An input patched at its first token, or after its read position, runs in full.)
+        suffix = max(r - pp[0] + 1 if 0 < pp[0] <= r else len(ids)
+                     for pp, r, ids in zip(enc.patch_pos, enc.read_pos, enc.ids, strict=True))
+        per_chunk = max(1, batch_size * longest // (m * suffix))
         # The prefix cache is repeated once per row (from the unit's block on, when rows grow
         # there): bound its bytes, not just its rows.
-        longest = max(len(ids) for ids in enc.ids)
         layers = model.n_layers - (p.unit.layer if _growth(model, p) is not None else 0)
         row_bytes = longest * layers * model.d_model * 2 * model.hf.dtype.itemsize
         per_chunk = max(1, min(per_chunk, KV_CACHE_BYTES // max(1, m * row_bytes)))
@@ -969,7 +975,9 @@ def run_experiment(
         position: where to patch: ``"last"`` real token, ``"all"`` positions, or
             an index (negative counts from the end); default the head's ``token_pos``.
         model: a loaded model to use instead of loading the head's base model.
-        batch_size: rows per forward pass; bounds memory.
+        batch_size: rows per forward pass, counted at full input length (a kv row that
+            runs only the tokens from the patch to the read position counts for less); bounds
+            memory, together with a bound on the bytes of the repeated KV cache.
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda:0"``...
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"`` for the model.
         method: ``"auto"`` picks the cheapest exact route; the others force one
