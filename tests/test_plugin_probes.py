@@ -171,7 +171,7 @@ def test_a_broken_probe_file_never_stops_the_others(project):
         "inverted (lo > hi); expected lo < hi",
         f"  broken.probe.yaml:{line_of(broken, 'colour')}: key 'colour': unknown key; expected "
         "one of name, head, inputs, interventions, position, engine, expect, marks, baseline, fuzz, "
-        "controls, on_inconclusive",
+        "controls, rank, on_inconclusive",
         "*ERROR at setup of invalid probe: syntax*",
         "  syntax.probe.yaml:3: invalid YAML: *",
     ])

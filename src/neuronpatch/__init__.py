@@ -23,9 +23,11 @@ __all__ = [
     "Head",
     "Intervention",
     "NeuronpatchError",
+    "RankResult",
     "__version__",
     "load_head",
     "load_model",
+    "rank_units",
     "run_experiment",
 ]
 
@@ -33,12 +35,15 @@ if TYPE_CHECKING:
     from neuronpatch.engine import run_experiment
     from neuronpatch.heads import Head, load_head
     from neuronpatch.models import load_model
+    from neuronpatch.rank import RankResult, rank_units
     from neuronpatch.result import ExperimentResult
 
 # Public names that need torch live in modules imported on first access (PEP 562),
 # so `import neuronpatch` (and the pytest plugin) stay light.
 _LAZY = {
     "run_experiment": "neuronpatch.engine",
+    "rank_units": "neuronpatch.rank",
+    "RankResult": "neuronpatch.rank",
     "Head": "neuronpatch.heads",
     "load_head": "neuronpatch.heads",
     "load_model": "neuronpatch.models",

@@ -3,6 +3,8 @@
 ``neuronpatch run HEAD_DIR`` is the seed notebook as a command: baseline table,
 one table per intervention, the regression summary with its interpretation,
 per-input sensitivity, and ``summary.json`` plus five figures in ``--out``.
+``neuronpatch rank HEAD_DIR`` ranks every unit of the head's layer by |slope|
+(``rank.json`` and ``rank.png``).
 Bad input ends the command with one line on stderr (``neuronpatch: error: ...``)
 and exit status 2, never a traceback. Paths are checked before any work: an
 ``--out`` that is a file, an ``--inputs`` that is ``/dev/zero``, a config.json
@@ -26,6 +28,7 @@ from neuronpatch._io import check_output_directory
 from neuronpatch.errors import InputError, NeuronpatchError
 
 if TYPE_CHECKING:
+    from neuronpatch.rank import RankResult
     from neuronpatch.result import ExperimentResult
 
 EXIT_USAGE = 2
@@ -171,6 +174,75 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _opt(x: float | None, width: int = 12, prec: int = 4) -> str:
+    return f"{'—':>{width}}" if x is None else _f(x, width, prec)
+
+
+def format_ranking(res: RankResult, head: str | None = None) -> str:
+    """The printed table of ``neuronpatch rank``: the top units, the target, the screen's agreement."""
+    out: list[str] = []
+    out.append(f"Head      {head or res.head_path}")
+    out.append(f"Layer     {res.unit_hook}: {res.width} units of {res.model_name}; the head reads "
+               f"{res.feature_hook}")
+    out.append(f"Method    {res.method} · {len(res.inputs)} inputs · patched with "
+               f"{', '.join(res.interventions)}")
+    out.append("")
+    out.append(f"  {'rank':>5}  {'unit':>6}  {'screen slope':>12}  {'exact slope':>12}  {'exact R²':>9}")
+    rows = res.head_rows()
+    shown = {r.unit for r in rows}
+    if res.target is not None and res.target not in shown:
+        rows = [*rows, res.unit(res.target)]
+    for k, r in enumerate(rows):
+        if k == res.top and k < len(rows):
+            out.append(f"  {'…':>5}")
+        mark = "  ◀ target" if r.unit == res.target else ""
+        out.append(f"  {r.rank:>5}  {r.unit:>6}  {_opt(r.screen_slope)}  {_opt(r.exact_slope)}  "
+                   f"{_opt(r.exact_r_squared, 9)}{mark}")
+    out.append("")
+    out.append("rank: units whose |slope| is at least this one's; the slope is exact where the unit "
+               "was patched (or computed exactly), else the screen's first-order estimate")
+    if res.target is not None:
+        out.append(f"Target    unit {res.target}: rank {res.target_rank} of {res.width}")
+    else:
+        out.append("Target    the head's target unit is not in this layer")
+    if res.screen_slope is not None:
+        rho = res.rank_correlation
+        rho_text = "undefined (fewer than 3 units or a constant slope)" if math.isnan(rho) else f"{rho:.3f}"
+        agree = round(res.sign_agreement * len(res.confirmed))
+        out.append(f"Screen    Spearman ρ of |screen| and |exact| slope over the top {len(res.confirmed)}: "
+                   f"{rho_text}; signs agree on {agree} of {len(res.confirmed)}")
+    for note in res.notes:
+        out.append(f"note: {note}")
+    return "\n".join(out)
+
+
+def _cmd_rank(args: argparse.Namespace) -> int:
+    check_output_directory(args.out, "--out")
+    if args.inputs is not None and args.text:
+        raise InputError("give --inputs FILE or --text, not both")
+    _check_head_config(args.head_dir)
+    texts = read_inputs(args.inputs) if args.inputs is not None else (args.text or None)
+
+    from neuronpatch._io import ensure_directory
+    from neuronpatch.artifacts import write_json
+    from neuronpatch.plots import write_rank_figure
+    from neuronpatch.rank import rank_units
+
+    res = rank_units(
+        args.head_dir, texts, layer=args.layer, layer_type=args.layer_type, top=args.top,
+        scale=args.scale, set=args.set, add=args.add, zero=args.zero, mean=args.mean,
+        device=args.device, dtype=args.dtype, batch_size=args.batch_size, screen=args.screen,
+    )
+    print(format_ranking(res, str(args.head_dir)))
+    ensure_directory(args.out, "--out")
+    write_json(args.out / "rank.json", res.to_dict())
+    with _quiet_missing_glyphs():
+        figure = write_rank_figure(res, args.out / "rank.png")
+    print("")
+    print(f"Wrote {args.out / 'rank.json'} and {figure}")
+    return 0
+
+
 def _cmd_conformance(args: argparse.Namespace) -> int:
     from neuronpatch.conformance import TOLERANCE, run
 
@@ -239,6 +311,32 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--route", default="auto", choices=("auto", "upstream", "linear", "kv", "full"),
                      help="force an engine route (default: the cheapest exact one)")
     run.set_defaults(func=_cmd_run)
+
+    rk = sub.add_parser("rank", help="rank every unit of a layer by how strongly the head reads it")
+    rk.add_argument("head_dir", type=Path, help="head directory (config.json + head.pt)")
+    rk.add_argument("--layer", type=int, default=None, help="the layer to rank (default: the head's)")
+    rk.add_argument("--layer-type", default=None,
+                    help="post, mlp_out, attn_out, resid_pre, resid_post, ... (default: the head's)")
+    rk.add_argument("--top", type=int, default=20, help="units confirmed by real patching and shown")
+    rk_src = rk.add_mutually_exclusive_group()
+    rk_src.add_argument("--inputs", type=Path, help="text file, one input per line")
+    rk_src.add_argument("--text", action="append", metavar="T", help="an input text (repeatable)")
+    rk.add_argument("--scale", type=float, nargs="+", metavar="F",
+                    help="how confirmed units are patched (default: --scale 0 2)")
+    rk.add_argument("--set", type=float, nargs="+", metavar="V", help="values to set")
+    rk.add_argument("--add", type=float, nargs="+", metavar="D", help="values to add")
+    rk.add_argument("--zero", action="store_true", help="also zero-ablate")
+    rk.add_argument("--mean", action="store_true", help="also mean-ablate (each unit to its own mean)")
+    rk.add_argument("--screen", default="auto", choices=("auto", "always", "never"),
+                    help="auto: exact where the head reads right after the layer, else a gradient screen "
+                         "confirmed by patching; always; never: patch every unit (default auto)")
+    rk.add_argument("--out", type=Path, default=Path("neuronpatch-rank"),
+                    help="directory for rank.json and rank.png (default: ./neuronpatch-rank)")
+    rk.add_argument("--batch-size", type=int, default=128, help="rows per forward pass")
+    rk.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda:N")
+    rk.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="model dtype (default float32)")
+    rk.set_defaults(func=_cmd_rank)
 
     th = sub.add_parser("train-head", help="train a prediction head (seed artifact format)")
     th.add_argument("--model", default="neuronpatch-demo",

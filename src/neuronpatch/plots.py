@@ -33,14 +33,19 @@ import math
 import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 from neuronpatch.result import ExperimentResult
 from neuronpatch.stats import Fit
+
+if TYPE_CHECKING:
+    from neuronpatch.rank import RankResult
 
 FIGURES: tuple[str, ...] = (
     "baseline_correlation.png",
@@ -386,3 +391,59 @@ def write_figures(
         fig.savefig(path, dpi=dpi)
         paths.append(path)
     return paths
+
+
+def render_rank(res: RankResult) -> Figure:
+    """Every unit's |slope| in rank order, the confirmed units' exact |slope| over it, the target marked.
+
+    The line is the screen's |slope| of every unit, sorted (or the exact one where every
+    unit has it); dots are the exact |slope| of the units patched for real, at their
+    place in that order; the head's target unit is drawn in red.
+    """
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    basis = res.screen_slope if res.screen_slope is not None else res.exact_slope
+    key = np.abs(np.where(np.isnan(basis), 0.0, basis))
+    order = np.argsort(-key, kind="stable")
+    place = np.empty_like(order)
+    place[order] = np.arange(1, order.size + 1)
+    what = "screen (first order)" if res.screen_slope is not None else "exact"
+    ax.plot(np.arange(1, order.size + 1), key[order], color="tab:blue", lw=1.2,
+            label=f"|slope| of every unit, {what}")
+    if res.screen_slope is not None:
+        done = np.flatnonzero(res.patched)
+        ax.scatter(place[done], np.abs(res.exact_slope[done]), s=22, color="tab:orange", zorder=3,
+                   label=f"|exact slope| of the {done.size} units patched for real")
+    if res.target is not None:
+        t = res.target
+        y = abs(float(res.slope[t])) if math.isfinite(float(res.slope[t])) else 0.0
+        ax.scatter([place[t]], [y], s=90, marker="*", color="tab:red", zorder=4,
+                   label=f"target unit {t}: rank {res.target_rank} of {res.width}")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel(f"units of {res.unit_hook}, by |{'screen ' if res.screen_slope is not None else ''}slope|"
+                  " (log scale)")
+    ax.set_ylabel("|Δ prediction / Δ activation|")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    head = Path(res.head_path).name
+    line = f"{head} · {res.unit_hook} ({res.width} units) · method {res.method}"
+    if res.method == "upstream":
+        line += f" · {NO_PATH} for every unit"
+    elif res.screen_slope is not None and math.isfinite(res.rank_correlation):
+        line += f" · Spearman ρ screen vs exact (top {len(res.confirmed)}) {res.rank_correlation:.2f}"
+    ax.set_title(line, fontsize=9)
+    return fig
+
+
+def write_rank_figure(res: RankResult, path: str | Path, *, dpi: int = 80) -> Path:
+    """Write :func:`render_rank` to ``path`` (PNG); returns the path.
+
+    Example:
+        >>> write_rank_figure(rank_units("probes/heads/demo_causal"), "out/rank.png")  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    render_rank(res).savefig(path, dpi=dpi)
+    return path

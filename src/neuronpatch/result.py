@@ -81,6 +81,7 @@ class ExperimentResult:
     write_direction_cosine: float = math.nan
     notes: tuple[str, ...] = ()
     controls: Any = None  # neuronpatch.controls.ControlResults when the probe asked for controls
+    ranking: Any = None  # neuronpatch.rank.RankResult when the probe asked for the target's rank
     created: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
 
     # ----- derived arrays -------------------------------------------------
@@ -228,6 +229,9 @@ class ExperimentResult:
                 "the head reads at or before the unit: no causal path, no write direction to "
                 "compare" if self.reads_before_unit else
                 "defined only for a linear head that reads the residual stream after the unit")
+        if self.ranking is not None and self.ranking.target_rank is None:
+            out["rank"] = (f"the ranked layer ({self.ranking.unit_hook}) does not hold the head's "
+                           "target unit")
         return out
 
     def interpretation(self) -> list[str]:
@@ -273,6 +277,7 @@ class ExperimentResult:
                 "specificity_ci95": self.controls.specificity_interval(),
                 "control_slope": [c.slope for c in self.controls.controls],
             }),
+            **({} if self.ranking is None else {"rank": _rank_value(self.ranking)}),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -333,11 +338,17 @@ class ExperimentResult:
             "notes": list(self.notes),
             # Each control's slope, R² and intervals, and the specificity (null: no controls).
             "controls": None if self.controls is None else self.controls.to_dict(),
+            **({} if self.ranking is None else {"ranking": self.ranking.summary()}),
             # Outside pytest nothing was claimed: no outcome, only the reading.
             "verdict": {"outcome": None, "expectations_met": None, "reasons": [],
                         "reading": self.interpretation()},
         }
         return to_jsonable(summary)
+
+
+def _rank_value(ranking: Any) -> float:
+    rank = ranking.target_rank
+    return math.nan if rank is None else float(rank)
 
 
 def interpret(slope: float, r_squared: float, reason: str | None = None) -> list[str]:

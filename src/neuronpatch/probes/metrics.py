@@ -71,6 +71,9 @@ METRICS: dict[str, Metric] = _metrics(
            "specificity"),
     Metric("control_slope", "per_input", "each control unit's slope (every control must hold)",
            "control_slope"),
+    Metric("rank", "scalar",
+           "the target unit's rank among every unit of its layer by |slope| (1: the head reads it most)",
+           "rank"),
 )
 
 # Metrics with a bootstrap interval at any level: an expectation on them may say `confidence: c`.

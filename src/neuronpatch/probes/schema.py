@@ -72,6 +72,7 @@ __all__ = [
     "Interventions",
     "MarkSpec",
     "ProbeSpec",
+    "RankSpec",
     "is_probe_file",
     "load_documents",
     "load_probe_file",
@@ -448,6 +449,29 @@ class FuzzSpec(_Strict):
         return value
 
 
+class RankSpec(_Strict):
+    """``rank:``: how the ``rank`` metric ranks every unit of the target's layer (all keys optional).
+
+    Example:
+        >>> RankSpec(top=10).as_kwargs()["top"]
+        10
+    """
+
+    top: Annotated[int, Field(ge=1, le=1_000_000)] = Field(
+        default=20, description="units the screen confirms by real patching")
+    screen: Literal["auto", "always", "never"] = Field(
+        default="auto", description="auto | always | never (patch every unit)")
+    interventions: Interventions | None = Field(
+        default=None, description="how each confirmed unit is patched; default scale: [0, 2]")
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``neuronpatch.rank_units``."""
+        out: dict[str, Any] = {"top": self.top, "screen": self.screen}
+        if self.interventions is not None:
+            out["interventions"] = self.interventions.as_list()
+        return out
+
+
 class EngineSpec(_Strict):
     """How the engine runs this probe (each key optional; the session's options otherwise)."""
 
@@ -549,6 +573,9 @@ class ProbeSpec(_Strict):
         default=None, description="units: {random: k, seed: s} or a list (other units of the layer), "
                                   "and/or directions: {random: k, seed: s} (residual-space directions), "
                                   "patched the same way (metrics specificity, control_slope)")
+    rank: RankSpec | None = Field(
+        default=None, description="top: K, screen: auto|always|never, interventions: {...}: how the "
+                                  "rank metric ranks every unit of the target's layer")
     on_inconclusive: Literal["fail", "skip", "xfail"] | None = Field(
         default=None, description="pytest outcome of an inconclusive verdict (default: ini "
                                   "neuronpatch_on_inconclusive, else fail)")
@@ -626,6 +653,8 @@ class ProbeSpec(_Strict):
                 kwargs["dtype"] = self.engine.dtype
         if self.controls is not None:
             kwargs["controls"] = self.controls.as_dict()
+        if self.rank is not None or "rank" in self.expect:
+            kwargs["rank"] = (self.rank or RankSpec()).as_kwargs()
         return kwargs
 
 

@@ -85,7 +85,8 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
     model = load_model(head.config.base_model_name,
                        device=run_kwargs.get("device", runner.settings.device),
                        dtype=run_kwargs.get("dtype", runner.settings.dtype))
-    kwargs = {k: v for k, v in run_kwargs.items() if k != "inputs"}
+    # A ranking is the whole probe's claim, not one generated input's.
+    kwargs = {k: v for k, v in run_kwargs.items() if k not in ("inputs", "rank")}
     checks: dict[str, Range] = dict(spec.expect)
     seen = [0]
 

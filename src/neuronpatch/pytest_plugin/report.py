@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 # Metrics copied into JUnit XML properties (record_property) for every probe and
 # neuronpatch_expect call: numbers a JUnit consumer can chart, nothing else.
 KEY_METRICS: tuple[str, ...] = (
-    "slope", "intercept", "r_squared", "baseline_correlation", "weight_cosine",
+    "slope", "intercept", "r_squared", "baseline_correlation", "weight_cosine", "rank",
 )
 # Figures of the current test, for pytest-html (set by probes and neuronpatch_expect).
 FIGURES_KEY = pytest.StashKey[tuple[Path, ...]]()

@@ -24,6 +24,7 @@ ids map to distinct directories, so parallel workers never write the same file.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +203,10 @@ class Runner:
             inputs: the texts; default the engine's eight seed sentences.
             **kwargs: anything :func:`neuronpatch.run_experiment` takes (``scale``,
                 ``set``, ``add``, ``zero``, ``mean``, ``interventions``, ``position``,
-                ``model``; ``device`` and ``batch_size`` override the session's).
+                ``model``; ``device`` and ``batch_size`` override the session's), and
+                ``rank``: keyword arguments of :func:`neuronpatch.rank_units` (``top``,
+                ``screen``, ``interventions``), to rank every unit of the target's layer
+                (the ``rank`` metric).
 
         Returns:
             The engine's :class:`~neuronpatch.result.ExperimentResult`.
@@ -217,7 +221,16 @@ class Runner:
         kwargs.setdefault("device", self.settings.device)
         kwargs.setdefault("dtype", self.settings.dtype)
         kwargs.setdefault("batch_size", self.settings.batch_size)
-        return run_experiment(head, inputs, **kwargs)
+        rank = kwargs.pop("rank", None)
+        result = run_experiment(head, inputs, **kwargs)
+        if rank is None:
+            return result
+        # Only when a probe asks for the rank metric: every unit of the target's layer, ranked.
+        from neuronpatch import rank_units
+
+        common = {k: kwargs[k] for k in ("model", "device", "dtype", "batch_size") if k in kwargs}
+        ranking = rank_units(head, inputs, **common, **dict(rank))
+        return dataclasses.replace(result, ranking=ranking, notes=(*result.notes, ranking.describe()))
 
     # ----- check + artifacts -------------------------------------------------------
     def artifact_dir(self, node_id: str) -> Path:
