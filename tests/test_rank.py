@@ -145,6 +145,8 @@ SCREEN = {
     "post, final state": dict(target_layer=1, layer_type="post", feature_layer=-1),
     "attn_out, mid-stack, MLP head": dict(target_layer=1, layer_type="attn_out", feature_layer=2,
                                           hidden_dim=5),
+    # Block 0: the confirmation's rows run every block (they multiply only above block 0).
+    "mlp_out, block 0, final state": dict(target_layer=0, layer_type="mlp_out", feature_layer=-1),
 }
 SCREEN_GPT2 = {
     "post, hf final norm": dict(target_layer=1, layer_type="post", feature_layer=-1, coordinates="hf"),

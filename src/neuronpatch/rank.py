@@ -475,10 +475,13 @@ class _Job:
             assert got.row_clean is not None
             clean_feat, feat, act, before = got.clean_feat, got.feat, got.act, got.row_clean
         else:
-            # As engine.measure sizes kv batches: rows per forward, and the bytes of the repeated cache.
+            # As engine.measure sizes kv batches: a row runs one token of a full-length input, and
+            # the bytes of the cache repeated per row (from the unit's block on, where rows grow).
             m = len(neurons) + 1
-            per = max(1, min(self.batch_size // m or 1,
-                             engine.KV_CACHE_BYTES // max(1, m * _row_bytes(self.model, enc))))
+            longest = max(len(ids) for ids in enc.ids)
+            grows = engine._growth(self.model, self.p) is not None
+            per = max(1, min(self.batch_size * longest // m,
+                             engine.KV_CACHE_BYTES // max(1, m * _row_bytes(self.model, enc, grows, self.p))))
             parts = [_cached_rows(self.model, self.p, enc, part, affine[part.idx], neurons)
                      for c in kept for part in _split(c, per)]
             clean_feat, feat, act, before = (torch.cat([q[j] for q in parts]) for j in range(4))
@@ -653,10 +656,12 @@ def _frozen(module: torch.nn.Module) -> Iterator[None]:
             prm.requires_grad_(flag)
 
 
-def _row_bytes(model: LoadedModel, enc: engine.Encoded) -> int:
-    """Bytes of one input's prefix cache (keys and values of every layer), as engine.measure counts them."""
+def _row_bytes(model: LoadedModel, enc: engine.Encoded, grows: bool = False, p: Plan | None = None) -> int:
+    """Bytes of one input's prefix cache (keys and values of every layer, or only of the layers from
+    the unit's block on when rows grow there), as engine.measure counts them."""
     longest = max(len(ids) for ids in enc.ids)
-    return longest * model.n_layers * model.d_model * 2 * model.hf.dtype.itemsize
+    layers = model.n_layers - (p.unit.layer if grows and p is not None else 0)
+    return longest * layers * model.d_model * 2 * model.hf.dtype.itemsize
 
 
 def _pass(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int], head: Head | None,
@@ -800,25 +805,35 @@ def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, 
     """Patched rows of the read token over a kept prefix cache, as engine.measure's kv route runs them.
 
     ``affine[k, j]``: (α, β) of row ``j`` of input ``kept.idx[k]``, patching column ``neurons[j]``;
-    a clean row comes first for each input. Returns clean features ``[B, width]``, patched
-    features ``[B, M, width]``, each row's patched unit value and its own clean value ``[B, M]``.
+    a clean row comes first for each input. Where the engine allows it for this model (its
+    :class:`~neuronpatch.engine.Growth` check), the read token runs once per input through the
+    blocks below the unit and the rows multiply at the unit's block, with the cache repeated
+    only from there on; otherwise every row runs every block. Returns clean features
+    ``[B, width]``, patched features ``[B, M, width]``, each row's patched unit value and its
+    own clean value ``[B, M]``.
     """
     dev = model.device
     B, M = affine.shape[:2]
     m = M + 1
     full = torch.cat([torch.tensor([1.0, 0.0]).expand(B, 1, 2), affine], dim=1)
-    kept.cache.batch_repeat_interleave(m)
+    names = engine._growth(model, p)
+    grow = None if names is None else engine.Growth(p.unit.layer, m, names)
+    if grow is None:
+        kept.cache.batch_repeat_interleave(m)
+    else:
+        for layer in kept.cache.layers[grow.at:]:
+            layer.batch_repeat_interleave(m)
     ids = torch.tensor([[enc.ids[i][enc.read_pos[i]]] for i in kept.idx], dtype=torch.long, device=dev)
     mask = torch.cat([kept.mask, torch.ones(B, 1, dtype=kept.mask.dtype, device=dev)], dim=1)
     R = B * m
-    rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
+    rep = (lambda t: t) if grow is not None else (lambda t: t.repeat_interleave(m, 0))
     b = engine._Batch(ids=rep(ids), mask=rep(mask), positions=rep(kept.lengths[:, None]),
                       patch=torch.ones(R, 1, dtype=torch.bool, device=dev),
                       measure=torch.zeros(R, dtype=torch.long, device=dev),
                       read=torch.zeros(R, dtype=torch.long, device=dev),
                       alpha=full[..., 0].reshape(-1).to(dev), beta=full[..., 1].reshape(-1).to(dev),
                       cache=kept.cache,
-                      neuron=torch.tensor([p.neuron, *neurons], dtype=torch.long).repeat(B))
+                      neuron=torch.tensor([p.neuron, *neurons], dtype=torch.long).repeat(B), grow=grow)
     rows = engine._run(model, p, b)
     kept.cache = None  # repeated in place: no longer the prefix cache
     feats = rows.features.reshape(B, m, -1).cpu()
