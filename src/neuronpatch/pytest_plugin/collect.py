@@ -252,9 +252,11 @@ class ProbeItem(_OurFailures):
             return None
         from neuronpatch.pytest_plugin import fuzz
 
-        return fuzz.run_fuzz(
+        outcome = fuzz.run_fuzz(
             get_runner(self.config), self.head_dir, self.spec.fuzz, self.spec.run_kwargs(),
-            profile=self.config.getoption("hypothesis_profile", None), node_id=self.nodeid)
+            fuzz_settings=fuzz.fuzz_settings(self.config), node_id=self.nodeid)
+        fuzz.hand_to_hypothesis(self, outcome)  # --hypothesis-show-statistics, verbose examples
+        return outcome
 
     def record(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:
         """What the report shows for this probe (travels to the controller)."""

@@ -14,7 +14,6 @@ fixture runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -77,13 +76,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """One line saying how probes will run: device, dtype, artifacts, baselines, fuzz profile."""
+    """One line saying how probes will run: device, dtype, artifacts, baselines, fuzz settings."""
+    from neuronpatch.pytest_plugin.fuzz import fuzz_settings  # standard library only
+
     s = config.stash[SETTINGS_KEY]
-    profile = config.getoption("hypothesis_profile", None)
-    if not profile:
-        # As strategies.default_profile() decides, without importing Hypothesis here.
-        ci_env = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-        profile = "neuronpatch-ci" if ci_env else "neuronpatch-dev"
     baselines = ("update" if report.flag(config, "update_baselines")
                  or report.flag(config, "update_all_baselines") else "compare where present")
     try:
@@ -91,7 +87,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     except ValueError:
         artifacts = s.artifacts
     return [f"neuronpatch: device {s.device}, dtype {s.dtype}, artifacts {artifacts}, "
-            f"baselines {baselines}, fuzz profile {profile}"]
+            f"baselines {baselines}, fuzz profile {fuzz_settings(config).describe()}"]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
