@@ -127,3 +127,142 @@ def test_suggested_tolerances_are_printed(project):
     res = project.runpytest("-p", "no:cacheprovider", "--neuronpatch-suggest-tolerances",
                             "--neuronpatch-missing-baseline=skip")
     res.stdout.fnmatch_lines(["*suggested baseline.tolerance for ci.probe.yaml::tracks: {'slope': *"])
+
+
+def _files(root):
+    """Every file under ``root`` (relative, POSIX), leaving out bytecode caches and pytester's
+    own files (its HOME caches, the subprocess's stdout/stderr and basetemp)."""
+    mine = {"__pycache__", ".cache", ".config", "stdout", "stderr"}
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and not mine & set(p.relative_to(root).parts)
+                  and not p.relative_to(root).parts[0].startswith("runpytest"))
+
+
+def test_workers_in_another_directory_write_nothing_there(project, tmp_path_factory):
+    # Workers that run elsewhere (here: another directory, as on another machine) get a copy
+    # of the project (--rsyncdir), measure, and hand everything to the controller, which alone
+    # writes baselines, summary.json, figures and the report, into its own rootdir.
+    workers = tmp_path_factory.mktemp("workers")
+    before = _files(project.path)
+    args = ["-p", "no:cacheprovider", "-p", "xdist", "--tx", f"2*popen//chdir={workers}",
+            # (xdist takes a separate argument that names an existing path for a test path)
+            "--dist", "load", f"--rsyncdir={project.path}", "--rsyncignore=.neuronpatch",
+            "--rsyncignore=report.html", "-W", "ignore::DeprecationWarning",
+            "--neuronpatch-baselines", "--neuronpatch-figures=all",
+            "--neuronpatch-report=report.html", str(project.path)]
+    res = project.runpytest_subprocess(*args, "--neuronpatch-update-baselines")
+    res.assert_outcomes(passed=2)
+    res.stdout.fnmatch_lines(["2 workers [[]2 items[]]", "2 baseline(s) written"])  # on workers
+    copy = workers / project.path.name
+    assert _files(copy) == before  # the workers' copy is exactly what rsync put there
+    assert not any(p.name in ("summary.json", "report.html") or p.suffix == ".png"
+                   for p in workers.rglob("*"))
+    for name in ("tracks", "blind"):
+        base = json.loads((project.path / "baselines" / "ci" / f"{name}.json").read_text())
+        assert base["node"] == f"ci.probe.yaml::{name}"
+    arts = sorted((project.path / ".neuronpatch" / "artifacts").iterdir())
+    assert [a.name.split("-")[0] for a in arts] == ["ci.probe.yaml_blind", "ci.probe.yaml_tracks"]
+    for directory in arts:
+        summary = json.loads((directory / "summary.json").read_text())
+        assert summary["verdict"]["outcome"] == "passed"  # stamped by the controller
+        assert sorted(summary["figures"]) == sorted(p.name for p in directory.glob("*.png"))
+        assert len(summary["figures"]) == 5
+    page = (project.path / "report.html").read_text()
+    links = re.findall(r'<a href="([^"]+\.png)"><img', page)
+    assert len(links) == 10 and all((project.path / link).is_file() for link in links)
+    # The next run compares with the baselines the controller wrote (rsync brings them over).
+    before = [f for f in _files(project.path) if not f.startswith(".neuronpatch/") and f != "report.html"]
+    again = project.runpytest_subprocess(*args)
+    again.assert_outcomes(passed=2)
+    again.stdout.fnmatch_lines(["neuronpatch: 2 probes: 2 passed"])
+    assert "baselines/ci/tracks.json" in before and _files(copy) == before
+
+
+@pytest.fixture(scope="module")
+def second_model(tmp_path_factory):
+    """A head on another tiny model (model B), so probes fall into two xdist groups."""
+    from neuronpatch.testing import tiny_gpt2, write_head
+
+    root = tmp_path_factory.mktemp("model_b")
+    model = tiny_gpt2(root / "model_b", n_layer=2, seed=1)
+    head = write_head(root / "head_b", model, target_layer=0, target_neuron=3, feature_layer=1,
+                      coordinates="hf")
+    return head, model
+
+
+def test_loadgroup_runs_each_models_probes_on_one_worker(project, probe_heads, second_model):
+    import shutil
+
+    head_b, model_b = second_model
+    shutil.copytree(head_b, project.path / "heads" / "b")
+    probe = ("name: {name}\nhead: heads/{head}\ninputs: [The cat sat on the mat., A dog]\n"
+             "interventions: {{set: [0, 1, 2]}}\nexpect:\n  r_squared: {{min: 0.0}}\n")
+    docs = [probe.format(name=f"{head}{i}", head=head) for i in range(4) for head in ("causal", "b")]
+    (project.path / "ci.probe.yaml").write_text("---\n".join(docs))  # models A, B, A, B, ...
+    res = project.runpytest_subprocess("-p", "no:cacheprovider", "-p", "xdist", "-n", "2",
+                                       "--dist", "loadgroup", "-v")
+    res.assert_outcomes(passed=8)
+    [line] = [x for x in res.stdout.lines if x.startswith("neuronpatch: models loaded: ")]
+    # each model was loaded once, by one worker, which ran all of that model's probes
+    assert line.count(str(probe_heads.model)) == 1 and line.count(str(model_b)) == 1, line
+    workers = {}
+    for x in res.stdout.lines:
+        m = re.match(r"\[(gw\d)\] .*PASSED ci\.probe\.yaml::(causal|b)\d@", x)
+        if m:
+            workers.setdefault(m.group(2), set()).add(m.group(1))
+    assert len(workers["causal"]) == 1 and len(workers["b"]) == 1, res.stdout.str()
+    # artifacts and baselines keep the node id without xdist's "@group"
+    saved = project.runpytest_subprocess("-p", "no:cacheprovider", "-p", "xdist", "-n", "2",
+                                         "--dist", "loadgroup", "--neuronpatch-update-baselines",
+                                         "--neuronpatch-figures=none")
+    saved.assert_outcomes(passed=8)
+    assert json.loads((project.path / "baselines" / "ci" / "b0.json").read_text())["node"] == \
+        "ci.probe.yaml::b0"
+    assert {p.name.split("-")[0] for p in (project.path / ".neuronpatch" / "artifacts").iterdir()} \
+        == {f"ci.probe.yaml_{n}" for n in (*(f"causal{i}" for i in range(4)),
+                                            *(f"b{i}" for i in range(4)))}
+
+
+SLOW_DISK = """
+import time
+
+import neuronpatch.architecture as architecture
+
+_verify = architecture.verify
+
+
+def verify(*args, **kwargs):  # runs once per model load: a model on a slow disk
+    time.sleep({seconds})
+    return _verify(*args, **kwargs)
+
+
+architecture.verify = verify
+
+
+def pytest_runtest_setup(item):
+    import neuronpatch.models
+
+    print(f"LOADS-AT-SETUP {{item.name}} {{neuronpatch.models.load_count}}")
+"""
+
+
+def test_models_load_before_the_first_probe_and_say_so(project, probe_heads):
+    project.makeconftest(SLOW_DISK.format(seconds=0))
+    res = project.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--durations=0")
+    res.assert_outcomes(passed=1, failed=1)  # (tracks has no baseline yet)
+    res.stdout.fnmatch_lines([
+        f"neuronpatch: loading model {probe_heads.model} (cpu, float32) … done in *s",
+        "*LOADS-AT-SETUP tracks 1",  # the model was loaded before the first probe's setup
+        "*LOADS-AT-SETUP blind 1",
+        f"neuronpatch: models loaded: {probe_heads.model} (*s)",
+    ])
+
+
+def test_a_slow_model_load_is_not_charged_to_the_first_probe(project):
+    pytest.importorskip("pytest_timeout")
+    # Loading takes longer than a test may; each probe alone (a tiny model) is far within it.
+    project.makeconftest(SLOW_DISK.format(seconds=12))
+    res = project.runpytest_subprocess("-p", "no:cacheprovider", "--timeout=8",
+                                       "--neuronpatch-missing-baseline=skip")
+    res.assert_outcomes(passed=1, skipped=1)
+    assert "Timeout" not in res.stdout.str()

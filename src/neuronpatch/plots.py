@@ -326,3 +326,27 @@ def write_figures(
         fig.savefig(path, dpi=dpi)
         paths.append(path)
     return paths
+
+
+def figure_bytes(
+    result: ExperimentResult, *, title: str | None = None, dpi: int = 80,
+    expected: Mapping[str, str] | None = None,
+) -> dict[str, bytes]:
+    """The five figures as PNG bytes, by file name, in :data:`FIGURES` order; nothing is written.
+
+    The same bytes :func:`write_figures` would write: for a process that hands its
+    figures to another one to write (an xdist worker to the controller).
+
+    Example:
+        >>> list(figure_bytes(res)) == list(FIGURES)          # doctest: +SKIP
+        True
+    """
+    import io
+
+    out = {}
+    for name in FIGURES:
+        fig = render(result, name, title=title, expected=expected)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=dpi, format="png")
+        out[name] = buffer.getvalue()
+    return out

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from neuronpatch.pytest_plugin import ci, report
-from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, settings_from_config
+from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, ModelLoading, settings_from_config
 
 if TYPE_CHECKING:
     from neuronpatch.pytest_plugin.runner import ExpectFixture, Runner
@@ -51,6 +51,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini("neuronpatch_batch_size", help=text, type="int", default=None)
         else:
             parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
+    cache_help = ("reuse results of experiments whose model, head, inputs, options and library "
+                  "versions are unchanged, from DIR (default .neuronpatch/cache under the rootdir; "
+                  "write --neuronpatch-cache=DIR with '=')")
+    group.addoption("--neuronpatch-cache", metavar="DIR", nargs="?", const="", default=None,
+                    help=cache_help)
+    parser.addini("neuronpatch_cache", default="",
+                  help=cache_help + "; in the ini file: a directory (relative to the rootdir), "
+                       "true for the default, or false")
     ci.add_options(group, parser)
     parser.addini("neuronpatch_on_inconclusive", default="fail",
                   help="pytest outcome of a probe whose only misses are inconclusive "
@@ -70,9 +78,22 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = settings_from_config(config)
     ci.check_options(config)
     # Outcomes, the summary line and the HTML report live on a per-session object.
-    config.pluginmanager.register(report.RunState(config), "neuronpatch-run-state")
+    config.pluginmanager.register(report.RunState(config, config.stash[SETTINGS_KEY].artifacts),
+                                  "neuronpatch-run-state")
     config.pluginmanager.register(ci.BaselineSession(config), "neuronpatch-baselines")
+    config.pluginmanager.register(ModelLoading(config), "neuronpatch-model-loading")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: tell each worker where files go (the worker writes none itself)."""
+    config = node.config
+    node.workerinput[report.WORKER_INPUT] = {
+        "artifacts": str(config.stash[SETTINGS_KEY].artifacts),
+        "rootdir": str(config.rootpath),
+        "invocation_dir": str(config.invocation_params.dir),
+    }
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
