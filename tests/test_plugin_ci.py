@@ -138,44 +138,105 @@ def _files(root):
                   and not p.relative_to(root).parts[0].startswith("runpytest"))
 
 
-def test_workers_in_another_directory_write_nothing_there(project, tmp_path_factory):
-    # Workers that run elsewhere (here: another directory, as on another machine) get a copy
-    # of the project (--rsyncdir), measure, and hand everything to the controller, which alone
-    # writes baselines, summary.json, figures and the report, into its own rootdir.
+RECIPE_INI = """
+[tool.pytest.ini_options]
+testpaths = ["probes"]
+neuronpatch_baselines = true
+neuronpatch_report = "report.html"
+"""
+TRACKING = """
+name: tracks
+head: heads/head_a
+inputs: {file: inputs/sentences.txt}
+interventions: {set: [-1, 0, 1, 2]}
+expect:
+  r_squared: {min: 0.99}
+---
+name: ignores
+head: heads/head_b
+inputs: {file: inputs/sentences.txt}
+interventions: {set: [-1, 0, 1, 2]}
+expect:
+  slope: {abs_max: 1.0e-9}
+"""
+REGRESSIONS = """
+name: tracks
+head: heads/head_a
+inputs: {file: inputs/sentences.txt}
+interventions: {scale: [0, 0.5, 1, 2]}
+expect:
+  r_squared: {min: 0.99}
+"""
+
+
+def test_the_readme_ci_recipe_loses_nothing(pytester, probe_heads, tmp_path_factory):
+    # README "A CI recipe", as a fresh repository: two heads, a same-name probe in another file,
+    # then a probe rename, every run on workers in another directory (as on other machines).
+    import shutil
+
+    probes = pytester.path / "probes"
+    shutil.copytree(probe_heads.causal, probes / "heads" / "head_a")
+    shutil.copytree(probe_heads.blind, probes / "heads" / "head_b")
+    (probes / "inputs").mkdir()
+    (probes / "inputs" / "sentences.txt").write_text(
+        "The cat sat on the mat.\nMachine learning models\nThe quick brown fox jumps\n")
+    (probes / "tracking.probe.yaml").write_text(textwrap.dedent(TRACKING).lstrip())
+    (probes / "regressions.probe.yaml").write_text(textwrap.dedent(REGRESSIONS).lstrip())
+    pytester.makefile(".toml", pyproject=RECIPE_INI)
     workers = tmp_path_factory.mktemp("workers")
-    before = _files(project.path)
-    args = ["-p", "no:cacheprovider", "-p", "xdist", "--tx", f"2*popen//chdir={workers}",
-            # (xdist takes a separate argument that names an existing path for a test path)
-            "--dist", "load", f"--rsyncdir={project.path}", "--rsyncignore=.neuronpatch",
-            "--rsyncignore=report.html", "-W", "ignore::DeprecationWarning",
-            "--neuronpatch-baselines", "--neuronpatch-figures=all",
-            "--neuronpatch-report=report.html", str(project.path)]
-    res = project.runpytest_subprocess(*args, "--neuronpatch-update-baselines")
-    res.assert_outcomes(passed=2)
-    res.stdout.fnmatch_lines(["2 workers [[]2 items[]]", "2 baseline(s) written"])  # on workers
-    copy = workers / project.path.name
-    assert _files(copy) == before  # the workers' copy is exactly what rsync put there
-    assert not any(p.name in ("summary.json", "report.html") or p.suffix == ".png"
-                   for p in workers.rglob("*"))
-    for name in ("tracks", "blind"):
-        base = json.loads((project.path / "baselines" / "ci" / f"{name}.json").read_text())
-        assert base["node"] == f"ci.probe.yaml::{name}"
-    arts = sorted((project.path / ".neuronpatch" / "artifacts").iterdir())
-    assert [a.name.split("-")[0] for a in arts] == ["ci.probe.yaml_blind", "ci.probe.yaml_tracks"]
-    for directory in arts:
-        summary = json.loads((directory / "summary.json").read_text())
-        assert summary["verdict"]["outcome"] == "passed"  # stamped by the controller
-        assert sorted(summary["figures"]) == sorted(p.name for p in directory.glob("*.png"))
-        assert len(summary["figures"]) == 5
-    page = (project.path / "report.html").read_text()
+    ours = [".neuronpatch", "report.html"]
+    remote = ["-p", "no:cacheprovider", "-p", "xdist", "--tx", f"2*popen//chdir={workers}",
+              "--dist", "loadgroup", f"--rsyncdir={pytester.path}",
+              *(f"--rsyncignore={x}" for x in ours), "-W", "ignore::DeprecationWarning", str(probes)]
+    baselines = probes / "baselines"
+
+    def run(*extra):
+        sent = [f for f in _files(pytester.path) if f.split("/")[0] not in ours]
+        result = pytester.runpytest_subprocess(*remote, *extra)
+        copy = workers / pytester.path.name
+        assert _files(copy) == sent  # the workers' copy is what rsync sent: they wrote nothing
+        assert not any(p.name in ("summary.json", "report.html") or p.suffix == ".png"
+                       for p in workers.rglob("*"))
+        return result
+
+    first = run("--neuronpatch-update-baselines")
+    first.assert_outcomes(passed=3)
+    first.stdout.fnmatch_lines(["2 workers [[]3 items[]]", "3 baseline(s) written"])
+    assert sorted(p.relative_to(baselines).as_posix() for p in baselines.rglob("*.json")) == [
+        "regressions/tracks.json", "tracking/ignores.json", "tracking/tracks.json"]
+    kept = (baselines / "regressions" / "tracks.json").read_bytes()
+
+    tracking = probes / "tracking.probe.yaml"
+    tracking.write_text(tracking.read_text().replace("name: tracks", "name: tracks its neuron"))
+    renamed = run()
+    renamed.assert_outcomes(passed=2, failed=1)  # no baseline yet: says how to make one
+    renamed.stdout.fnmatch_lines([
+        "*probe 'tracks its neuron' has no baseline at probes/baselines/tracking/tracks_its_neuron.json*",
+        "1 stale baseline(s), no collected probe maps to them*", "  probes/baselines/tracking/tracks.json"])
+    assert (baselines / "tracking" / "tracks.json").is_file()  # listed, never silently deleted
+
+    accepted = run("--neuronpatch-update-baselines", "--neuronpatch-remove-stale-baselines")
+    accepted.assert_outcomes(passed=3)
+    accepted.stdout.fnmatch_lines(["1 stale baseline(s) removed: probes/baselines/tracking/tracks.json"])
+    assert (baselines / "regressions" / "tracks.json").read_bytes() == kept  # the namesake untouched
+
+    final = run()
+    final.assert_outcomes(passed=3)
+    final.stdout.fnmatch_lines(["neuronpatch: 3 probes: 3 passed"])
+    nodes = {json.loads(p.read_text())["node"] for p in baselines.rglob("*.json")}
+    assert nodes == {"probes/tracking.probe.yaml::tracks its neuron",
+                     "probes/tracking.probe.yaml::ignores", "probes/regressions.probe.yaml::tracks"}
+    arts = pytester.path / ".neuronpatch" / "artifacts"
+    summaries = {json.loads(p.read_text())["probe"]["node_id"]: json.loads(p.read_text())
+                 for p in arts.glob("*/summary.json")}
+    assert set(summaries) >= nodes
+    for node in nodes:
+        assert summaries[node]["verdict"]["outcome"] == "passed"  # stamped by the controller
+        assert len(summaries[node]["figures"]) == 5
+    page = (pytester.path / "report.html").read_text()
+    assert all(node in page for node in nodes) and "@" + str(probe_heads.model) not in page
     links = re.findall(r'<a href="([^"]+\.png)"><img', page)
-    assert len(links) == 10 and all((project.path / link).is_file() for link in links)
-    # The next run compares with the baselines the controller wrote (rsync brings them over).
-    before = [f for f in _files(project.path) if not f.startswith(".neuronpatch/") and f != "report.html"]
-    again = project.runpytest_subprocess(*args)
-    again.assert_outcomes(passed=2)
-    again.stdout.fnmatch_lines(["neuronpatch: 2 probes: 2 passed"])
-    assert "baselines/ci/tracks.json" in before and _files(copy) == before
+    assert len(links) == 15 and all((pytester.path / link).is_file() for link in links)
 
 
 @pytest.fixture(scope="module")

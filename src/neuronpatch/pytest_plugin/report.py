@@ -591,6 +591,7 @@ def on_makereport(item: pytest.Item, call: pytest.CallInfo[None], report: pytest
     stored = item.stash.get(RECORD_KEY, None)
     record: dict[str, Any] = {} if stored is None else {**stored}
     record.setdefault("kind", "probe" if item.get_closest_marker("neuronpatch") else "test")
+    record.setdefault("nodeid", stable_id(item))  # shown without xdist's "@group"
     record.setdefault("name", item.name)
     path, line, _ = item.location
     record.setdefault("location", path if line is None else f"{path}:{line + 1}")
@@ -759,8 +760,8 @@ class RunState:
             terminalreporter.line(error, red=True)
         for nodeid, entry in self.tests.items():
             if entry.get("suggested_tolerance"):
-                terminalreporter.line(
-                    f"  suggested baseline.tolerance for {nodeid}: {entry['suggested_tolerance']}")
+                terminalreporter.line(f"  suggested baseline.tolerance for {entry.get('nodeid', nodeid)}: "
+                                      f"{entry['suggested_tolerance']}")
         if self.report_path is not None:
             terminalreporter.line(f"  HTML report: {self.report_path}")
 
