@@ -61,6 +61,20 @@ def probe_heads(tmp_path_factory: pytest.TempPathFactory) -> ProbeHeads:
     return ProbeHeads(model=model, heads=heads, causal_slope=float(w @ w_out))
 
 
+@pytest.fixture(autouse=True)
+def _imports_before_pytester(request: pytest.FixtureRequest) -> None:
+    """Every test that uses ``pytester`` gets the engine's imports done before pytester starts.
+
+    pytester snapshots ``sys.modules`` when it is set up and restores the snapshot when the
+    test ends, so whatever a test imports after that is dropped again, and importing torch a
+    second time in one process fails. Autouse fixtures are set up before the fixtures a test
+    asks for, so this runs before ``pytester`` takes its snapshot whatever order the tests
+    run in (``-p randomly``, xdist), not only when an earlier test happened to import them.
+    """
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("probe_heads")
+
+
 def _warm_up_outside_pytester(head: Path) -> None:
     # In-process pytester runs drop the modules an inner session imported, and
     # re-importing transformer_lens (pyarrow extension types) fails. One experiment

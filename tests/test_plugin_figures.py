@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import types
@@ -95,18 +96,19 @@ def stub_plots(monkeypatch):
     """A neuronpatch.plots that writes the five figures as tiny real PNGs (fast, no engine)."""
     import matplotlib.pyplot as plt
 
-    def write_figures(result, out_dir, title=None, expected=None):
-        paths = []
-        for name in sorted(FIGURES):
+    def figure_bytes(result, title=None, expected=None):
+        out = {}
+        for name in FIGURES:
             fig, ax = plt.subplots(figsize=(1, 1))
             ax.plot(result.activation_change.ravel(), result.prediction_change.ravel(), ".")
-            fig.savefig(out_dir / name, dpi=20)
+            buffer = io.BytesIO()
+            fig.savefig(buffer, dpi=20, format="png")
             plt.close(fig)
-            paths.append(out_dir / name)
-        return paths
+            out[name] = buffer.getvalue()
+        return out
 
     stub = types.ModuleType("neuronpatch.plots")
-    stub.write_figures = write_figures  # type: ignore[attr-defined]
+    stub.figure_bytes = figure_bytes  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "neuronpatch.plots", stub)
 
 
@@ -122,10 +124,10 @@ def test_pytest_html_report_embeds_the_figures(project, stub_plots):
 def test_a_plotting_failure_never_hides_the_verdict(project, monkeypatch):
     broken = types.ModuleType("neuronpatch.plots")
 
-    def write_figures(*args, **kwargs):
+    def figure_bytes(*args, **kwargs):
         raise RuntimeError("no display")
 
-    broken.write_figures = write_figures  # type: ignore[attr-defined]
+    broken.figure_bytes = figure_bytes  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "neuronpatch.plots", broken)
     project.makefile(".toml", pyproject='[tool.pytest.ini_options]\n'
                      'filterwarnings = ["default::pytest.PytestWarning"]\n')

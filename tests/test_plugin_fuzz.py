@@ -117,7 +117,7 @@ def test_fuzzing_finds_what_the_eight_sentences_miss(pytester):
 
 def test_each_fuzz_probe_keeps_its_own_saved_counterexamples(project):
     # Two false claims in one file: each must get its own example-database key (its node id),
-    # so fuzzing one never overwrites the other's saved counterexample.
+    # so fuzzing one never overwrites the other's saved counterexample, which replays first.
     body = textwrap.dedent(f"""
         head: heads/causal
         inputs: {INPUTS}
@@ -134,10 +134,19 @@ def test_each_fuzz_probe_keeps_its_own_saved_counterexamples(project):
 
     db = InMemoryExampleDatabase()
     settings.register_profile("fuzz-db-test", deadline=None, database=db)
-    res = project.runpytest("-p", "no:cacheprovider", "--hypothesis-profile=fuzz-db-test")
-    res.assert_outcomes(failed=2)
-    saved = {key for key, values in db.data.items() if values}
-    assert b"two.probe.yaml::f" in saved and b"two.probe.yaml::g" in saved
+    args = ("-p", "no:cacheprovider", "--hypothesis-profile=fuzz-db-test")
+    project.runpytest(*args, "-k", "f").assert_outcomes(failed=1)
+    f_key = b"two.probe.yaml::f"
+    saved_f = set(db.data.get(f_key, ()))
+    assert saved_f, sorted(db.data)
+    project.runpytest(*args, "-k", "g").assert_outcomes(failed=1)  # fuzz the other probe
+    assert set(db.data.get(b"two.probe.yaml::g", ())), sorted(db.data)
+    assert set(db.data[f_key]) == saved_f  # f's counterexample survived g's run untouched
+    again = project.runpytest(*args, "-k", "f", "--hypothesis-show-statistics")
+    again.assert_outcomes(failed=1)
+    # and f replays it first: Hypothesis's reuse phase ran the saved example, and it failed
+    again.stdout.fnmatch_lines(["two.probe.yaml::f:", "*- during reuse phase*",
+                                "*- 0 passing, 1 failing, and 0 invalid test cases"])
 
 
 def test_a_falsified_claim_prints_what_replays_it(project):
@@ -145,3 +154,36 @@ def test_a_falsified_claim_prints_what_replays_it(project):
     res = project.runpytest("-p", "no:cacheprovider", "--hypothesis-profile=neuronpatch-ci")
     res.assert_outcomes(failed=1)
     assert any("replay:" in line and "reproduce_failure" in line for line in res.stdout.lines)
+
+
+def test_hypothesis_show_statistics_reports_each_fuzz_probe(project, probe_heads):
+    s = probe_heads.causal_slope
+    write(project, f"slope: [{s - 1e-4}, {s + 1e-4}]", examples=4)
+    res = project.runpytest("-p", "no:cacheprovider", "--hypothesis-profile=neuronpatch-ci",
+                            "--hypothesis-show-statistics")
+    res.assert_outcomes(passed=1)
+    # Hypothesis's own statistics, under its own section, labelled with the probe's node id
+    res.stdout.fnmatch_lines([
+        "*Hypothesis Statistics*",
+        "fuzz.probe.yaml::fuzzed:",
+        "*- during generate phase (*seconds):",
+        "*- Typical runtimes: *",
+        "*- 4 passing, 0 failing, and 0 invalid test cases",
+        "*- Stopped because settings.max_examples=4*",
+    ])
+
+
+def test_hypothesis_verbosity_verbose_shows_every_example(project, probe_heads):
+    s = probe_heads.causal_slope
+    write(project, f"slope: [{s - 1e-4}, {s + 1e-4}]", examples=3)
+    args = ("-p", "no:cacheprovider", "--hypothesis-profile=neuronpatch-ci",
+            "--hypothesis-verbosity=verbose")
+    shown = project.runpytest(*args, "-s")  # as Hypothesis does for @given tests: printed with -s
+    shown.assert_outcomes(passed=1)
+    # Hypothesis's own words for each example ("Test case: fuzz(texts=[...])")
+    assert shown.stdout.str().count("Test case: fuzz(") >= 3, shown.stdout.str()
+    shown.stdout.fnmatch_lines(["neuronpatch: *fuzz profile neuronpatch-ci (verbosity verbose)"])
+    captured = project.runpytest(*args, "-rP")  # and otherwise kept as the report's section
+    captured.stdout.fnmatch_lines(["*-- Hypothesis --*", "Test case: fuzz(", "    texts=[*"])
+    quiet = project.runpytest("-p", "no:cacheprovider", "--hypothesis-profile=neuronpatch-ci", "-s")
+    assert "Test case: fuzz(" not in quiet.stdout.str()

@@ -174,6 +174,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         >>> atomic_write_text("out/summary.json", "{}\\n")      # doctest: +SKIP
         PosixPath('out/summary.json')
     """
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically, as :func:`atomic_write_text` does text.
+
+    Raises:
+        OutputPathError: a parent of ``path`` is a file, or ``path`` is a directory.
+
+    Example:
+        >>> atomic_write_bytes("out/figure.png", b"\\x89PNG...")   # doctest: +SKIP
+        PosixPath('out/figure.png')
+    """
     path = Path(path)
     ensure_directory(path.parent, "directory")
     if path.is_dir():
@@ -184,8 +197,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
                                prefix=f".{path.name[:_NAME_PART]}{TEMPORARY_MARK}{os.getpid()}-")
     try:
         os.fchmod(fd, 0o644)  # mkstemp makes files private; these are meant to be read
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

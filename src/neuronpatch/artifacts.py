@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from neuronpatch._io import atomic_write_text, ensure_directory
+from neuronpatch._io import atomic_write_bytes, atomic_write_text, ensure_directory
 from neuronpatch.result import ExperimentResult, to_jsonable
 
 
@@ -46,6 +46,44 @@ def write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, allow_nan=False) + "\n")
 
 
+@dataclass(frozen=True)
+class Bundle:
+    """A result's files in memory: the summary (JSON-safe) and the figures' PNG bytes."""
+
+    summary: dict[str, Any]
+    figures: dict[str, bytes]
+
+
+def build_artifacts(
+    result: ExperimentResult,
+    *,
+    extra: Mapping[str, Any] | None = None,
+    figures: bool = True,
+    title: str | None = None,
+    expected: Mapping[str, str] | None = None,
+) -> Bundle:
+    """What :func:`write_artifacts` writes, without writing it (see :func:`write_bundle`)."""
+    drawn: dict[str, bytes] = {}
+    if figures:
+        from neuronpatch.plots import figure_bytes  # matplotlib only when figures are wanted
+
+        drawn = figure_bytes(result, title=title, expected=expected)
+    summary = result.summary()
+    summary["figures"] = list(drawn)
+    if extra:
+        summary.update(extra)
+    return Bundle(to_jsonable(summary), drawn)
+
+
+def write_bundle(bundle: Bundle, out_dir: str | Path) -> Artifacts:
+    """Write a :class:`Bundle` into ``out_dir``: each file atomically, the summary last."""
+    out = Path(out_dir)
+    ensure_directory(out, "artifacts directory")
+    paths = tuple(atomic_write_bytes(out / name, data) for name, data in bundle.figures.items())
+    write_json(out / "summary.json", bundle.summary)
+    return Artifacts(out, out / "summary.json", paths)
+
+
 def write_artifacts(
     result: ExperimentResult,
     out_dir: str | Path,
@@ -64,16 +102,6 @@ def write_artifacts(
         >>> art.summary.name, len(art.figures)                  # doctest: +SKIP
         ('summary.json', 5)
     """
-    out = Path(out_dir)
-    ensure_directory(out, "artifacts directory")
-    paths: tuple[Path, ...] = ()
-    if figures:
-        from neuronpatch.plots import write_figures  # matplotlib only when figures are wanted
-
-        paths = tuple(write_figures(result, out, title=title, expected=expected))
-    summary = result.summary()
-    summary["figures"] = [p.name for p in paths]
-    if extra:
-        summary.update(extra)
-    write_json(out / "summary.json", summary)
-    return Artifacts(out, out / "summary.json", paths)
+    ensure_directory(Path(out_dir), "artifacts directory")  # before the figures take their time
+    return write_bundle(build_artifacts(result, extra=extra, figures=figures, title=title,
+                                        expected=expected), out_dir)

@@ -18,10 +18,13 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from neuronpatch.architecture import Architecture
 from neuronpatch.errors import ModelLoadError
+
+if TYPE_CHECKING:  # (torch loads with the first model, not with this module: the result
+    # cache resolves model paths without it)
+    from neuronpatch.architecture import Architecture
 
 DEMO_MODEL = "neuronpatch-demo"
 DEMO_MODEL_DIR = Path(__file__).parent / "demo" / "model"
@@ -229,6 +232,22 @@ def load_model(
         _CACHE[key] = model
         load_count += 1
         return model
+
+
+def is_loaded(name: str | os.PathLike[str] = DEMO_MODEL, *, device: str = "auto",
+              dtype: str = "float32") -> bool:
+    """Whether :func:`load_model` would return a model it already holds (no loading).
+
+    Example:
+        >>> is_loaded("neuronpatch-demo", device="cpu")   # doctest: +SKIP
+        False
+    """
+    try:
+        key = (str(resolve_model_path(name)), str(resolve_device(device)), dtype)
+    except ModelLoadError:
+        return False
+    with _LOCK:
+        return key in _CACHE
 
 
 def _refuse_non_causal(config: Any, name: str) -> None:

@@ -447,3 +447,27 @@ def write_rank_figure(res: RankResult, path: str | Path, *, dpi: int = 80) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     render_rank(res).savefig(path, dpi=dpi)
     return path
+
+
+def figure_bytes(
+    result: ExperimentResult, *, title: str | None = None, dpi: int = 80,
+    expected: Mapping[str, str] | None = None,
+) -> dict[str, bytes]:
+    """The five figures as PNG bytes, by file name, in :data:`FIGURES` order; nothing is written.
+
+    The same bytes :func:`write_figures` would write: for a process that hands its
+    figures to another one to write (an xdist worker to the controller).
+
+    Example:
+        >>> list(figure_bytes(res)) == list(FIGURES)          # doctest: +SKIP
+        True
+    """
+    import io
+
+    out = {}
+    for name in FIGURES:
+        fig = render(result, name, title=title, expected=expected)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=dpi, format="png")
+        out[name] = buffer.getvalue()
+    return out

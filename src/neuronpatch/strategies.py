@@ -202,9 +202,12 @@ def register_profiles() -> None:
     deadline, with the example database, so past failures replay first.
     """
     slow = [HealthCheck.too_slow, HealthCheck.data_too_large]
-    settings.register_profile(CI_PROFILE, derandomize=True, deadline=None, database=None,
-                              suppress_health_check=slow, print_blob=True)
-    settings.register_profile(DEV_PROFILE, deadline=None, suppress_health_check=slow)
+    # Derived from Hypothesis's own defaults, not from whatever profile is loaded now (a
+    # verbose one, say), so that these profiles mean the same in every session.
+    default = settings.get_profile("default")
+    settings.register_profile(CI_PROFILE, parent=default, derandomize=True, deadline=None,
+                              database=None, suppress_health_check=slow, print_blob=True)
+    settings.register_profile(DEV_PROFILE, parent=default, deadline=None, suppress_health_check=slow)
 
 
 def default_profile() -> str:

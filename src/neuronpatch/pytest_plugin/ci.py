@@ -343,7 +343,8 @@ class BaselineSession:
             else:
                 self.errors.append(error)
         elif base.get("status") == "not-updated":
-            self.not_updated.append((report.nodeid, str(base.get("why", ""))))
+            nodeid = (getattr(report, "neuronpatch", None) or {}).get("nodeid") or report.nodeid
+            self.not_updated.append((nodeid, str(base.get("why", ""))))
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:

@@ -22,6 +22,7 @@ Failures, errors and skips point at the probe file (``FILE:LINE``), so
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ from neuronpatch.pytest_plugin.report import (
     make_record,
     probe_failure,
     record_metrics,
-    shown_path,
+    stable_id,
+    start_dir,
+    user_path,
 )
 from neuronpatch.pytest_plugin.runner import get_runner
 
@@ -89,11 +92,47 @@ def _decorator(mark: MarkSpec) -> pytest.MarkDecorator:
     return decorator.with_args(*mark.args, **kwargs) if (mark.args or kwargs) else decorator
 
 
+_GROUPS_KEY = pytest.StashKey[dict[Path, "str | None"]]()
+_UNSAFE_GROUP = re.compile(r"[^A-Za-z0-9._/-]+")
+
+
+def xdist_group(config: pytest.Config, spec: ProbeSpec, head_dir: Path) -> str | None:
+    """Under ``--dist loadgroup``, the xdist group of a probe: by default the model its head names.
+
+    Probes of one model then run on one worker, which loads that model once. The
+    name is ``base_model_name`` as the head's config.json writes it (the same on
+    every worker, wherever its copy of the project lies); an ``xdist_group``
+    mark in the probe's ``marks`` names the group instead. None without
+    loadgroup, or when the config cannot be read (the probe reports that itself).
+
+    Example:
+        >>> xdist_group(config, spec, Path("probes/heads/demo_causal"))   # doctest: +SKIP
+        'neuronpatch-demo'
+    """
+    if not (getattr(config.option, "loadgroup", False) or config.getoption("dist", None) == "loadgroup"):
+        return None
+    for mark in spec.marks:
+        if mark.name == "xdist_group":
+            name = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+            return _UNSAFE_GROUP.sub("_", str(name))[:200] or "default"
+    groups = config.stash.setdefault(_GROUPS_KEY, {})
+    if head_dir not in groups:
+        from neuronpatch.limits import load_json_bounded
+
+        try:
+            raw = load_json_bounded(head_dir / "config.json", what="head config")
+        except NeuronpatchError:
+            raw = None
+        name = raw.get("base_model_name") if isinstance(raw, dict) else None
+        groups[head_dir] = _UNSAFE_GROUP.sub("_", name)[:200] if isinstance(name, str) and name else None
+    return groups[head_dir]
+
+
 class ProbeFile(pytest.File):
     """A ``*.probe.yaml`` / ``*.probe.yml`` file: one item per document and matched head."""
 
     def collect(self) -> Iterator[pytest.Item]:
-        display = shown_path(self.path, self.config.invocation_params.dir)
+        display = user_path(self.config, self.path)
         try:
             root = None if flag(self.config, "allow_outside_rootdir") else self.config.rootpath
             parsed = list(iter_probe_file(self.path, display=display, root=root))
@@ -112,8 +151,12 @@ class ProbeFile(pytest.File):
                 continue
             for head_dir, label in spec.heads():
                 name = spec.title if label is None else f"{spec.title}[{label}]"
-                item = ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir)
-                collision = ci.claim(self.config, spec, name, item.nodeid)
+                group = xdist_group(self.config, spec, head_dir)
+                # Under --dist loadgroup the node id ends in "@<group>", the form xdist's
+                # scheduler reads (set here, as xdist's own suffix does not reach every pytest).
+                grouped = {} if group is None else {"nodeid": f"{self.nodeid}::{name}@{group}"}
+                item = ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir, **grouped)
+                collision = ci.claim(self.config, spec, name, item.probe_id)
                 if collision is not None:
                     yield InvalidProbe.from_parent(self, name=name, error=collision, line=doc.line)
                     continue
@@ -169,6 +212,8 @@ class ProbeItem(_OurFailures):
         super().__init__(**kwargs)
         self.spec = spec
         self.head_dir = head_dir
+        # The node id without an xdist "@group": what artifacts, baselines and fuzz keys use.
+        self.probe_id = f"{self.parent.nodeid}::{self.name}" if self.parent else self.nodeid
         self.result: ExperimentResult | None = None
         self.add_marker("neuronpatch")
         for mark in spec.marks:
@@ -178,10 +223,18 @@ class ProbeItem(_OurFailures):
         self.fixturenames = self._fixtureinfo.names_closure
         self.funcargs: dict[str, Any] = {}
 
+    def needs_model(self) -> str | None:
+        """The model this probe will run (its head's base model); None when the cache holds
+        its result and it does not fuzz (so nothing needs loading for it)."""
+        runner = get_runner(self.config)
+        if self.spec.fuzz is None and runner.is_cached(self.head_dir, self.spec.run_kwargs()):
+            return None
+        return runner.model_of(self.head_dir)
+
     @property
     def head_text(self) -> str:
         """The head directory as the user would type it."""
-        return shown_path(self.head_dir, self.config.invocation_params.dir)
+        return user_path(self.config, self.head_dir)
 
     @property
     def display_path(self) -> str:
@@ -225,7 +278,7 @@ class ProbeItem(_OurFailures):
         """Check ``expect:`` and write the artifacts (summary.json, figures)."""
         assert self.result is not None, "setup() runs the experiment"
         verdict = get_runner(self.config).evaluate(
-            self.result, self.spec.expectations, node_id=self.nodeid, title=self.name,
+            self.result, self.spec.expectations, node_id=stable_id(self), title=self.name,
             source=self.spec.where(),
         )
         record_metrics(self, verdict)
@@ -241,7 +294,7 @@ class ProbeItem(_OurFailures):
         if not ci.wanted(self.config, self.spec, self.name):
             return _Baseline(None)
         check = ci.check_baseline(self.config, self.spec, self.name, self.head_dir,
-                                  dict(verdict.metrics), node_id=self.nodeid,
+                                  dict(verdict.metrics), node_id=stable_id(self),
                                   expectations_hold=verdict.passed,
                                   why_not=crash_line("", verdict)[2].lstrip(": "))
         if check.status == "drifted":
@@ -258,9 +311,11 @@ class ProbeItem(_OurFailures):
             return None
         from neuronpatch.pytest_plugin import fuzz
 
-        return fuzz.run_fuzz(
+        outcome = fuzz.run_fuzz(
             get_runner(self.config), self.head_dir, self.spec.fuzz, self.spec.run_kwargs(),
-            profile=self.config.getoption("hypothesis_profile", None), node_id=self.nodeid)
+            fuzz_settings=fuzz.fuzz_settings(self.config), node_id=stable_id(self))
+        fuzz.hand_to_hypothesis(self, outcome)  # --hypothesis-show-statistics, verbose examples
+        return outcome
 
     def record(self, verdict: Verdict, baseline: _Baseline, fuzzed: FuzzOutcome | None) -> None:
         """What the report shows for this probe (travels to the controller)."""
@@ -283,7 +338,7 @@ class ProbeItem(_OurFailures):
             self.config, self.spec.on_inconclusive) != "fail"
         if not verdict.passed and not doubt:
             messages.append(probe_failure(title, verdict, head=self.head_text, result=self.result,
-                                          base=self.config.invocation_params.dir))
+                                          base=start_dir(self.config)))
             crashes.append(crash_line(title, verdict))
         if baseline.failure:
             messages.append(baseline.failure)

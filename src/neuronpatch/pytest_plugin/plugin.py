@@ -14,15 +14,14 @@ fixture runs.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from neuronpatch.pytest_plugin import ci, report
-from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, settings_from_config
+from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, ModelLoading, settings_from_config
 
 if TYPE_CHECKING:
     from neuronpatch.pytest_plugin.runner import ExpectFixture, Runner
@@ -52,6 +51,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
             parser.addini("neuronpatch_batch_size", help=text, type="int", default=None)
         else:
             parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
+    cache_help = ("reuse results of experiments whose model, head, inputs, options and library "
+                  "versions are unchanged, from DIR (default .neuronpatch/cache under the rootdir; "
+                  "write --neuronpatch-cache=DIR with '=')")
+    group.addoption("--neuronpatch-cache", metavar="DIR", nargs="?", const="", default=None,
+                    help=cache_help)
+    parser.addini("neuronpatch_cache", default="",
+                  help=cache_help + "; in the ini file: a directory (relative to the rootdir), "
+                       "true for the default, or false")
     ci.add_options(group, parser)
     parser.addini("neuronpatch_on_inconclusive", default="fail",
                   help="pytest outcome of a probe whose only misses are inconclusive "
@@ -71,19 +78,29 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = settings_from_config(config)
     ci.check_options(config)
     # Outcomes, the summary line and the HTML report live on a per-session object.
-    config.pluginmanager.register(report.RunState(config), "neuronpatch-run-state")
+    config.pluginmanager.register(report.RunState(config, config.stash[SETTINGS_KEY].artifacts),
+                                  "neuronpatch-run-state")
     config.pluginmanager.register(ci.BaselineSession(config), "neuronpatch-baselines")
+    config.pluginmanager.register(ModelLoading(config), "neuronpatch-model-loading")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: tell each worker where files go (the worker writes none itself)."""
+    config = node.config
+    node.workerinput[report.WORKER_INPUT] = {
+        "artifacts": str(config.stash[SETTINGS_KEY].artifacts),
+        "rootdir": str(config.rootpath),
+        "invocation_dir": str(config.invocation_params.dir),
+    }
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    """One line saying how probes will run: device, dtype, artifacts, baselines, fuzz profile."""
+    """One line saying how probes will run: device, dtype, artifacts, baselines, fuzz settings."""
+    from neuronpatch.pytest_plugin.fuzz import fuzz_settings  # standard library only
+
     s = config.stash[SETTINGS_KEY]
-    profile = config.getoption("hypothesis_profile", None)
-    if not profile:
-        # As strategies.default_profile() decides, without importing Hypothesis here.
-        ci_env = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-        profile = "neuronpatch-ci" if ci_env else "neuronpatch-dev"
     baselines = ("update" if report.flag(config, "update_baselines")
                  or report.flag(config, "update_all_baselines") else "compare where present")
     try:
@@ -91,7 +108,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     except ValueError:
         artifacts = s.artifacts
     return [f"neuronpatch: device {s.device}, dtype {s.dtype}, artifacts {artifacts}, "
-            f"baselines {baselines}, fuzz profile {profile}"]
+            f"baselines {baselines}, fuzz profile {fuzz_settings(config).describe()}"]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -12,7 +12,13 @@ Everything here reads what earlier steps produced and imports none of them:
   error, skipped, xfailed, xpassed; a strict xpass is failed), counted for the
   ``neuronpatch:`` summary line and the HTML report. Records travel from
   xdist workers as an attribute of the test report (``report.neuronpatch``),
-  never as JUnit properties.
+  never as JUnit properties;
+* **the files** (controller side): an xdist worker writes nothing of ours on
+  its own file system (it may be another machine, or run in another
+  directory). It puts each test's summary.json and figures (PNG bytes, base64)
+  in the test report (``report.neuronpatch_files``), and the controller writes
+  them into *its* artifacts directory and stamps pytest's outcome into the
+  summary, as the single pytest process does for its own tests.
 
 A failed probe reads like this (no traceback; every line says where to look)::
 
@@ -56,8 +62,19 @@ KEY_METRICS: tuple[str, ...] = (
 FIGURES_KEY = pytest.StashKey[tuple[Path, ...]]()
 # What the report shows about the current test (built by the steps that ran it).
 RECORD_KEY = pytest.StashKey[dict[str, Any]]()
+# The figures' PNG bytes of the current test, when they were not written here (an xdist worker).
+FIGURE_DATA_KEY = pytest.StashKey[dict[str, bytes]]()
 # Error texts of invalid probe documents, for the --collect-only summary.
 INVALID_KEY = pytest.StashKey[list[str]]()
+# Files an xdist worker made and hands to the controller with the next test report.
+OUTBOX_KEY = pytest.StashKey[list[dict[str, Any]]]()
+# What the controller tells its xdist workers (``workerinput``): where files go, where pytest started.
+WORKER_INPUT = "neuronpatch"
+# The figure files a test may carry (neuronpatch.plots.FIGURES; repeated to keep this module light).
+FIGURE_FILES: tuple[str, ...] = (
+    "baseline_correlation.png", "scaling_experiment.png", "pred_vs_act_change_all.png",
+    "pred_vs_act_regression.png", "per_input_sensitivity.png",
+)
 
 # pytest's categories, failures first (the order of the HTML report).
 OUTCOMES: tuple[str, ...] = ("error", "failed", "xpassed", "skipped", "xfailed", "passed")
@@ -122,6 +139,64 @@ def shown_path(path: str | os.PathLike[str], base: Path | None = None) -> str:
     return rel if len(rel) < len(str(path)) else str(path)
 
 
+def controller(config: pytest.Config) -> dict[str, str] | None:
+    """On an xdist worker: what the controller said (its artifacts root, rootdir, start directory).
+
+    None in the process that holds the session (no xdist, or the controller itself).
+    """
+    info = getattr(config, "workerinput", {}).get(WORKER_INPUT)
+    return info if isinstance(info, dict) else None
+
+
+def start_dir(config: pytest.Config) -> Path:
+    """Where the person started pytest: the controller's directory on an xdist worker."""
+    info = controller(config)
+    return Path(info["invocation_dir"]) if info else config.invocation_params.dir
+
+
+def user_path(config: pytest.Config, path: str | os.PathLike[str]) -> str:
+    """A path as the person who started pytest would type it.
+
+    On an xdist worker that runs elsewhere (``--tx ...//chdir=DIR``, another
+    machine) a path under the worker's rootdir is shown as the same path under
+    the controller's, relative to where pytest was started, so messages read
+    the same as in a run without workers.
+
+    Example:
+        >>> user_path(config, "/work/project/probes/a.probe.yaml")   # doctest: +SKIP
+        'probes/a.probe.yaml'
+    """
+    info = controller(config)
+    if info:
+        full = Path(os.path.abspath(path))
+        root = Path(os.path.abspath(config.rootpath))
+        if full.is_relative_to(root):
+            path = Path(info["rootdir"]) / full.relative_to(root)
+    return shown_path(path, start_dir(config))
+
+
+def stable_id(item: pytest.Item) -> str:
+    """The test's node id without the ``@group`` that ``--dist loadgroup`` appends to it.
+
+    Artifacts, baselines and saved fuzz examples are keyed by this, so they stay the same
+    whichever way xdist distributes the tests.
+
+    Example:
+        >>> stable_id(item)     # doctest: +SKIP
+        'probes/demo.probe.yaml::tracks'
+    """
+    probe_id = getattr(item, "probe_id", None)
+    if isinstance(probe_id, str):
+        return probe_id
+    nodeid = item.nodeid
+    mark = item.get_closest_marker("xdist_group")
+    if mark is not None:
+        group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        if nodeid.endswith(f"@{group}"):
+            return nodeid[: -len(group) - 1]
+    return nodeid
+
+
 def artifact_name(node_id: str) -> str:
     """A directory or file name for a node id: readable, filesystem-safe and unique.
 
@@ -153,6 +228,8 @@ class Artifacts:
     summary: Path | None = None
     figures: tuple[Path, ...] = ()
     figure_error: str | None = None
+    # The figures' PNG bytes by file name, when they go to the xdist controller instead of a file.
+    figure_data: Mapping[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -472,8 +549,10 @@ def make_record(
             if art.figure_error:
                 rec["figure_error"] = art.figure_error
             if embed:
-                rec["embedded"] = {p.name: base64.b64encode(p.read_bytes()).decode("ascii")
-                                   for p in art.figures if p.is_file()}
+                data = {p.name: art.figure_data.get(p.name) or (p.read_bytes() if p.is_file() else b"")
+                        for p in art.figures}
+                rec["embedded"] = {name: base64.b64encode(png).decode("ascii")
+                                   for name, png in data.items() if png}
     if baseline is not None:
         rec["baseline"] = dict(baseline)
     if fuzz is not None:
@@ -511,6 +590,7 @@ def record_metrics(item: pytest.Item, verdict: Verdict) -> None:
     if verdict.artifacts is not None:
         item.user_properties.append(("neuronpatch.artifacts", str(verdict.artifacts.directory)))
         item.stash[FIGURES_KEY] = tuple(verdict.artifacts.figures)
+        item.stash[FIGURE_DATA_KEY] = dict(verdict.artifacts.figure_data)
 
 
 def control_properties(controls: Mapping[str, Any] | None) -> list[tuple[str, Any]]:
@@ -541,8 +621,10 @@ def control_properties(controls: Mapping[str, Any] | None) -> list[tuple[str, An
     return out
 
 
-def html_extras(figures: Sequence[Path]) -> list[dict[str, Any]]:
+def html_extras(figures: Sequence[Path], data: Mapping[str, bytes] | None = None) -> list[dict[str, Any]]:
     """pytest-html extras embedding the figures (base64, so any report layout works).
+
+    ``data`` holds the PNG bytes of figures that were not written here (an xdist worker).
 
     Example:
         >>> html_extras([])
@@ -553,10 +635,11 @@ def html_extras(figures: Sequence[Path]) -> list[dict[str, Any]]:
     out = []
     for path in figures:
         try:
-            data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
+            png = (data or {}).get(Path(path).name) or Path(path).read_bytes()
         except OSError:  # removed since; the report just lacks that picture
             continue
-        out.append(extras.png(data, name=Path(path).stem))
+        data_b64 = base64.b64encode(png).decode("ascii")
+        out.append(extras.png(data_b64, name=Path(path).stem))
     return out
 
 
@@ -576,10 +659,11 @@ def outcome_of(report: pytest.TestReport, config: pytest.Config) -> str:
 
 
 def on_makereport(item: pytest.Item, call: pytest.CallInfo[None], report: pytest.TestReport) -> None:
-    """Give pytest a one-line crash line, attach the record, and stamp the outcome.
+    """Give pytest a one-line crash line, attach the record and the files the test made.
 
-    Runs after every other ``makereport`` (so after xfail handling): the
-    outcome written into summary.json is pytest's final word on the test.
+    Runs after every other ``makereport`` (so after xfail handling). Stamping
+    pytest's outcome into summary.json happens where the report arrives
+    (:meth:`RunState.pytest_runtest_logreport`), which is the controller under xdist.
     """
     excinfo = call.excinfo
     if excinfo is not None and isinstance(excinfo.value, ProbeFailed) and not isinstance(
@@ -589,22 +673,62 @@ def on_makereport(item: pytest.Item, call: pytest.CallInfo[None], report: pytest
             report.longrepr = failure_repr("", exc.crash, exc.path or "", exc.line, "line")
         else:
             _one_line_crash(report, excinfo.value)
+    outbox = item.config.stash.get(OUTBOX_KEY, None)
+    if outbox:  # an xdist worker's files, for the controller to write
+        report.neuronpatch_files = list(outbox)  # type: ignore[attr-defined]
+        outbox.clear()
     if not is_ours(item):
         return
     stored = item.stash.get(RECORD_KEY, None)
     record: dict[str, Any] = {} if stored is None else {**stored}
     record.setdefault("kind", "probe" if item.get_closest_marker("neuronpatch") else "test")
+    record.setdefault("nodeid", stable_id(item))  # shown without xdist's "@group"
     record.setdefault("name", item.name)
     path, line, _ = item.location
     record.setdefault("location", path if line is None else f"{path}:{line + 1}")
     report.neuronpatch = record  # type: ignore[attr-defined]  # travels through xdist as is
     figures = item.stash.get(FIGURES_KEY, ())
-    if report.when == "call":
-        if figures and getattr(item.config.option, "htmlpath", None):  # pytest-html is writing
-            report.extras = [*getattr(report, "extras", []), *html_extras(figures)]  # type: ignore[attr-defined]
-        summary = record.get("summary")
-        if summary:
-            stamp_summary(Path(summary), outcome_of(report, item.config), _reason(report))
+    if report.when == "call" and figures and getattr(item.config.option, "htmlpath", None):
+        # pytest-html is writing
+        extra = html_extras(figures, item.stash.get(FIGURE_DATA_KEY, None))
+        report.extras = [*getattr(report, "extras", []), *extra]  # type: ignore[attr-defined]
+
+
+def shipment(directory: str, summary: Mapping[str, Any], figures: Mapping[str, bytes]) -> dict[str, Any]:
+    """One artifact directory as a worker hands it over: a relative path, the summary, PNGs."""
+    return {"dir": directory, "summary": dict(summary),
+            "figures": {name: base64.b64encode(png).decode("ascii") for name, png in figures.items()}}
+
+
+_SAFE_PART = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+
+
+def write_shipments(root: Path, shipments: Any) -> list[str]:
+    """Write the artifact directories a worker's report carries under ``root``; error lines.
+
+    Each directory must be a relative path of safe names under ``root``, each
+    figure one of the five figure files; anything else is refused by name.
+    """
+    from neuronpatch.artifacts import Bundle, write_bundle
+
+    errors = []
+    for item in shipments if isinstance(shipments, list) else []:
+        rel = str(item.get("dir", "")) if isinstance(item, dict) else ""
+        parts = rel.split("/")
+        if not rel or not all(_SAFE_PART.match(part) for part in parts):
+            errors.append(f"artifacts {rel!r} not written: expected a relative path of plain names")
+            continue
+        figures = item.get("figures") or {}
+        bad = sorted(name for name in figures if name not in FIGURE_FILES)
+        if bad or not isinstance(item.get("summary"), dict):
+            errors.append(f"artifacts {rel!r} not written: unexpected files {bad or ['summary']}")
+            continue
+        try:
+            pngs = {name: base64.b64decode(data, validate=True) for name, data in figures.items()}
+            write_bundle(Bundle(item["summary"], pngs), root.joinpath(*parts))
+        except (NeuronpatchError, OSError, ValueError) as e:
+            errors.append(f"artifacts {rel!r} not written: {e}")
+    return errors
 
 
 def _one_line_crash(report: pytest.TestReport, exc: ProbeFailed) -> None:
@@ -658,10 +782,13 @@ class RunState:
     ``pytest_runtest_logreport`` for local and xdist-worker reports alike.
     """
 
-    def __init__(self, config: pytest.Config) -> None:
+    def __init__(self, config: pytest.Config, artifacts: Path | None = None) -> None:
         self.config = config
+        self.artifacts = artifacts  # where the files workers hand over go
+        self.worker = hasattr(config, "workerinput")
         self.tests: dict[str, dict[str, Any]] = {}
         self.report_path: Path | None = None
+        self.file_errors: list[str] = []
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config) -> Any:
@@ -678,9 +805,16 @@ class RunState:
         return None
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if self.worker:
+            return
+        shipped = getattr(report, "neuronpatch_files", None)
+        if shipped and self.artifacts is not None:
+            self.file_errors += [f"{report.nodeid}: {e}" for e in write_shipments(self.artifacts, shipped)]
         record = getattr(report, "neuronpatch", None)
         if record is None:
             return
+        if report.when == "call" and record.get("summary"):
+            stamp_summary(Path(record["summary"]), outcome_of(report, self.config), _reason(report))
         entry = self.tests.setdefault(report.nodeid, {"nodeid": report.nodeid, "outcome": None})
         entry.update({k: v for k, v in record.items() if v is not None or k not in entry})
         category = outcome_of(report, self.config)
@@ -703,14 +837,22 @@ class RunState:
             for text in invalid:
                 terminalreporter.line(text)
         line = summary_line(self.tests.values())
-        if not line:
+        # Lines other steps add to this section (the models each process loaded).
+        more = [text for name in ("neuronpatch-model-loading",)
+                for text in getattr(self.config.pluginmanager.get_plugin(name), "lines", list)()]
+        if not line and not self.file_errors:
             return
         terminalreporter.write_sep("-", "neuronpatch")
-        terminalreporter.line(line)
+        if line:
+            terminalreporter.line(line)
+        for text in more:
+            terminalreporter.line(text)
+        for error in self.file_errors:
+            terminalreporter.line(error, red=True)
         for nodeid, entry in self.tests.items():
             if entry.get("suggested_tolerance"):
-                terminalreporter.line(
-                    f"  suggested baseline.tolerance for {nodeid}: {entry['suggested_tolerance']}")
+                terminalreporter.line(f"  suggested baseline.tolerance for {entry.get('nodeid', nodeid)}: "
+                                      f"{entry['suggested_tolerance']}")
         if self.report_path is not None:
             terminalreporter.line(f"  HTML report: {self.report_path}")
 

@@ -18,8 +18,11 @@ resolved against pytest's rootdir, never the current directory, so
 
 Artifacts go to ``<artifacts root>/<sanitized node id>/``: ``summary.json``
 (the result's summary plus the expectation outcomes under ``"expectations"``)
-and the five figures of :func:`neuronpatch.plots.write_figures`. Distinct node
-ids map to distinct directories, so parallel workers never write the same file.
+and the five figures of :mod:`neuronpatch.plots`. Distinct node ids map to
+distinct directories. An xdist worker writes none of them: its artifacts root is
+the controller's, and what it would write goes into the test report for the
+controller to write (:func:`.report.write_shipments`), so workers in another
+directory or on another machine leave nothing behind and lose nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import pytest
 
 from neuronpatch._io import ensure_directory
+from neuronpatch.errors import NeuronpatchError
 from neuronpatch.pytest_plugin.report import (
+    OUTBOX_KEY,
     RECORD_KEY,
     Artifacts,
     ProbeFailed,
@@ -45,7 +50,13 @@ from neuronpatch.pytest_plugin.report import (
     probe_failure,
     record_metrics,
     report_target,
-    shown_path,
+    shipment,
+    stable_id,
+    start_dir,
+    user_path,
+)
+from neuronpatch.pytest_plugin.report import (
+    controller as controller_info,
 )
 from neuronpatch.pytest_plugin.report import (
     ini as read_ini,
@@ -91,6 +102,8 @@ class Settings:
     figures: FigureMode = "auto"
     root: Path = Path()
     report: bool = False  # an HTML report (ours or pytest-html's) will show the figures
+    ship: bool = False  # an xdist worker: files under ``artifacts`` go to the controller
+    cache: Path | None = None  # --neuronpatch-cache: results of unchanged experiments are reused
 
 
 def settings_from_config(config: pytest.Config) -> Settings:
@@ -145,10 +158,50 @@ def settings_from_config(config: pytest.Config) -> Settings:
         raise pytest.UsageError(
             f"{where} = {figures!r} is invalid; expected one of {', '.join(FIGURE_MODES)}"
         )
+    cache = cache_dir(config)
+    info = controller_info(config)
+    if info:  # an xdist worker: the controller's directory, written by the controller
+        root = Path(info["artifacts"])
     return Settings(artifacts=root, device=device, dtype=dtype, batch_size=batch_size,
                     figures=cast(FigureMode, figures), root=config.rootpath,
                     report=bool(report_target(config) is not None
-                                or getattr(config.option, "htmlpath", None)))
+                                or getattr(config.option, "htmlpath", None)),
+                    ship=info is not None, cache=cache)
+
+
+DEFAULT_CACHE = ".neuronpatch/cache"
+CACHE_MARKER = "neuronpatch-cache.json"  # neuronpatch.cache.MARKER (that module imports numpy)
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def cache_dir(config: pytest.Config) -> Path | None:
+    """``--neuronpatch-cache[=DIR]`` or the ini key ``neuronpatch_cache``: the cache directory.
+
+    The flag alone (or ``true`` in the ini file) means ``.neuronpatch/cache`` under
+    the rootdir; a relative DIR is relative to where pytest was started (the ini
+    key's to the rootdir); ``false`` or an empty ini value means no cache.
+
+    Raises:
+        pytest.UsageError: the directory is a file, or holds files that are not a cache's.
+    """
+    value = config.getoption("neuronpatch_cache", None)
+    if value is not None:
+        where, base = "--neuronpatch-cache", config.invocation_params.dir
+    else:
+        value = str(read_ini(config, "neuronpatch_cache", "a directory, true or false") or "").strip()
+        where, base = "ini key neuronpatch_cache", config.rootpath
+    if value.lower() in _FALSE or (not value and where.startswith("ini")):
+        return None
+    path = config.rootpath / DEFAULT_CACHE if (not value or value.lower() in _TRUE) else base / value
+    if path.exists() and not path.is_dir():
+        raise pytest.UsageError(f"{where} = {str(path)!r} is a file; expected a directory for the "
+                                "result cache (or a path that does not exist yet)")
+    if path.is_dir() and not (path / CACHE_MARKER).is_file() and any(path.iterdir()):
+        raise pytest.UsageError(
+            f"{where} = {str(path)!r} is a directory of other files (no {CACHE_MARKER}); expected an "
+            "empty or new directory for the result cache (write --neuronpatch-cache=DIR, with '=', "
+            "so that a test path after it is not taken for DIR)")
+    return path
 
 
 def get_runner(config: pytest.Config) -> Runner:
@@ -161,6 +214,7 @@ def get_runner(config: pytest.Config) -> Runner:
     if runner is None:
         settings = config.stash.get(SETTINGS_KEY, None) or settings_from_config(config)
         runner = config.stash[RUNNER_KEY] = Runner(settings)
+        runner.outbox = config.stash.setdefault(OUTBOX_KEY, [])
     return runner
 
 
@@ -177,6 +231,48 @@ class Runner:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._heads: dict[Path, Head] = {}
+        # Artifact directories made on an xdist worker, for the controller to write.
+        self.outbox: list[dict[str, Any]] = []
+        # Models this process loaded for the session: {"model", "seconds", "device", "dtype"}.
+        self.loads: list[dict[str, Any]] = []
+        self.warnings: list[str] = []  # one line each, shown at the end of the run
+        self._cache: Any = None  # neuronpatch.cache.ResultCache, made on first use
+
+    @property
+    def cache(self) -> Any:
+        """The session's :class:`neuronpatch.cache.ResultCache`, or None without ``--neuronpatch-cache``."""
+        if self._cache is None and self.settings.cache is not None:
+            from neuronpatch.cache import ResultCache
+
+            self._cache = ResultCache(self.settings.cache, warn=self.warnings.append)
+        return self._cache
+
+    def _cache_key(self, head_dir: Path, inputs: Sequence[str] | None,
+                   kwargs: Mapping[str, Any]) -> str | None:
+        from neuronpatch.cache import Uncachable
+
+        model = kwargs.get("model")
+        try:
+            return str(self.cache.key(head_dir, inputs=inputs, options=kwargs,
+                                      model_dir=getattr(model, "path", None)))
+        except (Uncachable, NeuronpatchError, OSError):
+            return None  # it just runs (a head that cannot load says so there)
+
+    def _options(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(kwargs)
+        out.setdefault("device", self.settings.device)
+        out.setdefault("dtype", self.settings.dtype)
+        out.setdefault("batch_size", self.settings.batch_size)
+        return out
+
+    def is_cached(self, head_dir: str | Path, run_kwargs: Mapping[str, Any]) -> bool:
+        """Whether the cache holds this experiment (so its model need not be loaded for it)."""
+        if self.cache is None or "rank" in run_kwargs:  # a ranking always needs the model
+            return False
+        kwargs = self._options(run_kwargs)
+        inputs = kwargs.pop("inputs", None)
+        key = self._cache_key((self.settings.root / head_dir).resolve(), inputs, kwargs)
+        return key is not None and self.cache.path(key).is_file()
 
     def load_head(self, path: str | Path) -> Head:
         """Load a head directory once per session (errors are the engine's one-liners).
@@ -189,6 +285,49 @@ class Runner:
 
             self._heads[key] = load_head(key)
         return self._heads[key]
+
+    def model_of(self, head_dir: str | Path) -> str | None:
+        """The base model a head directory's config.json names (read as JSON, no torch); None
+        when it cannot be read (the probe then reports that itself, as an error of its own)."""
+        from neuronpatch.limits import load_json_bounded
+
+        try:
+            raw = load_json_bounded(Path(self.settings.root / head_dir) / "config.json",
+                                    what="head config")
+        except NeuronpatchError:
+            return None
+        name = raw.get("base_model_name") if isinstance(raw, dict) else None
+        return name if isinstance(name, str) and name else None
+
+    def ensure_model(self, name: str, *, announce: Any = None, done: Any = None) -> None:
+        """Load model ``name`` (session device and dtype) unless this process holds it already.
+
+        ``announce(name)`` is called before a load, ``done(text)`` after it with
+        ``done in 1.2 s`` or the error; the load is kept in :attr:`loads`. An
+        error is not raised here: the probe that needs the model reports it.
+        """
+        import time
+
+        from neuronpatch import models
+        device, dtype = self.settings.device, self.settings.dtype
+        if models.is_loaded(name, device=device, dtype=dtype):
+            return
+        if announce is not None:
+            announce(name)
+        start = time.perf_counter()
+        try:
+            import neuronpatch.engine  # noqa: F401  (the engine's own imports belong to this step too)
+
+            models.load_model(name, device=device, dtype=dtype)
+        except NeuronpatchError as e:
+            if done is not None:
+                done(f"failed: {str(e).splitlines()[0]}")
+            return
+        seconds = time.perf_counter() - start
+        self.loads.append({"model": name, "seconds": round(seconds, 3), "device": device,
+                           "dtype": dtype})
+        if done is not None:
+            done(f"done in {seconds:.1f} s")
 
     def run(
         self,
@@ -214,23 +353,43 @@ class Runner:
         Example:
             >>> res = runner.run("heads/causal", inputs=["a b"], set=[0, 1])  # doctest: +SKIP
         """
+        kwargs = self._options(kwargs)
+        rank = kwargs.pop("rank", None)
+        result = self._cached(head, inputs, kwargs)
+        if rank is None:
+            return result
+        # Only when a probe asks for the rank metric: every unit of the target's layer, ranked
+        # (never cached: it needs the model).
+        from neuronpatch import rank_units
+
+        if isinstance(head, (str, Path)):
+            head = self.load_head(head)
+        common = {k: kwargs[k] for k in ("model", "device", "dtype", "batch_size") if k in kwargs}
+        ranking = rank_units(head, inputs, **common, **dict(rank))
+        return dataclasses.replace(result, ranking=ranking, notes=(*result.notes, ranking.describe()))
+
+    def _cached(self, head: Head | str | Path, inputs: Sequence[str] | None,
+                kwargs: dict[str, Any]) -> ExperimentResult:
+        """The engine's result, from the cache when it holds it (then nothing is loaded)."""
+        key = None
+        if self.cache is not None:  # a hit needs neither torch nor the model
+            head_dir = (self.settings.root / head).resolve() if isinstance(head, (str, Path)) \
+                else Path(head.path)
+            key = self._cache_key(head_dir, inputs, kwargs)
+            hit = None if key is None else self.cache.get(key, head_path=str(head_dir))
+            if hit is not None:
+                return hit
         from neuronpatch.engine import run_experiment
 
         if isinstance(head, (str, Path)):
             head = self.load_head(head)
-        kwargs.setdefault("device", self.settings.device)
-        kwargs.setdefault("dtype", self.settings.dtype)
-        kwargs.setdefault("batch_size", self.settings.batch_size)
-        rank = kwargs.pop("rank", None)
         result = run_experiment(head, inputs, **kwargs)
-        if rank is None:
-            return result
-        # Only when a probe asks for the rank metric: every unit of the target's layer, ranked.
-        from neuronpatch import rank_units
-
-        common = {k: kwargs[k] for k in ("model", "device", "dtype", "batch_size") if k in kwargs}
-        ranking = rank_units(head, inputs, **common, **dict(rank))
-        return dataclasses.replace(result, ranking=ranking, notes=(*result.notes, ranking.describe()))
+        if key is not None:
+            try:
+                self.cache.put(key, result)
+            except (OSError, NeuronpatchError) as e:
+                self.warnings.append(f"neuronpatch cache: result not stored in {self.settings.cache}: {e}")
+        return result
 
     # ----- check + artifacts -------------------------------------------------------
     def artifact_dir(self, node_id: str) -> Path:
@@ -299,9 +458,9 @@ class Runner:
         from neuronpatch import artifacts as files
 
         out = Path(out_dir)
-        ensure_directory(out, "artifacts directory")  # a file in the way: one line, not a traceback
-        for name in FIGURE_NAMES:  # a figure from an earlier run would be mistaken for this one's
-            (out / name).unlink(missing_ok=True)
+        shipped = self._shipped_as(out)
+        if shipped is None:
+            ensure_directory(out, "artifacts directory")  # a file in the way: one line, not a traceback
         extra: dict[str, Any] = {"expectations": [o.to_dict() for o in outcomes]}
         if probe is not None:
             extra["probe"] = dict(probe)
@@ -321,17 +480,34 @@ class Runner:
         expected = {o.metric: o.expected for o in outcomes}
         error = None
         try:
-            written = files.write_artifacts(result, out, extra=extra, figures=figures, title=title,
-                                            expected=expected)
+            bundle = files.build_artifacts(result, extra=extra, figures=figures, title=title,
+                                           expected=expected)
         except Exception as e:  # a broken plot must not mask the verdict
             if not figures:
                 raise
             error = f"{type(e).__name__}: {e}"
-            written = files.write_artifacts(
-                result, out, extra={**extra, "figures_error": error}, figures=False
-            )
+            bundle = files.build_artifacts(result, extra={**extra, "figures_error": error}, figures=False)
+        if shipped is not None:
+            self.outbox.append(shipment(shipped, bundle.summary, bundle.figures))
+            return Artifacts(directory=out, summary=out / "summary.json",
+                             figures=tuple(out / name for name in bundle.figures),
+                             figure_error=error, figure_data=dict(bundle.figures))
+        for name in FIGURE_NAMES:  # a figure from an earlier run would be mistaken for this one's
+            (out / name).unlink(missing_ok=True)
+        written = files.write_bundle(bundle, out)
         return Artifacts(directory=written.directory, summary=written.summary,
                          figures=tuple(written.figures), figure_error=error)
+
+    def _shipped_as(self, out: Path) -> str | None:
+        """On an xdist worker, ``out`` relative to the artifacts root (POSIX) when it lies
+        there: those files go to the controller. None: write here."""
+        if not self.settings.ship:
+            return None
+        try:
+            rel = out.relative_to(self.settings.artifacts)
+        except ValueError:
+            return None
+        return rel.as_posix() if rel.parts else None
 
 
 def _reason_line(outcome: Outcome) -> str:
@@ -369,17 +545,17 @@ class ExpectFixture:
         source = caller_source(1)
         if source is not None:  # as the user types it: relative to where pytest was started
             file, _, lineno = source.rpartition(":")
-            source = f"{shown_path(file, self._item.config.invocation_params.dir)}:{lineno}"
+            source = f"{user_path(self._item.config, file)}:{lineno}"
         expectations = parse_expectations(ranges, source=source)
         self._calls += 1
         item = self._item
         # A second call in the same test gets its own directory instead of overwriting.
-        node_id = item.nodeid if self._calls == 1 else f"{item.nodeid}#{self._calls}"
+        node_id = stable_id(item) if self._calls == 1 else f"{stable_id(item)}#{self._calls}"
         verdict = self._runner.evaluate(result, expectations, node_id=node_id, title=item.name,
                                         source=source)
         record_metrics(item, verdict)
-        base = item.config.invocation_params.dir
-        head = shown_path(result.head_path, base)
+        base = start_dir(item.config)
+        head = user_path(item.config, result.head_path)
         item.stash[RECORD_KEY] = make_record(
             kind="test", name=item.name, location=source, verdict=verdict, head=head,
             embed=flag(item.config, "report_embed"))
@@ -389,3 +565,120 @@ class ExpectFixture:
             raise ProbeFailed(probe_failure(title, verdict, head=head, result=result, base=base),
                               crash=crash, path=where, line=number)
         return list(verdict.outcomes)
+
+
+class ModelLoading:
+    """Models load in a step of their own, before the tests that need them, saying so.
+
+    A model's load is not part of any test: it would be charged to the first
+    probe that uses the model (its setup time, ``--durations``, a
+    ``--timeout``). In the process that runs the tests itself, every model the
+    collected probes need is loaded before the first test, one line each::
+
+        neuronpatch: loading model neuronpatch-demo (cpu, float32) … done in 1.2 s
+
+    A probe whose result the cache holds needs no model. An xdist worker learns
+    its tests one by one, so it loads a model just before the first test that
+    needs it, outside that test (before pytest's runtest protocol, and so before
+    pytest-timeout's timer, starts). The end of the run lists what each process
+    loaded, the cache's hits and misses, and warnings (workers send theirs to
+    the controller)::
+
+        neuronpatch: models loaded: gw0: neuronpatch-demo (1.2 s); gw1: ...
+        neuronpatch: cache .neuronpatch/cache: 9 hits, 2 misses
+    """
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.worker = hasattr(config, "workerinput")
+        self.by_worker: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def _needs(item: pytest.Item) -> str | None:
+        need = getattr(item, "needs_model", None)
+        if not callable(need) or item.get_closest_marker("skip") is not None:
+            return None
+        name = need()
+        return name if isinstance(name, str) else None
+
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Any:
+        if not self.worker and not self.config.option.collectonly:
+            names = dict.fromkeys(n for n in map(self._needs, session.items) if n is not None)
+            if names:
+                runner = get_runner(self.config)
+                tr = self.config.pluginmanager.get_plugin("terminalreporter")
+                for name in names:
+                    runner.ensure_model(name, announce=self._announce(tr), done=self._done(tr))
+        return (yield)
+
+    def _announce(self, tr: Any) -> Any:
+        settings = get_runner(self.config).settings
+
+        def announce(name: str) -> None:
+            if tr is not None and tr.verbosity >= 0:
+                tr.ensure_newline()
+                tr.write(f"neuronpatch: loading model {name} ({settings.device}, {settings.dtype}) … ",
+                         flush=True)
+        return announce
+
+    @staticmethod
+    def _done(tr: Any) -> Any:
+        def done(text: str) -> None:
+            if tr is not None and tr.verbosity >= 0:
+                tr.line(text)
+        return done
+
+    # Outermost: before pytest's protocol (setup, call, teardown) and any timer around it.
+    @pytest.hookimpl(wrapper=True, tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+        name = self._needs(item)
+        if name is not None:
+            get_runner(self.config).ensure_model(name)
+        return (yield)
+
+    def _mine(self) -> dict[str, Any]:
+        runner = self.config.stash.get(RUNNER_KEY, None)
+        if runner is None:
+            return {}
+        cache = runner._cache
+        return {"loads": list(runner.loads), "warnings": list(runner.warnings),
+                "cache": None if cache is None else [cache.hits, cache.misses]}
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.worker:
+            self.config.workeroutput["neuronpatch_steps"] = self._mine()  # type: ignore[attr-defined]
+        else:
+            self.by_worker["-"] = self._mine()
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: Any) -> None:
+        """xdist: a worker finished; keep what it loaded, counted and warned about."""
+        mine = getattr(node, "workeroutput", {}).get("neuronpatch_steps")
+        if isinstance(mine, dict):
+            self.by_worker[str(node.gateway.id)] = mine
+
+    def lines(self) -> list[str]:
+        """The end-of-run lines (printed in the ``neuronpatch`` section of the summary)."""
+        if self.worker:
+            return []
+        out, parts = [], []
+        hits = misses = 0
+        counted = False
+        for worker, mine in sorted(self.by_worker.items()):
+            loads = mine.get("loads") or []
+            if loads:
+                text = ", ".join(f"{x['model']} ({x['seconds']:.1f} s)" for x in loads)
+                parts.append(text if worker == "-" else f"{worker}: {text}")
+            if mine.get("cache") is not None:
+                counted = True
+                hits, misses = hits + mine["cache"][0], misses + mine["cache"][1]
+        if parts:
+            out.append("neuronpatch: models loaded: " + "; ".join(parts))
+        cache = get_runner(self.config).settings.cache
+        if cache is not None and counted:
+            out.append(f"neuronpatch: cache {user_path(self.config, cache)}: {hits} hit"
+                       f"{'s' if hits != 1 else ''}, {misses} miss{'es' if misses != 1 else ''}")
+        for mine in self.by_worker.values():
+            out += list(mine.get("warnings") or [])
+        return out
