@@ -453,7 +453,8 @@ def figure_bytes(
     result: ExperimentResult, *, title: str | None = None, dpi: int = 80,
     expected: Mapping[str, str] | None = None,
 ) -> dict[str, bytes]:
-    """The five figures as PNG bytes, by file name, in :data:`FIGURES` order; nothing is written.
+    """The figures as PNG bytes, by file name, in :data:`FIGURES` order (then
+    :data:`CONTROLS_FIGURE` with controls); nothing is written.
 
     The same bytes :func:`write_figures` would write: for a process that hands its
     figures to another one to write (an xdist worker to the controller).
@@ -465,7 +466,7 @@ def figure_bytes(
     import io
 
     out = {}
-    for name in FIGURES:
+    for name in FIGURES + ((CONTROLS_FIGURE,) if result.controls is not None else ()):
         fig = render(result, name, title=title, expected=expected)
         buffer = io.BytesIO()
         fig.savefig(buffer, dpi=dpi, format="png")
