@@ -63,16 +63,23 @@ def probe_heads(tmp_path_factory: pytest.TempPathFactory) -> ProbeHeads:
 
 @pytest.fixture(autouse=True)
 def _imports_before_pytester(request: pytest.FixtureRequest) -> None:
-    """Every test that uses ``pytester`` gets the engine's imports done before pytester starts.
+    """Every test that uses ``pytester`` gets the engine's imports done before pytester starts,
+    and inner pytest runs that keep their tests in file order.
 
     pytester snapshots ``sys.modules`` when it is set up and restores the snapshot when the
-    test ends, so whatever a test imports after that is dropped again, and importing torch a
-    second time in one process fails. Autouse fixtures are set up before the fixtures a test
-    asks for, so this runs before ``pytester`` takes its snapshot whatever order the tests
-    run in (``-p randomly``, xdist), not only when an earlier test happened to import them.
+    test ends, so whatever a test imports after that is dropped again: importing torch a
+    second time in one process fails, and a dropped ``neuronpatch.models`` forgets its loaded
+    models. Autouse fixtures are set up before the fixtures a test asks for, so this runs
+    before ``pytester`` takes its snapshot whatever order the tests run in (``-p randomly``,
+    xdist), not only when an earlier test happened to import them.
+
+    The suite runs under pytest-randomly too; the inner runs of a test are part of its
+    fixture, and their output is read in order, so they are not shuffled.
     """
     if "pytester" in request.fixturenames:
         request.getfixturevalue("probe_heads")
+        request.getfixturevalue("pytester")  # (it clears PYTEST_ADDOPTS when it starts)
+        request.getfixturevalue("monkeypatch").setenv("PYTEST_ADDOPTS", "-p no:randomly")
 
 
 def _warm_up_outside_pytester(head: Path) -> None:

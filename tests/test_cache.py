@@ -65,7 +65,8 @@ def measured(project) -> dict:
 def test_a_warm_run_reuses_every_result_bit_for_bit(project):
     cold = run(project, "--neuronpatch-update-baselines")
     cold.assert_outcomes(passed=2)
-    cold.stdout.fnmatch_lines(["neuronpatch: cache cache: 0 hits, 2 misses"])
+    cold.stdout.fnmatch_lines(["neuronpatch: device cpu, *, fuzz profile *, cache cache",
+                               "neuronpatch: cache cache: 0 hits, 2 misses"])
     first = measured(project)
     warm = run(project, "-v")
     warm.assert_outcomes(passed=2)

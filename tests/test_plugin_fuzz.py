@@ -129,11 +129,13 @@ def test_each_fuzz_probe_keeps_its_own_saved_counterexamples(project):
             activation: {{max: -100}}
     """).lstrip()
     (project.path / "two.probe.yaml").write_text("name: f\n" + body + "---\nname: g\n" + body)
-    from hypothesis import settings
+    from hypothesis import Phase, settings
     from hypothesis.database import InMemoryExampleDatabase
 
     db = InMemoryExampleDatabase()
-    settings.register_profile("fuzz-db-test", deadline=None, database=db)
+    # (no shrinking: what is saved is what this test is about, and shrinking is slow)
+    settings.register_profile("fuzz-db-test", deadline=None, database=db,
+                              phases=[Phase.explicit, Phase.reuse, Phase.generate])
     args = ("-p", "no:cacheprovider", "--hypothesis-profile=fuzz-db-test")
     project.runpytest(*args, "-k", "f").assert_outcomes(failed=1)
     f_key = b"two.probe.yaml::f"

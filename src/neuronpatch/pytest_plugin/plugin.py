@@ -107,8 +107,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         artifacts = s.artifacts.relative_to(config.rootpath)
     except ValueError:
         artifacts = s.artifacts
+    cache = "" if s.cache is None else f", cache {report.user_path(config, s.cache)}"
     return [f"neuronpatch: device {s.device}, dtype {s.dtype}, artifacts {artifacts}, "
-            f"baselines {baselines}, fuzz profile {fuzz_settings(config).describe()}"]
+            f"baselines {baselines}, fuzz profile {fuzz_settings(config).describe()}{cache}"]
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:
@@ -155,5 +156,9 @@ def neuronpatch_expect(request: pytest.FixtureRequest, neuronpatch_runner: Runne
 
 @pytest.fixture
 def neuronpatch_artifacts_dir(request: pytest.FixtureRequest, neuronpatch_runner: Runner) -> Path:
-    """This test's artifact directory (not created until something is written)."""
+    """This test's artifact directory (not created until something is written).
+
+    Under xdist it is the controller's directory: what neuronpatch writes there
+    travels to the controller, which writes it.
+    """
     return neuronpatch_runner.artifact_dir(request.node.nodeid)
