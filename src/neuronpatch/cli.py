@@ -141,13 +141,18 @@ def format_report(res: ExperimentResult) -> str:
     return "\n".join(out)
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    # Everything a user can get wrong is checked before torch is imported or a model loads.
+def _checked_inputs(args: argparse.Namespace) -> list[str] | None:
+    """Check --out, --inputs/--text and the head's config; the texts (None: the defaults)."""
     check_output_directory(args.out, "--out")
     if args.inputs is not None and args.text:
         raise InputError("give --inputs FILE or --text, not both")
     _check_head_config(args.head_dir)
-    texts = read_inputs(args.inputs) if args.inputs is not None else (args.text or None)
+    return read_inputs(args.inputs) if args.inputs is not None else (args.text or None)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # Everything a user can get wrong is checked before torch is imported or a model loads.
+    texts = _checked_inputs(args)
     position: str | int | None = None if args.position is None else args.position
     if position not in (None, "last", "all"):
         try:
@@ -217,11 +222,7 @@ def format_ranking(res: RankResult, head: str | None = None) -> str:
 
 
 def _cmd_rank(args: argparse.Namespace) -> int:
-    check_output_directory(args.out, "--out")
-    if args.inputs is not None and args.text:
-        raise InputError("give --inputs FILE or --text, not both")
-    _check_head_config(args.head_dir)
-    texts = read_inputs(args.inputs) if args.inputs is not None else (args.text or None)
+    texts = _checked_inputs(args)
 
     from neuronpatch._io import ensure_directory
     from neuronpatch.artifacts import write_json
