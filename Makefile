@@ -13,7 +13,7 @@ $(PY): pyproject.toml constraints.txt
 	@touch $(PY)
 
 test: $(PY)
-	$(PY) -m pytest -n 2 tests probes
+	$(PY) -m pytest -n 2 --durations=15 tests probes
 
 demo: $(PY)
 	$(PY) -m neuronpatch.demo.run_demo

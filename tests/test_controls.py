@@ -200,7 +200,7 @@ def test_a_direction_patch_that_is_discarded_is_an_error(tmp_path, monkeypatch):
     model = tiny_model(tmp_path / "m", "gpt2")
     head = write_head(tmp_path / "h", model, target_layer=0, target_neuron=3, feature_layer=-1,
                       layer_type="resid_post")
-    monkeypatch.setattr(engine._Along, "add", lambda self, out, delta: None)  # the edit never lands
+    monkeypatch.setattr(engine.Along, "add", lambda self, out, delta: None)  # the edit never lands
     with pytest.raises(PatchError) as e:
         run_experiment(head, TEXTS, set=[5.0], device="cpu", controls={"directions": DIRS})
     msg = str(e.value)

@@ -190,20 +190,18 @@ def test_conformance_command_writes_exact_and_refused_rows(tmp_path):
     assert "Cells off: 0." in text
 
 
-def test_cache_budget_splits_batches_without_changing_a_number(tmp_path, model_dir, monkeypatch):
-    from neuronpatch import engine
-
+def test_cache_budget_splits_batches_without_changing_a_number(tmp_path, model_dir):
     head = write_head(tmp_path / "h", model_dir, target_layer=0, target_neuron=3, feature_layer=-1)
     whole = run_experiment(head, TEXTS, scale=[0, 2], add=[1], device="cpu")
-    monkeypatch.setattr(engine, "KV_CACHE_BYTES", 1)  # one input per prefix forward
-    split = run_experiment(head, TEXTS, scale=[0, 2], add=[1], device="cpu")
+    # One input per prefix forward.
+    split = run_experiment(head, TEXTS, scale=[0, 2], add=[1], device="cpu", kv_cache_bytes=1)
     assert whole.method == split.method == "kv"
     np.testing.assert_allclose(split.patched_prediction, whole.patched_prediction, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("arch", "grows"), [("gpt2", True), ("llama", True), ("bloom", False)])
 @pytest.mark.parametrize("method", ["kv", "full"])
-def test_blocks_below_the_unit_run_once_per_input(tmp_path, monkeypatch, arch, grows, method):
+def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method):
     # Patched rows differ only from the unit's block on: below it each input runs once, and
     # the rows multiply at the unit's block. Bloom hands its blocks an ALiBi table with heads
     # folded into the batch, so the check refuses growth there and every row runs every block.
@@ -231,8 +229,6 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, monkeypatch, arch, g
     assert max(seen[1]) == rows
     # The same rows with every row through every block (tests/test_architectures.py holds the
     # grown routes against the HF reference on 14 architectures).
-    from neuronpatch import engine
-
-    monkeypatch.setattr(engine, "_growth", lambda model, p: None)
-    plain = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method)
+    plain = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method,
+                           grow_rows=False)
     np.testing.assert_allclose(res.patched_prediction, plain.patched_prediction, rtol=1e-4, atol=1e-5)

@@ -191,24 +191,34 @@ def test_screen_on_final_norm_and_token_heads(case, tmp_path):
 
 
 @pytest.mark.parametrize("budget", ["pieces", "none"])
-def test_screen_confirmation_in_pieces_or_without_the_kept_cache(tmp_path, monkeypatch, budget):
+def test_screen_confirmation_in_pieces_or_without_the_kept_cache(tmp_path, budget):
     # The screen keeps its prefix caches for the confirmation's rows. With a cache budget that
     # holds the prefixes but not their repeated rows, the kept cache is split into one piece per
     # input; with no budget at all it is not kept and engine.measure runs the prefixes again.
-    # Every number still matches the oracle.
-    from neuronpatch import rank
+    # Every number still matches the oracle. Block 0's forwards tell the two apart: a prefix
+    # runs several tokens, a confirmation piece one token of one input.
+    from neuronpatch.models import load_model
 
-    model = tiny_model(tmp_path / "model", "gpt_neox")
-    oracle = Oracle(model)
-    head, cfg = _head(tmp_path / "head", model, SCREEN["post, final state"])
+    path = tiny_model(tmp_path / "model", "gpt_neox")
+    oracle = Oracle(path)
+    head, cfg = _head(tmp_path / "head", path, SCREEN["post, final state"])
     longest = max(len(oracle.ids(t)) for t in TEXTS)
     prefixes = len(TEXTS) * longest * 3 * 32 * 2 * 4  # keys and values of 3 layers, d_model 32, float32
-    monkeypatch.setattr("neuronpatch.engine.KV_CACHE_BYTES", prefixes if budget == "pieces" else 1)
-    pieces: list[int] = []
-    split = rank._split
-    monkeypatch.setattr(rank, "_split", lambda kept, per: (pieces.append(p) or p for p in split(kept, per)))
-    res = rank_units(head, TEXTS, top=4, device="cpu")
-    assert len(pieces) == (len(TEXTS) if budget == "pieces" else 0)
+    model = load_model(path, device="cpu")
+    budget_bytes = prefixes if budget == "pieces" else 1
+    rank_units(head, TEXTS, top=4, model=model, kv_cache_bytes=budget_bytes)  # the growth check runs once
+    shapes: list[tuple[int, int]] = []
+    hook = model.arch.blocks[0].register_forward_pre_hook(
+        lambda mod, args, kw: shapes.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])),
+        with_kwargs=True)
+    try:
+        res = rank_units(head, TEXTS, top=4, model=model, kv_cache_bytes=budget_bytes)
+    finally:
+        hook.remove()
+    prefix_runs = sum(1 for _, s in shapes if s > 1)
+    one_input_one_token = sum(1 for b, s in shapes if (b, s) == (1, 1))
+    assert prefix_runs == (1 if budget == "pieces" else 1 + len(TEXTS))
+    assert one_input_one_token == len(TEXTS)
     scale = float(np.nanmax(np.abs(res.exact_slope)))
     for u in np.flatnonzero(res.patched).tolist():
         assert _close(float(res.exact_slope[u]), oracle_slope(oracle, head, cfg, u), scale)
@@ -286,6 +296,36 @@ def test_a_head_reading_before_the_layer_ranks_nothing(tmp_path):
     assert not res.exact_slope.any()
     assert res.target_rank == res.width  # every unit ties at 0: none stands out
     assert "every slope is exactly 0" in res.notes[0]
+
+
+@pytest.mark.parametrize("nudge, moves", [(1e-7, False), (1e-2, True)])
+def test_the_upstream_check_tolerates_rounding_not_a_real_move(tmp_path, nudge, moves):
+    """Rows computed in another batch shape round differently (matrix kernels split work by
+    thread count); the upstream check must call that rounding, not a move, yet still catch a
+    real one. A plain forward hook on the feature block nudges every row but the first by a
+    per-row relative amount: float32 rounding at ``1e-7``, a real change at ``1e-2``."""
+    from neuronpatch.models import load_model
+
+    path = tiny_gpt2(tmp_path / "model", n_layer=2)
+    head = write_head(tmp_path / "head", path, target_layer=1, target_neuron=3, feature_layer=0)
+    model = load_model(path, device="cpu")
+
+    def nudge_rows(module, args, out):
+        t = out[0] if isinstance(out, tuple) else out
+        rows = torch.arange(t.shape[0], dtype=t.dtype)[:, None, None]
+        t = t * (1 + nudge * rows)
+        return (t, *out[1:]) if isinstance(out, tuple) else t
+
+    handle = model.hf.transformer.h[0].register_forward_hook(nudge_rows)
+    try:
+        if moves:
+            with pytest.raises(RuntimeError, match="moved its prediction"):
+                rank_units(head, TEXTS, model=model)
+        else:
+            res = rank_units(head, TEXTS, model=model)
+            assert res.method == "upstream" and not res.exact_slope.any()
+    finally:
+        handle.remove()
 
 
 def test_a_norm_after_the_mlp_sends_the_exact_method_to_the_screen(tmp_path):

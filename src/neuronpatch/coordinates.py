@@ -31,6 +31,8 @@ from neuronpatch.architecture import Site
 from neuronpatch.errors import config_error
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from neuronpatch.models import LoadedModel
 
 
@@ -71,11 +73,38 @@ class Plan:
     upstream: bool  # the features are computed before the unit: no patch can reach them
     d_model: int
     # Direction controls ([k, d_model] float64 tensor; see neuronpatch.controls), set by the
-    # engine: a patched row whose column is ``d_model + i`` patches along ``directions[i]``.
+    # engine: a patched row whose ``Targets`` entry names direction ``i`` patches along
+    # ``directions[i]``.
     directions: Any = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         return f"{self.unit}:{self.neuron} → {self.feature} ({self.coordinates} coordinates)"
+
+    # The coordinate transforms, in one place: routes and ranking call these and never
+    # centre or offset a tensor themselves. ``t`` is a site's tensor ``[..., width]``.
+    def layer_values(self, t: Tensor) -> Tensor:
+        """Every unit of the layer in the unit's coordinates (float32; centred where they are)."""
+        row = t.float()
+        return row - row.mean(-1, keepdim=True) if self.centre_unit else row
+
+    def unit_value(self, column: Tensor, t: Tensor) -> Tensor:
+        """One column of ``t`` (already taken out, ``t[..., c]``) in the unit's coordinates."""
+        col = column.float()
+        return col - t.float().mean(-1) if self.centre_unit else col
+
+    def read_features(self, t: Tensor, delta: Tensor | None = None) -> Tensor:
+        """The head's features from the feature site's tensor ``[rows, width]``.
+
+        ``delta [rows]``: the change a patch made to a centred coordinate at this position;
+        in transformer_lens coordinates it adds ``delta / d_model`` to every feature (the
+        processed model never re-centres), and nothing in other coordinates.
+        """
+        f = t.float()
+        if self.centre_features:
+            f = f - f.mean(-1, keepdim=True)
+        if self.offset and delta is not None:
+            f = f + (delta.float() / self.d_model)[:, None]
+        return f
 
 
 def unit_site(cfg: HeadConfig) -> Site:

@@ -57,7 +57,7 @@ import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
-from neuronpatch import architecture, coordinates, engine, stats, units
+from neuronpatch import coordinates, engine, stats, units
 from neuronpatch.coordinates import Plan
 from neuronpatch.errors import InputError
 from neuronpatch.heads import Head, load_head
@@ -77,7 +77,7 @@ _CHUNK_FLOATS = 2**24
 # Columns one call of the write-direction helper computes at once.
 _DIRECTION_CHUNK = 1024
 # What stats.ols treats as constant (its own thresholds).
-_RTOL, _ATOL = stats._CONSTANT_RTOL, stats._CONSTANT_ATOL
+_RTOL, _ATOL = stats.CONSTANT_RTOL, stats.CONSTANT_ATOL
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,7 @@ def rank_units(
     dtype: str = "float32",
     batch_size: int = 128,
     screen: str = "auto",
+    kv_cache_bytes: int = engine.KV_CACHE_BYTES,
 ) -> RankResult:
     """Rank every unit of a layer by |slope| of the head's prediction on it.
 
@@ -272,7 +273,9 @@ def rank_units(
             exact slope, as in :func:`neuronpatch.run_experiment`; default
             ``scale: [0, 2]``. A linear regression head's exact slope does not
             depend on them.
-        model, device, dtype, batch_size: as in :func:`neuronpatch.run_experiment`.
+        model, device, dtype, batch_size, kv_cache_bytes: as in :func:`neuronpatch.run_experiment`
+            (the screen keeps its prefix caches for the confirmation when they fit in
+            ``kv_cache_bytes``, in pieces when their repeated rows do not).
         screen: ``auto`` (exact where the write path allows, else the screen),
             ``always`` (screen and confirm even where exact is possible) or
             ``never`` (exact, else patch every unit for real).
@@ -290,8 +293,7 @@ def rank_units(
     """
     if not isinstance(head, Head):
         head = load_head(head)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InputError(f"batch_size {batch_size!r} is invalid; expected a positive integer")
+    engine.check_batch_size(batch_size)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise InputError(f"top {top!r} is invalid; expected a positive integer (units to confirm)")
     if screen not in SCREENS:
@@ -319,7 +321,7 @@ def rank_units(
     enc = engine.encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos,
                         position=cfg.token_pos)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
-    job = _Job(head, model, p, enc, ivs, digit_ids, batch_size, top, target)
+    job = _Job(head, model, p, enc, ivs, digit_ids, engine.Budget(batch_size, kv_cache_bytes), top, target)
 
     exact_possible = not p.upstream and _directions_exist(model, p, enc)
     notes: list[str] = []
@@ -349,7 +351,7 @@ def rank_units(
 
 
 def _directions_exist(model: LoadedModel, p: Plan, enc: engine.Encoded) -> bool:
-    return engine._write_directions(model, p, enc, [0]) is not None
+    return engine.write_directions(model, p, enc, [0]) is not None
 
 
 # --------------------------------------------------------------------------- the work
@@ -391,7 +393,7 @@ class _Job:
     enc: engine.Encoded
     ivs: list[Intervention]
     digit_ids: Tensor | None
-    batch_size: int
+    budget: engine.Budget
     top: int
     target: int | None
 
@@ -440,13 +442,13 @@ class _Job:
 
         With ``grad``, each chunk's prefix cache is kept for the confirmation's patched
         rows when every input has tokens before its read position and all the caches
-        together fit in ``engine.KV_CACHE_BYTES``.
+        together fit in the budget's ``kv_cache_bytes``.
         """
         n = len(self.enc.ids)
         keep = grad and all(r > 0 for r in self.enc.read_pos) and \
-            n * _row_bytes(self.model, self.enc) <= engine.KV_CACHE_BYTES
+            n * self.budget.cache_bytes(self.model, self.enc) <= self.budget.kv_cache_bytes
         feats, rows, grads, kept = [], [], [], []
-        for idx in _chunks(n, self.batch_size):
+        for idx in engine.chunks(n, self.budget.batch_size):
             f, r, g, k = _pass(self.model, self.p, self.enc, idx, self.head if grad else None,
                                self.digit_ids, keep=keep)
             feats.append(f)
@@ -468,21 +470,16 @@ class _Job:
         enc = self.enc if enc is None else enc
         n, k = len(enc.ids), len(self.ivs)
         affine = self.affine(means, columns)[None].expand(n, -1, -1).contiguous()
-        neurons = [c for c in columns for _ in self.ivs]
+        targets = engine.Targets.of_columns(columns).repeat(k)
         if kept is None:
             got = engine.measure(self.model, self.p, enc, affine, engine.Route("kv", "rank confirmation"),
-                                 batch_size=self.batch_size, neurons=neurons)
+                                 budget=self.budget, targets=targets)
             assert got.row_clean is not None
             clean_feat, feat, act, before = got.clean_feat, got.feat, got.act, got.row_clean
         else:
-            # As engine.measure sizes kv batches: a row runs one token of a full-length input, and
-            # the bytes of the cache repeated per row (from the unit's block on, where rows grow).
-            m = len(neurons) + 1
-            longest = max(len(ids) for ids in enc.ids)
-            grows = engine._growth(self.model, self.p) is not None
-            per = max(1, min(self.batch_size * longest // m,
-                             engine.KV_CACHE_BYTES // max(1, m * _row_bytes(self.model, enc, grows, self.p))))
-            parts = [_cached_rows(self.model, self.p, enc, part, affine[part.idx], neurons)
+            # As engine.measure sizes kv batches: each row runs one token (the read token).
+            per = self.budget.kv_inputs(self.model, self.p, enc, len(targets) + 1, 1)
+            parts = [_cached_rows(self.model, self.p, enc, part, affine[part.idx], targets, self.budget)
                      for c in kept for part in _split(c, per)]
             clean_feat, feat, act, before = (torch.cat([q[j] for q in parts]) for j in range(4))
         clean_pred = self.predict(clean_feat)
@@ -496,10 +493,11 @@ class _Job:
     def real_features(self, columns: list[int], means: Tensor) -> tuple[Tensor, Tensor]:
         """Input 0's clean features and patched features (``[len(columns) * n_iv, width]``) from a
         real patched run of ``columns``."""
-        first = _first(self.enc)
+        first = self.enc.first()
         affine = self.affine(means, columns)[None].contiguous()
+        targets = engine.Targets.of_columns(columns).repeat(len(self.ivs))
         got = engine.measure(self.model, self.p, first, affine, engine.Route("kv", "check"),
-                             batch_size=self.batch_size, neurons=[c for c in columns for _ in self.ivs])
+                             budget=self.budget, targets=targets)
         return got.clean_feat[0], got.feat[0]
 
     def width_and_means(self, unit_row: Tensor) -> tuple[int, Tensor]:
@@ -511,8 +509,11 @@ class _Job:
         width, means = self.width_and_means(c.unit_row)
         cols = _checked_columns(self.target, list(range(min(_CHECKED, width))))
         clean, feats = self.real_features(cols, means)
+        # The patched rows ran in another batch shape than the clean one, so they may round
+        # differently (thread counts split matrix kernels differently): compare within the
+        # tolerance every route check uses, never bit for bit.
         moved = sorted({cols[j // len(self.ivs)] for j in range(feats.shape[0])
-                        if not torch.equal(feats[j], clean)})
+                        if engine.agree(clean, feats[j]) is not None})
         if moved:
             raise RuntimeError(f"the head reads {self.p.feature}, before {self.p.unit}, yet a real patched "
                                f"run of unit(s) {moved} moved its prediction")
@@ -525,7 +526,7 @@ class _Job:
         c = self.clean(grad=False)
         width, means = self.width_and_means(c.unit_row)
         dirs = torch.cat([d for lo in range(0, width, _DIRECTION_CHUNK)
-                          if (d := engine._write_directions(
+                          if (d := engine.write_directions(
                               self.model, self.p, self.enc,
                               list(range(lo, min(width, lo + _DIRECTION_CHUNK))))) is not None]).float().cpu()
         feats = c.features.cpu()
@@ -573,9 +574,8 @@ class _Job:
         before = row0[col_index]
         new = before * aff[:, 0] + aff[:, 1]
         want = feat0[None] + (new - before)[:, None] * dirs[col_index]
-        scale = float(have.abs().max()) + 1.0
-        err = float((want - have).abs().max())
-        if err > engine._CHECK_RTOL * scale:
+        err = engine.agree(have, want)
+        if err is not None:
             return (f"the exact method does not hold for this model: a real patched run differs from it by "
                     f"{err:.3g} on input 0 (the write path is not linear, e.g. a norm after the MLP)")
         return None
@@ -606,7 +606,7 @@ class _Job:
         c = self.clean(grad=False)
         width, means = self.width_and_means(c.unit_row)
         exact, r2s = np.full(width, np.nan), np.full(width, np.nan)
-        step = max(1, self.batch_size // len(self.ivs))
+        step = max(1, self.budget.batch_size // len(self.ivs))
         for lo in range(0, width, step):
             cols = list(range(lo, min(width, lo + step)))
             exact[cols], r2s[cols] = self.confirm(cols, means)
@@ -618,10 +618,6 @@ class _Job:
 def _constant(v: NDArray[np.float64]) -> NDArray[np.bool_]:
     """Per row, whether stats.ols would call it constant."""
     return np.asarray(v.max(1) - v.min(1) <= _ATOL + _RTOL * np.abs(v).max(1))
-
-
-def _first(enc: engine.Encoded) -> engine.Encoded:
-    return engine.Encoded(enc.ids[:1], enc.read_pos[:1], enc.patch_pos[:1], enc.measure_pos[:1])
 
 
 def _by_magnitude(slopes: NDArray[np.float64]) -> list[int]:
@@ -637,11 +633,6 @@ def _checked_columns(target: int | None, cols: Sequence[int]) -> list[int]:
     return out
 
 
-def _chunks(n: int, size: int) -> Iterator[list[int]]:
-    for lo in range(0, n, size):
-        yield list(range(lo, min(n, lo + size)))
-
-
 # --------------------------------------------------------------------------- one pass
 @contextlib.contextmanager
 def _frozen(module: torch.nn.Module) -> Iterator[None]:
@@ -654,14 +645,6 @@ def _frozen(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for prm, flag in flags:
             prm.requires_grad_(flag)
-
-
-def _row_bytes(model: LoadedModel, enc: engine.Encoded, grows: bool = False, p: Plan | None = None) -> int:
-    """Bytes of one input's prefix cache (keys and values of every layer, or only of the layers from
-    the unit's block on when rows grow there), as engine.measure counts them."""
-    longest = max(len(ids) for ids in enc.ids)
-    layers = model.n_layers - (p.unit.layer if grows and p is not None else 0)
-    return longest * layers * model.d_model * 2 * model.hf.dtype.itemsize
 
 
 def _pass(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int], head: Head | None,
@@ -696,90 +679,74 @@ def _pass(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int], head
     return f, r, g, None
 
 
+@dataclass
+class _Screened:
+    """What the read token's hooks have seen so far."""
+
+    unit_row: Tensor | None = None
+    z: Tensor | None = None  # the zero added at the unit's site (the screen's only gradient leaf)
+    features: Tensor | None = None
+
+
 def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int], head: Head | None,
                 digit_ids: Tensor | None, *, cached: bool, keep: bool = False,
                 ) -> tuple[Tensor, Tensor, Tensor | None, _Kept | None]:
     import copy
 
-    from transformers import DynamicCache
-
     dev = model.device
     B = len(idx)
     cache, kept = None, None
     if cached:
-        prefixes = [enc.ids[i][: enc.read_pos[i]] for i in idx]
-        pids, pmask, ppos = engine._left_pad(prefixes, engine._pad_id(model), dev)
-        cache = DynamicCache(config=model.hf.config)
-        # The cache is complete once the last block has run: the final norm and the LM head are skipped.
-        stop = architecture.attach(model.arch, architecture.Site("block_out", model.n_layers - 1),
-                                   _raise_stop, B)
-        try:
-            with torch.no_grad(), contextlib.suppress(engine._Stop):  # not inference mode: the read
-                # token's backward reads this cache
-                model.hf(input_ids=pids, attention_mask=pmask, position_ids=ppos, past_key_values=cache,
-                         use_cache=True, **engine._forward_kwargs(model))
-        finally:
-            stop.remove()
-        lengths = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=dev)
+        # Not inference mode: the read token's backward reads this cache.
+        cache, pmask, lengths = engine.prefix_cache(model, [enc.ids[i][: enc.read_pos[i]] for i in idx],
+                                                    keep_grad=True)
         if keep:
             kept = _Kept(list(idx), copy.deepcopy(cache), pmask, lengths)
         ids = torch.tensor([[enc.ids[i][enc.read_pos[i]]] for i in idx], dtype=torch.long, device=dev)
         mask = torch.cat([pmask, torch.ones(B, 1, dtype=pmask.dtype, device=dev)], dim=1)
         pos = lengths[:, None]
     else:
-        ids, mask, pos = engine._left_pad([enc.ids[i][: enc.read_pos[i] + 1] for i in idx],
-                                          engine._pad_id(model), dev)
-    got: dict[str, Tensor] = {}
+        ids, mask, pos = engine.left_pad([enc.ids[i][: enc.read_pos[i] + 1] for i in idx],
+                                         engine.pad_id(model), dev)
+    got = _Screened()
     grad = head is not None
 
     def unit(t: Tensor) -> Tensor | None:
-        row = t[:, -1].detach().float()
-        got["unit_row"] = row - row.mean(-1, keepdim=True) if p.centre_unit else row
-        if "features" in got:
-            raise engine._Stop  # the head read before the unit (upstream): all there is to see
+        got.unit_row = p.layer_values(t[:, -1].detach())
+        if got.features is not None:
+            raise engine.Stop  # the head read before the unit (upstream): all there is to see
         if not grad:
             return None
         z = torch.zeros(B, t.shape[-1], dtype=t.dtype, device=t.device, requires_grad=True)
-        got["z"] = z
+        got.z = z
         return torch.cat([t[:, :-1], (t[:, -1] + z)[:, None]], dim=1)
 
     def capture(t: Tensor) -> None:
-        f = t[:, -1].float()
-        if p.centre_features:
-            f = f - f.mean(-1, keepdim=True)
-        if p.offset and "z" in got:
-            # transformer_lens coordinates: a patch of δ adds δ/d_model to the features there.
-            f = f + got["z"].float().sum(-1, keepdim=True) / p.d_model
-        got["features"] = f
-        if "unit_row" in got:
-            raise engine._Stop  # nothing later in the forward can change what was read
+        # transformer_lens coordinates: a patch of δ adds δ/d_model to the features there.
+        got.features = p.read_features(t[:, -1], None if got.z is None else got.z.sum(-1))
+        if got.unit_row is not None:
+            raise engine.Stop  # nothing later in the forward can change what was read
 
-    handles = [architecture.attach(model.arch, p.unit, unit, B)]
+    taps: list[engine.Tap] = [(p.unit, unit)]
     if p.feature.kind != "logits":
-        handles.append(architecture.attach(model.arch, p.feature, capture, B))
-    ctx = _frozen(model.hf) if grad else contextlib.nullcontext()
-    try:
-        with ctx, (torch.enable_grad() if grad else torch.inference_mode()), \
-                contextlib.suppress(engine._Stop):
-            out = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                           use_cache=cache is not None, **engine._forward_kwargs(model))
-            if p.feature.kind == "logits":
-                got["features"] = out.logits[:, -1].float()
-        if "unit_row" not in got or "features" not in got:
+        taps.append((p.feature, capture))
+    with _frozen(model.hf) if grad else contextlib.nullcontext():
+        out = engine.forward(model, ids, mask, pos, taps=taps, cache=cache,
+                             mode="grad" if grad else "inference")
+        if p.feature.kind == "logits" and out is not None:
+            got.features = out.logits[:, -1].float()
+        if got.unit_row is None or got.features is None:
             raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass")
         g = None
         if grad:
             assert head is not None
-            pred = head.predict(got["features"], digit_ids)
-            if "z" not in got or not pred.requires_grad:
-                g = torch.zeros_like(got["unit_row"])  # nothing the head reads depends on the unit
+            pred = head.predict(got.features, digit_ids)
+            if got.z is None or not pred.requires_grad:
+                g = torch.zeros_like(got.unit_row)  # nothing the head reads depends on the unit
             else:
-                (g,) = torch.autograd.grad(pred.sum(), got["z"])
+                (g,) = torch.autograd.grad(pred.sum(), got.z)
                 g = g.float()
-    finally:
-        for h in handles:
-            h.remove()
-    return got["features"].detach().cpu(), got["unit_row"].cpu(), None if g is None else g.cpu(), kept
+    return got.features.detach().cpu(), got.unit_row.cpu(), None if g is None else g.cpu(), kept
 
 
 def _split(kept: _Kept, per: int) -> Iterator[_Kept]:
@@ -796,15 +763,11 @@ def _split(kept: _Kept, per: int) -> Iterator[_Kept]:
         yield _Kept([kept.idx[k] for k in sel], cache, kept.mask[sel], kept.lengths[sel])
 
 
-def _raise_stop(t: Tensor) -> None:
-    raise engine._Stop
-
-
 def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, affine: Tensor,
-                 neurons: Sequence[int]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                 targets: engine.Targets, budget: engine.Budget) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Patched rows of the read token over a kept prefix cache, as engine.measure's kv route runs them.
 
-    ``affine[k, j]``: (α, β) of row ``j`` of input ``kept.idx[k]``, patching column ``neurons[j]``;
+    ``affine[k, j]``: (α, β) of row ``j`` of input ``kept.idx[k]``, patching ``targets[j]``;
     a clean row comes first for each input. Where the engine allows it for this model (its
     :class:`~neuronpatch.engine.Growth` check), the read token runs once per input through the
     blocks below the unit and the rows multiply at the unit's block, with the cache repeated
@@ -816,25 +779,20 @@ def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, 
     B, M = affine.shape[:2]
     m = M + 1
     full = torch.cat([torch.tensor([1.0, 0.0]).expand(B, 1, 2), affine], dim=1)
-    names = engine._growth(model, p)
-    grow = None if names is None else engine.Growth(p.unit.layer, m, names)
-    if grow is None:
-        kept.cache.batch_repeat_interleave(m)
-    else:
-        for layer in kept.cache.layers[grow.at:]:
-            layer.batch_repeat_interleave(m)
+    grow = budget.growth(model, p, m)
+    engine.repeat_cache(kept.cache, m, grow, model.n_layers)
     ids = torch.tensor([[enc.ids[i][enc.read_pos[i]]] for i in kept.idx], dtype=torch.long, device=dev)
     mask = torch.cat([kept.mask, torch.ones(B, 1, dtype=kept.mask.dtype, device=dev)], dim=1)
     R = B * m
     rep = (lambda t: t) if grow is not None else (lambda t: t.repeat_interleave(m, 0))
-    b = engine._Batch(ids=rep(ids), mask=rep(mask), positions=rep(kept.lengths[:, None]),
-                      patch=torch.ones(R, 1, dtype=torch.bool, device=dev),
-                      measure=torch.zeros(R, dtype=torch.long, device=dev),
-                      read=torch.zeros(R, dtype=torch.long, device=dev),
-                      alpha=full[..., 0].reshape(-1).to(dev), beta=full[..., 1].reshape(-1).to(dev),
-                      cache=kept.cache,
-                      neuron=torch.tensor([p.neuron, *neurons], dtype=torch.long).repeat(B), grow=grow)
-    rows = engine._run(model, p, b)
+    columns, _ = (engine.Targets.of_columns([p.neuron]) + targets).tensors(B, dev)
+    b = engine.Batch(ids=rep(ids), mask=rep(mask), positions=rep(kept.lengths[:, None]),
+                     patch=torch.ones(R, 1, dtype=torch.bool, device=dev),
+                     measure=torch.zeros(R, dtype=torch.long, device=dev),
+                     read=torch.zeros(R, dtype=torch.long, device=dev),
+                     alpha=full[..., 0].reshape(-1).to(dev), beta=full[..., 1].reshape(-1).to(dev),
+                     cache=kept.cache, columns=columns, grow=grow)
+    rows = engine.run_rows(model, p, b)
     kept.cache = None  # repeated in place: no longer the prefix cache
     feats = rows.features.reshape(B, m, -1).cpu()
     clean_unit = rows.clean_unit.reshape(B, m).cpu()

@@ -43,8 +43,8 @@ NAN = float("nan")
 
 # Relative spread below which a quantity is treated as constant. float32 forward
 # passes carry ~1e-7 relative noise, so "no change" never comes out as exactly 0.
-_CONSTANT_RTOL = 1e-6
-_CONSTANT_ATOL = 1e-9
+CONSTANT_RTOL = 1e-6
+CONSTANT_ATOL = 1e-9
 # A prediction change no larger than this fraction of the prediction's scale is float
 # noise of a float32 forward pass, not an effect.
 NOISE_RTOL = 1e-6
@@ -100,7 +100,7 @@ class Interval:
 
 def _is_constant(v: NDArray[np.float64]) -> bool:
     spread = float(np.ptp(v)) if v.size else 0.0
-    return spread <= _CONSTANT_ATOL + _CONSTANT_RTOL * float(np.max(np.abs(v), initial=0.0))
+    return spread <= CONSTANT_ATOL + CONSTANT_RTOL * float(np.max(np.abs(v), initial=0.0))
 
 
 def no_effect_reason(y: ArrayLike, y_scale: float | None) -> str | None:
@@ -116,7 +116,7 @@ def no_effect_reason(y: ArrayLike, y_scale: float | None) -> str | None:
         return None
     ya = np.asarray(y, dtype=np.float64).ravel()
     biggest = float(np.max(np.abs(ya), initial=0.0))
-    floor = NOISE_RTOL * max(abs(float(y_scale)), _CONSTANT_ATOL)
+    floor = NOISE_RTOL * max(abs(float(y_scale)), CONSTANT_ATOL)
     if biggest > floor:
         return None
     return (f"no effect: the prediction moved by at most {biggest:.3g}, below float noise "
@@ -126,7 +126,7 @@ def no_effect_reason(y: ArrayLike, y_scale: float | None) -> str | None:
 def _trivial_r2(x: NDArray[np.float64], y: NDArray[np.float64]) -> str | None:
     """R² is 1 by construction when the points sit on at most 2 distinct x values, one y each."""
     scale = float(np.max(np.abs(x), initial=0.0))
-    keys = np.round(x / (scale * _CONSTANT_RTOL + _CONSTANT_ATOL)).astype(np.int64)
+    keys = np.round(x / (scale * CONSTANT_RTOL + CONSTANT_ATOL)).astype(np.int64)
     groups = np.unique(keys)
     if groups.size > 2:
         return None
@@ -285,8 +285,8 @@ def bootstrap_ci(
     vyy = syy - sy * sy / n
     scale_x = np.maximum(sxx / n, 1e-300)
     scale_y = np.maximum(syy / n, 1e-300)
-    ok_x = vxx / n > (_CONSTANT_RTOL**2) * scale_x + _CONSTANT_ATOL**2
-    ok_y = vyy / n > (_CONSTANT_RTOL**2) * scale_y + _CONSTANT_ATOL**2
+    ok_x = vxx / n > (CONSTANT_RTOL**2) * scale_x + CONSTANT_ATOL**2
+    ok_y = vyy / n > (CONSTANT_RTOL**2) * scale_y + CONSTANT_ATOL**2
     with np.errstate(divide="ignore", invalid="ignore"):
         slope = np.where(ok_x, vxy / vxx, np.nan)
         r2 = np.where(ok_x & ok_y, (vxy * vxy) / (vxx * vyy), np.nan)

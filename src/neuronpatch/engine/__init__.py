@@ -1,0 +1,151 @@
+"""The patching engine: does a prediction head *use* the unit it predicts?
+
+Activation patching answers a causal question that correlation cannot. For
+each input we record the unit's clean activation ``a`` and the head's clean
+prediction ``p``; then we overwrite the unit (``a ↦ α·a + β``: scale, set, zero,
+add or mean-ablate) at the patched position, let the change flow through the
+rest of the model up to where the head reads its features, and record the new
+prediction ``p'``. If the head reads the unit, ``p' − p`` follows ``a' − a``.
+
+Every number comes from the model's own forward (its own attention, positions,
+norms and cache); the engine only reads and edits tensors at the sites of
+:mod:`neuronpatch.architecture`, and turns them into the head's coordinates
+with the identities of :mod:`neuronpatch.coordinates`. Routes, cheapest first:
+
+``upstream``  the head reads before the unit: nothing can change, so the slope
+              is exactly 0 (checked once with a real patched run);
+``linear``    the head reads the residual stream right after the unit, at the
+              patched position: patched features are the clean ones plus
+              ``Δa`` times the unit's write direction (checked once against a
+              real patched run; on a mismatch the engine steps aside to ``kv``);
+``kv``        one forward over every input's prefix (the tokens before the
+              patch) keeps the model's own KV cache; each input's cache is
+              repeated once per intervention plus once clean, and only the
+              positions from the patch to the read position are run again;
+``full``      every row, every position, from the start (the reference, and
+              what ``position: all`` needs).
+
+In ``kv`` and ``full``, an input's rows are identical below the unit's block,
+so those blocks run once per input and the rows multiply at the unit's block
+(:class:`Growth`; the cache is repeated only from there on). Whether a model's
+blocks take a grown batch is checked once per model, block and feature site
+against ungrown rows; where it does not hold, every row runs every block.
+
+The package, in the order data flows through it:
+
+``_inputs``   texts to token rows and positions (:func:`encode`), left padding;
+``_forward``  :func:`forward`, the one call into the model (hooks at sites for one
+              pass, stopped once everything is read), and :func:`run_rows`, the
+              patched run over a :class:`Batch` that returns a :class:`Capture`;
+``_rows``     batches built two ways: from the start (:func:`full_rows`) or over a
+              prefix cache (:func:`kv_rows`);
+``_growth``   whether rows may multiply at the unit's block (:func:`growth`), and
+              the tolerance every shortcut is checked with (:func:`agree`);
+``_routes``   :func:`choose_route`, :func:`measure` under a :class:`Budget`, the
+              write directions of the ``linear`` route and its check;
+``_api``      :func:`run_experiment` and :func:`collect`.
+
+Coordinates (centring, the δ/d_model offset) are the :class:`~neuronpatch.coordinates.Plan`'s
+methods; the engine calls them and never centres a tensor itself.
+
+Inputs are left-padded with explicit ``position_ids`` and an attention mask,
+so a batch gives the numbers each input gives alone. Hooks live only inside
+one call. Everything is deterministic.
+"""
+
+from neuronpatch.engine._api import (
+    SILENT,
+    Method,
+    check_batch_size,
+    collect,
+    progress_bar,
+    run_experiment,
+)
+from neuronpatch.engine._forward import (
+    PATCH_RTOL,
+    Along,
+    Batch,
+    Capture,
+    Growth,
+    Stop,
+    Tap,
+    Targets,
+    forward,
+    forward_kwargs,
+    last_block,
+    repeat_cache,
+    run_rows,
+)
+from neuronpatch.engine._growth import CHECK_RTOL, agree, growth
+from neuronpatch.engine._inputs import (
+    DEFAULT_INPUTS,
+    Encoded,
+    chunks,
+    encode,
+    left_pad,
+    pad_id,
+    short,
+    tokenize,
+)
+from neuronpatch.engine._routes import (
+    KV_CACHE_BYTES,
+    METHODS,
+    Budget,
+    Measured,
+    Route,
+    check_shortcut,
+    choose_route,
+    direction_writes,
+    measure,
+    patched_rows,
+    write_directions,
+)
+from neuronpatch.engine._rows import full_rows, kv_rows, layer_rows, prefix_cache
+
+__all__ = [
+    "CHECK_RTOL",
+    "DEFAULT_INPUTS",
+    "KV_CACHE_BYTES",
+    "METHODS",
+    "PATCH_RTOL",
+    "SILENT",
+    "Along",
+    "Batch",
+    "Budget",
+    "Capture",
+    "Encoded",
+    "Growth",
+    "Measured",
+    "Method",
+    "Route",
+    "Stop",
+    "Tap",
+    "Targets",
+    "agree",
+    "check_batch_size",
+    "check_shortcut",
+    "choose_route",
+    "chunks",
+    "collect",
+    "direction_writes",
+    "encode",
+    "forward",
+    "forward_kwargs",
+    "full_rows",
+    "growth",
+    "kv_rows",
+    "last_block",
+    "layer_rows",
+    "left_pad",
+    "measure",
+    "pad_id",
+    "patched_rows",
+    "prefix_cache",
+    "progress_bar",
+    "repeat_cache",
+    "run_experiment",
+    "run_rows",
+    "short",
+    "tokenize",
+    "write_directions",
+]

@@ -1,0 +1,459 @@
+"""One forward pass: the model's own forward with hooks at sites, and the patched run built on it.
+
+:func:`forward` is the only place the engine calls the model: every route, the
+growth and shortcut checks, mean ablation and ranking go through it. It attaches
+hooks at :mod:`~neuronpatch.architecture` sites for one call, lets a hook end the
+pass once everything needed has been read (:class:`Stop`), and removes every
+hook afterwards. :func:`run_rows` is the patched run: one :class:`Batch` of rows,
+the unit patched in each, the patch read back and checked, and a typed
+:class:`Capture` of what was read.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from neuronpatch import architecture
+from neuronpatch.architecture import Site
+from neuronpatch.coordinates import Plan
+from neuronpatch.errors import PatchError
+
+if TYPE_CHECKING:
+    from neuronpatch.models import LoadedModel
+
+# How far the unit may be from the requested value after a patch, relative to its
+# scale, by the dtype the model runs in (one rounding of the patched value, and a
+# little room for what the hook chain copies).
+PATCH_RTOL = {torch.float32: 1e-5, torch.float64: 1e-10, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+class Stop(Exception):
+    """Raised from a hook once everything needed has been read: the rest of the forward is skipped."""
+
+
+# Per model class, read once rather than at every forward: whether it can compute logits
+# for the last position only (``logits_to_keep``).
+_KEEPS_ONE_LOGIT: dict[Any, bool] = {}
+
+
+def forward_kwargs(model: LoadedModel) -> dict[str, Any]:
+    """Keyword arguments every forward passes: a dict output, logits at the last position only."""
+    cls = type(model.hf)
+    if cls not in _KEEPS_ONE_LOGIT:
+        _KEEPS_ONE_LOGIT[cls] = "logits_to_keep" in inspect.signature(cls.forward).parameters
+    return {"return_dict": True, **({"logits_to_keep": 1} if _KEEPS_ONE_LOGIT[cls] else {})}
+
+
+# --------------------------------------------------------------------------- row growth
+@dataclass(frozen=True)
+class Growth:
+    """Where a batch of one row per input becomes ``m`` rows per input.
+
+    Blocks below the unit compute the same values for every row of an input,
+    so they run once per input; a forward pre-hook on each block from ``at``
+    on repeats the hidden states and every per-input argument the model hands
+    its blocks (mask, positions, rotary tables) ``m`` times. The blocks are the
+    model's own; only their batch grows. ``names``: the block arguments that
+    carry the batch, found once per model and block (:func:`neuronpatch.engine.growth`)
+    and checked there against an ungrown run; None while they are being found
+    (every argument whose first dimension is the batch grows, recorded in ``seen``).
+    """
+
+    at: int
+    m: int
+    names: frozenset[str | int] | None
+    seen: set[str | int] = field(default_factory=set)
+
+    def hook(self, n: int) -> Callable[..., Any]:
+        """A forward pre-hook that repeats each per-input block argument ``m`` times."""
+        def grows(x: Any) -> bool:
+            return isinstance(x, Tensor) and x.dim() >= 2 and x.shape[0] == n
+
+        def grow(key: str | int, x: Any) -> Any:
+            if self.names is not None and key not in self.names:
+                return x
+            if grows(x):
+                self.seen.add(key)
+                return x.repeat_interleave(self.m, 0)
+            if isinstance(x, tuple) and x and all(grows(y) for y in x):  # rotary (cos, sin)
+                self.seen.add(key)
+                return tuple(y.repeat_interleave(self.m, 0) for y in x)
+            if self.names is not None:
+                for y in x if isinstance(x, tuple) else (x,):
+                    if isinstance(y, Tensor) and y.dim() >= 2 and y.shape[0] not in (1, n * self.m):
+                        raise RuntimeError(f"block argument {key!r} has a batch of {y.shape[0]}, "
+                                           f"expected {n} inputs")
+            return x
+
+        def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return tuple(grow(i, a) for i, a in enumerate(args)), {k: grow(k, v) for k, v in kwargs.items()}
+
+        return hook
+
+    def repeat_cache(self, cache: Any, n_layers: int) -> None:
+        """Repeat a prefix cache's rows ``m`` times, from the growth block on (in place)."""
+        if len(cache.layers) != n_layers:
+            raise RuntimeError("the cache does not hold one layer per block")
+        for layer in cache.layers[self.at:]:
+            layer.batch_repeat_interleave(self.m)
+
+
+def repeat_cache(cache: Any, m: int, grow: Growth | None, n_layers: int) -> None:
+    """Repeat each input's prefix cache once per row: in every layer, or from ``grow.at`` on."""
+    if grow is None:
+        cache.batch_repeat_interleave(m)
+    else:
+        grow.repeat_cache(cache, n_layers)
+
+
+# --------------------------------------------------------------------------- the primitive
+Tap = tuple[Site, Callable[[Tensor], Tensor | None]]
+Mode = Literal["inference", "no_grad", "grad"]
+
+
+def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
+            taps: Sequence[Tap] = (), cache: Any = None, grow: Growth | None = None,
+            rows: int | None = None, until: Site | None = None, mode: Mode = "inference") -> Any:
+    """Run the model's own forward on one batch with ``taps`` attached; hooks live only for this call.
+
+    Args:
+        ids, mask, positions: token rows ``[B, S]``, the attention mask (covering any cached
+            prefix) and explicit position ids.
+        taps: ``(site, fn)`` pairs, attached in order (hooks on one module run in the order
+            they were registered); ``fn`` may return a replacement tensor or raise :class:`Stop`.
+        cache: the model's own ``Cache`` to continue from and fill.
+        grow: rows multiply at ``grow.at`` (see :class:`Growth`).
+        rows: the batch the taps see (default ``B``, times ``grow.m`` with ``grow``).
+        until: stop after this site has run (e.g. the last block, when only the cache is needed).
+        mode: ``inference`` (no autograd), ``no_grad`` (tensors a later backward may read) or
+            ``grad``.
+
+    Returns:
+        The model's output, or None when a hook stopped the pass early.
+    """
+    R = rows if rows is not None else ids.shape[0] * (grow.m if grow is not None else 1)
+    handles = []
+    if grow is not None:  # registered first (and prepended): the batch grows before any edit
+        hook = grow.hook(ids.shape[0])
+        handles += [blk.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+                    for blk in model.arch.blocks[grow.at:]]
+    try:
+        handles += [architecture.attach(model.arch, site, fn, R) for site, fn in taps]
+        if until is not None:
+            handles.append(architecture.attach(model.arch, until, _stop, R))
+        ctx = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
+        with ctx():
+            try:
+                return model.hf(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=cache is not None, **forward_kwargs(model))
+            except Stop:
+                return None
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _stop(t: Tensor) -> None:
+    raise Stop
+
+
+def last_block(model: LoadedModel) -> Site:
+    """The last block's output: a prefix forward that only fills the cache stops there."""
+    return Site("block_out", model.n_layers - 1)
+
+
+# --------------------------------------------------------------------------- the patched run
+@dataclass(frozen=True)
+class Targets:
+    """What each patched row of an input patches, in order.
+
+    ``columns[j]``: the column of the unit's layer row ``j`` patches; ``directions[j]``:
+    the direction control it patches along instead (an index into ``Plan.directions``),
+    or None. A direction row's column is unused.
+    """
+
+    columns: tuple[int, ...]
+    directions: tuple[int | None, ...]
+
+    @classmethod
+    def of_columns(cls, columns: Sequence[int]) -> Targets:
+        return cls(tuple(int(c) for c in columns), (None,) * len(columns))
+
+    @classmethod
+    def of_directions(cls, k: int, column: int) -> Targets:
+        """Direction controls ``0..k-1`` (``column``: any valid column, left as it is)."""
+        return cls((column,) * k, tuple(range(k)))
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __add__(self, other: Targets) -> Targets:
+        return Targets(self.columns + other.columns, self.directions + other.directions)
+
+    def repeat(self, k: int) -> Targets:
+        """Each row ``k`` times in a row (one per intervention)."""
+        return Targets(tuple(c for c in self.columns for _ in range(k)),
+                       tuple(d for d in self.directions for _ in range(k)))
+
+    @property
+    def on_direction(self) -> Tensor:
+        """``[rows]`` bool: the rows that patch along a direction."""
+        return torch.tensor([d is not None for d in self.directions], dtype=torch.bool)
+
+    def tensors(self, n: int, device: Any) -> tuple[Tensor, Tensor]:
+        """Per row of ``n`` inputs (these rows each): columns and direction indices (−1: none)."""
+        cols = torch.tensor(self.columns, dtype=torch.long).repeat(n).to(device)
+        dirs = torch.tensor([-1 if d is None else d for d in self.directions], dtype=torch.long)
+        return cols, dirs.repeat(n).to(device)
+
+
+@dataclass
+class Batch:
+    """Token rows for one patched forward: left-padded, with positions and where to patch/read."""
+
+    ids: Tensor  # [B, S]: one row per row, or one per input with ``grow``
+    mask: Tensor  # [B, P + S] attention mask including any cached prefix
+    positions: Tensor  # [B, S]
+    patch: Tensor  # [R, S] bool: positions to patch
+    measure: Tensor  # [R] column of the measured unit value
+    read: Tensor  # [R] column of the read position
+    alpha: Tensor  # [R]
+    beta: Tensor  # [R]
+    cache: Any = None
+    columns: Tensor | None = None  # [R] the column each row patches; None: the plan's
+    directions: Tensor | None = None  # [R] the direction control each row patches (−1: none)
+    grow: Growth | None = None  # ids hold one row per input; rows multiply at the unit's block
+
+    @property
+    def rows(self) -> int:
+        return int(self.alpha.shape[0])
+
+
+@dataclass
+class Capture:
+    """What one patched forward read, one entry per row (a clean row per input among them)."""
+
+    clean_unit: Tensor  # [R] the unit's clean value where it is measured
+    patched_unit: Tensor  # [R] the value the intervention asked for there
+    features: Tensor  # [R, width] in the head's coordinates
+    guard: Tensor | None = None  # [R, width] features in hf coordinates (the coordinate guard)
+    unit_row: Tensor | None = None  # [R, units] the whole layer where it is measured, before the patch
+
+
+class Along:
+    """The rows of a batch that patch along a direction control instead of a column.
+
+    Such a row patches ``v = plan.directions[i]`` (unit norm, mean-zero): its value is
+    ``v·t`` and its patch adds ``(target − v·t)·v`` to the tensor, in float64, written back
+    in the tensor's dtype. No centring applies in either coordinate system (``v·1 = 0``;
+    see :mod:`neuronpatch.controls`).
+    """
+
+    def __init__(self, p: Plan, directions: Tensor) -> None:
+        self.rows = (directions >= 0).nonzero()[:, 0]
+        self.index = directions[self.rows]  # which direction each of those rows patches
+        self.v = p.directions.to(directions.device, torch.float64)[self.index]  # [rows, d_model]
+
+    def __bool__(self) -> bool:
+        return len(self.rows) > 0
+
+    def value(self, t: Tensor) -> Tensor:
+        """``[rows, positions]``: ``v·t`` of each direction row, float64."""
+        return torch.einsum("rsd,rd->rs", t[self.rows].double(), self.v)
+
+    def add(self, out: Tensor, delta: Tensor) -> None:
+        """Add ``delta[row, position] · v`` to the direction rows of ``out`` (in place)."""
+        moved = out[self.rows].double() + delta[..., None] * self.v[:, None, :]
+        out[self.rows] = moved.to(out.dtype)
+
+
+@dataclass
+class _Read:
+    """What the hooks of one patched forward have seen so far (filled as the forward runs)."""
+
+    clean: Tensor | None = None
+    patched: Tensor | None = None
+    unit_row: Tensor | None = None
+    delta_read: Tensor | None = None  # [R] the patch's δ at the read position (0 on direction rows)
+    requested: Tensor | None = None  # [R, S] the column the patch wrote
+    observed: Tensor | None = None  # [R, S] the column read back after the patch
+    early: bool = False  # the features were read before the unit: an upstream head
+    along_requested: Tensor | None = None
+    along_observed: Tensor | None = None
+    along_norm: Tensor | None = None
+    features: Tensor | None = None
+    guard: Tensor | None = None
+
+
+def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -> Capture:
+    """Run the model's own forward on ``b`` with the patch and capture hooks attached.
+
+    ``guard``: a second feature site to read unchanged (the coordinate guard).
+    Every patch is checked: a second hook at the unit's site, after the patch,
+    reads the column (or the direction's value) back; a patch that never ran, or
+    left another value than the one requested, raises :class:`~neuronpatch.errors.PatchError`.
+    """
+    R = b.rows
+    ar = torch.arange(R, device=model.device)
+    got = _Read()
+    n: Any = p.neuron if b.columns is None else b.columns
+    along: Along | None = None
+    if p.directions is not None and b.directions is not None:
+        along = Along(p, b.directions) or None
+    logits = p.feature.kind == "logits"
+
+    def have_all() -> bool:
+        return (got.clean is not None and got.features is not None
+                and (guard is None or got.guard is not None))
+
+    def column(t: Tensor) -> Tensor:
+        if b.columns is None:
+            return t[..., n]
+        return t.gather(-1, n[:, None, None].expand(-1, t.shape[1], 1))[..., 0]
+
+    def patch(t: Tensor) -> Tensor:
+        col = column(t)
+        c = p.unit_value(col, t)
+        target = b.alpha[:, None] * c + b.beta[:, None]
+        delta = torch.where(b.patch, target - c, torch.zeros_like(c))
+        clean = c[ar, b.measure]
+        patched = torch.where(b.patch[ar, b.measure], target[ar, b.measure], clean)
+        if along is not None:
+            rows, m = along.rows, b.measure[along.rows]
+            k = torch.arange(len(rows), device=rows.device)
+            a = along.value(t)
+            a_target = b.alpha[rows, None].double() * a + b.beta[rows, None].double()
+            a_delta = torch.where(b.patch[rows], a_target - a, torch.zeros_like(a))
+            delta[rows] = 0.0
+            clean[rows] = a[k, m].float()
+            patched[rows] = torch.where(b.patch[rows, m], a_target[k, m], a[k, m]).float()
+            got.along_requested = a + a_delta
+        got.clean, got.patched = clean, patched
+        got.unit_row = p.layer_values(t[ar, b.measure])
+        got.delta_read = delta[ar, b.read]  # direction rows: 0, they carry no δ/d offset
+        new_col = (col.float() + delta).to(t.dtype)
+        got.requested = new_col
+        if have_all():
+            got.early = True  # the features were read before the unit: an upstream head
+            raise Stop
+        out = t.clone()
+        if b.columns is None:
+            out[..., n] = new_col
+        else:
+            out.scatter_(-1, n[:, None, None].expand(-1, t.shape[1], 1), new_col[..., None])
+        if along is not None:
+            along.add(out, a_delta)
+        return out
+
+    def observe(t: Tensor) -> None:
+        got.observed = column(t).detach().clone()
+        if along is not None:
+            got.along_observed = along.value(t)
+            got.along_norm = t[along.rows].double().norm(dim=-1)
+
+    def all_rows(t: Tensor) -> Tensor:  # a site below the growth point still has one row per input
+        return t if t.shape[0] == R else t.repeat_interleave(R // t.shape[0], 0)
+
+    def capture(t: Tensor) -> None:
+        got.features = p.read_features(all_rows(t)[ar, b.read], got.delta_read)
+        if have_all():
+            raise Stop  # nothing later in the forward can change what was read
+
+    def capture_guard(t: Tensor) -> None:
+        got.guard = all_rows(t)[ar, b.read].float()
+        if have_all():
+            raise Stop
+
+    # Hooks on one module run in the order they were registered: patch, observe, capture.
+    taps: list[Tap] = [(p.unit, patch), (p.unit, observe)]
+    if not logits:
+        taps.append((p.feature, capture))
+    if guard is not None:
+        taps.append((guard, capture_guard))
+    out = forward(model, b.ids, b.mask, b.positions, taps=taps, cache=b.cache, grow=b.grow, rows=R)
+    if logits and out is not None:
+        got.features = out.logits[:, -1].float()
+    if got.requested is None:
+        raise PatchError(f"the patch hook at {p.unit} (column {_columns(p, b)}) never ran during the "
+                         "forward pass: no row was patched, so no slope can be measured")
+    if got.features is None or got.clean is None or (guard is not None and got.guard is None):
+        missing = [name for name, v in (("features", got.features), ("guard", got.guard))
+                   if v is None and (name != "guard" or guard is not None)]
+        raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
+                           f"(missing {missing})")
+    if not got.early:
+        _check_patch(p, b, got.observed, got.requested, skip=None if along is None else along.rows)
+        if along is not None:
+            assert got.along_requested is not None
+            _check_along(p, b, along, got.along_requested, got.along_observed, got.along_norm,
+                         got.requested.dtype)
+    assert got.patched is not None
+    return Capture(got.clean, got.patched, got.features, got.guard, got.unit_row)
+
+
+def _columns(p: Plan, b: Batch) -> str:
+    if b.columns is None:
+        return str(p.neuron)
+    dirs = b.directions.tolist() if b.directions is not None else [-1] * b.rows
+    names = sorted({f"dir{d}" if d >= 0 else str(int(c)) for c, d in zip(b.columns.tolist(), dirs,
+                                                                           strict=True)},
+                   key=lambda s: (s.startswith("dir"), int(s.removeprefix("dir"))))
+    return ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+
+
+def _check_patch(p: Plan, b: Batch, observed: Tensor | None, requested: Tensor,
+                 skip: Tensor | None = None) -> None:
+    """Raise unless the unit holds, at every patched position, the value its row requested.
+
+    ``skip``: rows that patch along a direction (checked by :func:`_check_along`).
+    """
+    if observed is None:
+        raise PatchError(f"the unit at {p.unit} (column {_columns(p, b)}) was never read back after the "
+                         "patch hook: the patch cannot be confirmed")
+    rtol = PATCH_RTOL.get(requested.dtype, 1e-5)
+    want, have = requested.float(), observed.float().to(requested.device)
+    mask = b.patch
+    if skip is not None:
+        mask = mask.clone()
+        mask[skip] = False
+    scale = float(want.abs().max()) + float(have.abs().max()) + 1.0
+    err = torch.where(mask, (want - have).abs(), torch.zeros_like(want))
+    worst = float(err.max()) if err.numel() else 0.0
+    if not worst <= rtol * scale:  # NaN fails too
+        r, q = divmod(int(err.reshape(-1).argmax()), err.shape[1])
+        col = p.neuron if b.columns is None else int(b.columns[r])
+        raise PatchError(
+            f"the patch at {p.unit} column {col} did not take effect on row {r} position {q}: "
+            f"requested {float(want[r, q]):.6g}, observed {float(have[r, q]):.6g} after the hook "
+            f"(tolerance {rtol * scale:.3g}); the hook did not run or its edit was discarded")
+
+
+def _check_along(p: Plan, b: Batch, along: Along, requested: Tensor, observed: Tensor | None,
+                 norm: Tensor | None, dtype: torch.dtype) -> None:
+    """Raise unless every direction row's value ``v·t`` is, where patched, what it requested.
+
+    Writing the patched tensor back in its dtype rounds each coordinate once, which moves
+    ``v·t`` by at most the rounding times ``|t|`` (``|v| = 1``): the tolerance scales with
+    ``|t|`` at that position as well as with the values.
+    """
+    if observed is None or norm is None:
+        raise PatchError(f"the unit at {p.unit} (directions {_columns(p, b)}) was never read back "
+                         "after the patch hook: the patch cannot be confirmed")
+    rtol = PATCH_RTOL.get(dtype, 1e-5)
+    scale = requested.abs() + observed.abs() + norm + 1.0
+    mask = b.patch[along.rows]
+    err = torch.where(mask, (requested - observed).abs() / scale, torch.zeros_like(scale))
+    worst = float(err.max()) if err.numel() else 0.0
+    if not worst <= rtol:  # NaN fails too
+        r, q = divmod(int(err.reshape(-1).argmax()), err.shape[1])
+        raise PatchError(
+            f"the patch at {p.unit} along direction dir{int(along.index[r])} did not take effect on "
+            f"row {int(along.rows[r])} position {q}: requested {float(requested[r, q]):.6g}, observed "
+            f"{float(observed[r, q]):.6g} after the hook (tolerance {rtol * float(scale[r, q]):.3g}); "
+            "the hook did not run or its edit was discarded")

@@ -1,0 +1,78 @@
+"""Whether rows may multiply at the unit's block on a model: checked once per model, block and site."""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from neuronpatch.coordinates import Plan
+from neuronpatch.engine._forward import Growth
+from neuronpatch.engine._inputs import Encoded
+from neuronpatch.engine._rows import full_rows, kv_rows
+
+if TYPE_CHECKING:
+    from neuronpatch.models import LoadedModel
+
+# How far a shortcut (a route, or grown rows) may be from a real patched run before it
+# steps aside, relative to the features' scale. Float32 rounding between batch shapes and
+# thread counts is ~1e-6 of the scale; a wrong shortcut is off by far more.
+CHECK_RTOL = 1e-4
+
+
+def agree(want: Any, have: Any) -> float | None:
+    """The largest difference of ``have`` from ``want``, or None when it is within :data:`CHECK_RTOL`.
+
+    Features computed another way (another batch shape, route or thread count) round
+    differently: they are compared within the tolerance, never bit for bit.
+    """
+    scale = float(want.abs().max()) + 1.0
+    err = float((want - have).abs().max())
+    return None if err <= CHECK_RTOL * scale else err
+
+
+# Per model, then per (block, feature site): the block arguments that carry the batch, or None
+# where growing the batch at that block does not reproduce an ungrown run. The feature site is
+# part of the key because code after the last block (a reshape to the input's batch) can differ.
+_GROWTH: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], frozenset[str | int] | None]] = (
+    weakref.WeakKeyDictionary())
+
+
+def growth(model: LoadedModel, p: Plan, m: int) -> Growth | None:
+    """How ``m`` rows per input multiply at the unit's block on this model, or None where they may not.
+
+    Checked once per model, block and feature site on a small padded batch, through both the
+    full and the kv paths: grown and ungrown runs must give the same features.
+    A model whose blocks take per-input state some other way (Bloom's ALiBi
+    table, a cache with layers not one per block) fails the check and keeps
+    one row per row all the way up.
+    """
+    at = p.unit.layer
+    if m < 2 or at < 1 or p.upstream:
+        return None
+    known = _GROWTH.setdefault(model.hf, {})
+    key = (at, str(p.feature))
+    if key not in known:
+        known[key] = _check(model, p, at)
+    names = known[key]
+    return None if names is None else Growth(at, m, names)
+
+
+def _check(model: LoadedModel, p: Plan, at: int) -> frozenset[str | int] | None:
+    vocab = model.vocab_size
+    ids = [[(7 * j + 3) % vocab for j in range(7)], [(5 * j + 11) % vocab for j in range(5)]]
+    enc = Encoded(ids=ids, read_pos=[6, 4], patch_pos=[[3], [1]], measure_pos=[3, 1])
+    affine = torch.tensor([[1.0, 0.0], [2.0, 0.5], [0.0, 1.0]]).expand(2, -1, -1).contiguous()
+    seen: set[str | int] = set()
+    try:
+        for rows in (full_rows, kv_rows):
+            want = rows(model, p, enc, [0, 1], affine)
+            g = Growth(at, affine.shape[1], None)
+            have = rows(model, p, enc, [0, 1], affine, grow=g)
+            if agree(want.features, have.features) is not None:
+                return None
+            seen |= g.seen
+    except Exception:
+        return None
+    return frozenset(seen)
