@@ -184,7 +184,7 @@ def outside(config: pytest.Config, spec: ProbeSpec, name: str) -> str | None:
         return None
     explicit = spec.baseline is not None and spec.baseline.file
     where = spec.where("baseline", "file") if explicit else spec.where("name")
-    return f"{where}: probe {name!r}: {message}"
+    return f"{where}: {message}"
 
 
 def baseline_folders(config: pytest.Config) -> set[Path]:
