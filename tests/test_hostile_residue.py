@@ -392,8 +392,8 @@ def run_target_layer_beyond_the_model(tmp: Path, heads) -> CliCase:
     cfg["target_layer"] = 99
     (head / "config.json").write_text(json.dumps(cfg))
     return CliCase(["run", str(head), "--out", str(tmp / "out")],
-                   f"{head.resolve() / 'config.json'}: key 'target_layer' = 99 is invalid; expected an int in "
-                   f"[0, {_n_layers(heads.model) - 1}]")
+                   f"{head.resolve() / 'config.json'}: key 'target_layer' = 99 is invalid; expected an "
+                   f"int in [0, {_n_layers(heads.model) - 1}]")
 
 
 def train_zero_windows(tmp: Path, heads) -> CliCase:

@@ -78,7 +78,8 @@ FLAGS: list[tuple[str, str]] = [
     ("report-embed", "embed the figures in the HTML page instead of linking them"),
     ("suggest-tolerances", "print baseline tolerances suggested by each probe's input noise"),
     ("allow-outside-rootdir",
-     "let baseline.file and inputs.file of probe files point outside the rootdir"),
+     "let baseline.file and inputs.file of probe files point outside the rootdir, and the files "
+     "the plugin writes (baselines, artifacts, cache, HTML report) resolve outside it"),
 ]
 
 
