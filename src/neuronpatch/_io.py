@@ -4,10 +4,11 @@ An atomic write goes to a temporary file beside its target, then is renamed
 over it. An exception removes the temporary file; a ``kill -9`` or a power cut
 cannot, so temporary files carry a name that says what they are and who wrote
 them (``.<name>.neuronpatch-tmp-<pid>-<random>``), and the first write into a
-directory in a process removes those whose writer is dead or that are older
-than :data:`STALE_TEMPORARY_SECONDS`. They start with a dot and do not end in
-``.json``, so nothing that lists baselines or summaries ever takes one for a
-result.
+directory in a process, or the first read of a run that compares baselines or
+looks up the result cache there (:func:`clean_once`), removes those whose writer
+is dead or that are older than :data:`STALE_TEMPORARY_SECONDS`. A live writer's
+fresh file is kept. They start with a dot and do not end in ``.json``, so
+nothing that lists baselines or summaries ever takes one for a result.
 """
 
 from __future__ import annotations
@@ -102,7 +103,13 @@ def clean_stale_temporaries(directory: str | Path, *,
     return removed
 
 
-def _clean_once(directory: Path) -> None:
+def clean_once(directory: str | Path) -> None:
+    """:func:`clean_stale_temporaries` of ``directory``, the first time a process asks for it.
+
+    Whatever touches a directory of results (a write into it, a cache lookup, a
+    run that compares baselines) calls this first, so a dead writer's leftover
+    goes with the next run of any kind, at the cost of one listing per process.
+    """
     key = os.path.abspath(directory)
     with _cleaned_lock:
         if key in _cleaned:
@@ -192,7 +199,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     if path.is_dir():
         raise OutputPathError(f"{path}: is a directory; expected a file path to write "
                               "(move the directory away)")
-    _clean_once(path.parent)
+    clean_once(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent,
                                prefix=f".{path.name[:_NAME_PART]}{TEMPORARY_MARK}{os.getpid()}-")
     try:

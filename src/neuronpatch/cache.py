@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from neuronpatch._io import atomic_write_bytes, atomic_write_text
+from neuronpatch._io import atomic_write_bytes, atomic_write_text, clean_once, is_temporary
 from neuronpatch.errors import NeuronpatchError, OutputPathError
 from neuronpatch.result import ExperimentResult
 
@@ -337,7 +337,10 @@ class ResultCache:
         self.hits = 0
         self.misses = 0
         marker = self.directory / MARKER
-        if self.directory.is_dir() and not marker.is_file() and any(self.directory.iterdir()):
+        if self.directory.is_dir():
+            clean_once(self.directory)  # a killed run's half-written marker or entry goes first
+        if self.directory.is_dir() and not marker.is_file() and any(
+                not is_temporary(p) for p in self.directory.iterdir()):
             raise OutputPathError(
                 f"{self.directory}: not a neuronpatch cache (it has files but no {MARKER}); expected "
                 "an empty or new directory for --neuronpatch-cache")
@@ -390,6 +393,8 @@ class ResultCache:
         ``head_path`` replaces the stored head path (the same head may now live elsewhere).
         """
         path = self.path(key)
+        if path.parent.is_dir():
+            clean_once(path.parent)  # leftovers are never read: only ``<key>.npz`` is
         if not path.exists():
             self.misses += 1
             return None

@@ -22,12 +22,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from neuronpatch._io import check_output_directory
 from neuronpatch.errors import InputError, NeuronpatchError
 
 if TYPE_CHECKING:
+    from neuronpatch.heads import Head
     from neuronpatch.rank import RankResult
     from neuronpatch.result import ExperimentResult
 
@@ -150,6 +151,79 @@ def _checked_inputs(args: argparse.Namespace) -> list[str] | None:
     return read_inputs(args.inputs) if args.inputs is not None else (args.text or None)
 
 
+class _Tokenizing:
+    """What the engine's ``encode`` reads of a model: its tokenizer and its context length."""
+
+    def __init__(self, tokenizer: Any, n_ctx: int | None) -> None:
+        self.tokenizer = tokenizer
+        self.n_ctx = n_ctx
+
+
+def _model_config(name: str) -> tuple[Path, Any] | None:
+    """A model's directory and its transformers config, read without its weights.
+
+    A model that cannot be found is one line here, as the loader would say it;
+    a config that cannot be read is left to the loader (None).
+    """
+    from neuronpatch.models import resolve_model_path
+
+    path = resolve_model_path(name)
+    try:
+        from transformers import AutoConfig
+
+        return path, AutoConfig.from_pretrained(path)
+    except Exception:  # the model load names what is wrong with it
+        return None
+
+
+def _config_int(config: Any, *keys: str) -> int | None:
+    """The first positive integer among ``keys`` of a model config (its text config first)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in keys:
+        v = getattr(text, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _precheck_run(head: Head, texts: list[str] | None, position: str | int | None) -> None:
+    """Refuse, before a model loads, what its config.json and tokenizer already rule out.
+
+    A head whose ``target_layer`` or ``feature_layer`` the model does not have, a
+    ``--position`` outside an input, an input longer than the context: the same
+    one-line errors the engine raises after loading, from the model's config and
+    tokenizer (about a second), not its weights. Anything this cannot decide is
+    left to the engine, which checks it all again.
+    """
+    from neuronpatch.heads import check_layers
+
+    cfg = head.config
+    found = _model_config(cfg.base_model_name)
+    if found is None:
+        return
+    path, config = found
+    n_layers = _config_int(config, "num_hidden_layers")
+    if n_layers is not None:
+        check_layers(cfg, n_layers, head.config_path)
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        from neuronpatch.engine import DEFAULT_INPUTS, encode
+    except Exception:  # the model load names what is wrong with it
+        return
+    model = _Tokenizing(tokenizer, _config_int(config, "max_position_embeddings", "n_positions", "n_ctx",
+                                               "seq_length"))
+    try:
+        encode(cast(Any, model), list(DEFAULT_INPUTS if texts is None else texts),
+               prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos,
+               position=cfg.token_pos if position is None else position)
+    except NeuronpatchError:
+        raise
+    except Exception:  # the engine asks more of a model than this stand-in has: it checks itself
+        return
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     # Everything a user can get wrong is checked before torch is imported or a model loads.
     texts = _checked_inputs(args)
@@ -162,11 +236,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"--position {args.position!r} is invalid; expected last, all or an integer"
             ) from None
 
+    from neuronpatch.heads import load_head
+
+    # ... and what the model's config.json and tokenizer can tell, before its weights load.
+    head = load_head(args.head_dir)
+    _precheck_run(head, texts, position)
+
     from neuronpatch.artifacts import write_artifacts
     from neuronpatch.engine import run_experiment
 
     res = run_experiment(
-        args.head_dir, texts, scale=args.scale, set=args.set, add=args.add, zero=args.zero,
+        head, texts, scale=args.scale, set=args.set, add=args.add, zero=args.zero,
         mean=args.mean, position=position,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, method=args.route,
         progress=True,
@@ -260,7 +340,18 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 
         check_regular_file(args.corpus, max_bytes=CORPUS_FILE_BYTES, what="corpus", error=InputError)
 
-    from neuronpatch.training import log, train_head
+    from neuronpatch.training import check_arguments, log, train_head
+
+    # A bad flag is refused from the arguments and the model's config.json, before it loads.
+    def check(n_layers: int | None) -> None:
+        check_arguments(layer=args.layer, feature_layer=args.feature_layer, layer_type=args.layer_type,
+                        head_type=args.type, bins=args.bins, windows=args.windows,
+                        coordinates=args.coordinates, n_layers=n_layers)
+
+    check(None)
+    found = _model_config(args.model)
+    if found is not None:
+        check(_config_int(found[1], "num_hidden_layers"))
 
     rep = train_head(
         model=args.model, layer=args.layer, neuron=args.neuron, layer_type=args.layer_type,

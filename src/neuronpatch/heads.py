@@ -387,8 +387,6 @@ class Head:
     # ------------------------------------------------------------------ model
     def check_model(self, model: LoadedModel) -> None:
         """Validate what depends on the model: layer, unit index, widths, digit tokens."""
-        from neuronpatch import coordinates
-
         cfg, where = self.config, self.config_path
         n_layers = model.n_layers
         if not 0 <= cfg.target_layer < n_layers:
@@ -397,7 +395,7 @@ class Head:
         if not 0 <= cfg.target_neuron < width:
             raise config_error(where, "target_neuron", cfg.target_neuron,
                                f"an int in [0, {width - 1}] (the width of {cfg.layer_type})")
-        coordinates.feature_site(cfg, n_layers, where=where)  # raises on a bad feature_layer / feature_hook
+        check_layers(cfg, n_layers, where)  # the feature layer / hook
         d_model = model.d_model
         for key, value in (("d_model", cfg.d_model), ("head_config.input_dim", cfg.input_dim)):
             if value is not None and value != d_model:
@@ -489,3 +487,23 @@ def load_head(path: str | Path) -> Head:
     else:
         weights = _load_weights(path, config.weights_file)
     return Head(path.resolve(), config, weights)
+
+
+def check_layers(cfg: HeadConfig, n_layers: int, where: Path) -> None:
+    """Validate what depends only on the model's number of blocks: target and feature layer.
+
+    :meth:`Head.check_model` calls it with the loaded model; the command line calls
+    it with the layer count of the model's config.json, before any weights load.
+
+    Raises:
+        HeadConfigError: ``target_layer``, ``feature_layer`` or ``feature_hook`` out of range.
+
+    Example:
+        >>> cfg = load_head("probes/heads/demo_causal").config             # doctest: +SKIP
+        >>> check_layers(cfg, 4, Path("config.json"))                      # doctest: +SKIP
+    """
+    from neuronpatch import coordinates
+
+    if not 0 <= cfg.target_layer < n_layers:
+        raise config_error(where, "target_layer", cfg.target_layer, f"an int in [0, {n_layers - 1}]")
+    coordinates.feature_site(cfg, n_layers, where=where)  # raises on a bad feature_layer / feature_hook

@@ -162,6 +162,47 @@ def _fit_torch(
     return {"output.weight": w1, "output.bias": b1}
 
 
+def check_arguments(*, layer: int, feature_layer: int, layer_type: str = "post",
+                    head_type: str = "regression", bins: int = 8, windows: int | None = 3000,
+                    coordinates: str = "transformer_lens", n_layers: int | None = None) -> None:
+    """Refuse a bad ``train-head`` argument in one line; the layers too when ``n_layers`` is known.
+
+    :func:`train_head` calls it before the model loads (``n_layers`` None) and
+    after; the command line calls it with the layer count of the model's
+    config.json, so ``--windows 0`` or ``--layer 99`` costs no model load.
+    ``windows`` None: the caller gives its own texts.
+
+    Raises:
+        InputError: the flag, its value and what is allowed.
+
+    Example:
+        >>> check_arguments(layer=99, feature_layer=2, n_layers=4)
+        Traceback (most recent call last):
+        neuronpatch.errors.InputError: --layer 99 is invalid; expected an int in [0, 3]
+    """
+    if head_type not in ("regression", "classification"):
+        raise InputError(f"--type {head_type!r} is invalid; expected regression or classification")
+    if layer_type not in units.UNIT_SITES:
+        raise InputError(f"--layer-type {layer_type!r} is invalid; expected one of "
+                         + ", ".join(units.UNIT_SITES))
+    if coordinates not in ("transformer_lens", "hf"):
+        raise InputError(f"--coordinates {coordinates!r} is invalid; expected transformer_lens or hf")
+    if head_type == "classification" and bins < 2:
+        raise InputError(f"--bins {bins} is invalid; expected at least 2")
+    if windows is not None and windows < 10:
+        raise InputError(f"--windows {windows} is invalid; expected at least 10")
+    if n_layers is None:
+        return
+    if not 0 <= layer < n_layers:
+        raise InputError(f"--layer {layer} is invalid; expected an int in [0, {n_layers - 1}]")
+    if coordinates == "hf" and not -(n_layers + 1) <= feature_layer <= n_layers:
+        raise InputError(f"--feature-layer {feature_layer} is invalid; expected an int in "
+                         f"[-{n_layers + 1}, {n_layers}] (an index into hidden_states)")
+    if coordinates == "transformer_lens" and not -n_layers <= feature_layer < n_layers:
+        raise InputError(f"--feature-layer {feature_layer} is invalid; expected an int in "
+                         f"[-{n_layers}, {n_layers - 1}] (a block whose resid_post is read)")
+
+
 def train_head(
     *,
     model: str,
@@ -193,31 +234,19 @@ def train_head(
         ...                  feature_layer=2, out=Path("heads/mine"), intervene=True)
         >>> round(rep.held_out_r2, 2)                                        # doctest: +SKIP
     """
-    if head_type not in ("regression", "classification"):
-        raise InputError(f"--type {head_type!r} is invalid; expected regression or classification")
-    if layer_type not in units.UNIT_SITES:
-        raise InputError(f"--layer-type {layer_type!r} is invalid; expected one of "
-                         + ", ".join(units.UNIT_SITES))
-    if coordinates not in ("transformer_lens", "hf"):
-        raise InputError(f"--coordinates {coordinates!r} is invalid; expected transformer_lens or hf")
+    def check(n_layers: int | None) -> None:
+        check_arguments(layer=layer, feature_layer=feature_layer, layer_type=layer_type,
+                        head_type=head_type, bins=bins, windows=None if texts is not None else windows,
+                        coordinates=coordinates, n_layers=n_layers)
+
+    check(None)  # what needs no model, before it loads
     bridge = load_model(model)
     n_layers = bridge.n_layers
     width = bridge.unit_width(layer_type in units.MLP_HIDDEN_TYPES)
-    if not 0 <= layer < n_layers:
-        raise InputError(f"--layer {layer} is invalid; expected an int in [0, {n_layers - 1}]")
+    check(n_layers)
     if not 0 <= neuron < width:
         raise InputError(f"--neuron {neuron} is invalid; expected an int in [0, {width - 1}] "
                          f"(the width of {layer_type} in {model})")
-    if coordinates == "hf" and not -(n_layers + 1) <= feature_layer <= n_layers:
-        raise InputError(f"--feature-layer {feature_layer} is invalid; expected an int in "
-                         f"[-{n_layers + 1}, {n_layers}] (an index into hidden_states)")
-    if coordinates == "transformer_lens" and not -n_layers <= feature_layer < n_layers:
-        raise InputError(f"--feature-layer {feature_layer} is invalid; expected an int in "
-                         f"[-{n_layers}, {n_layers - 1}] (a block whose resid_post is read)")
-    if head_type == "classification" and bins < 2:
-        raise InputError(f"--bins {bins} is invalid; expected at least 2")
-    if windows < 10 and texts is None:
-        raise InputError(f"--windows {windows} is invalid; expected at least 10")
     data = list(texts) if texts is not None else corpus_windows(corpus, n=windows, seed=seed)
     # Windows of symbol-heavy text can outgrow the context; they are dropped, not truncated,
     # so every target is the activation at the window's own last token.

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from neuronpatch.pytest_plugin.report import flag
+from neuronpatch.pytest_plugin.report import flag, outside_message
 
 if TYPE_CHECKING:
     from neuronpatch.probes.schema import ProbeSpec
@@ -78,7 +78,8 @@ FLAGS: list[tuple[str, str]] = [
     ("report-embed", "embed the figures in the HTML page instead of linking them"),
     ("suggest-tolerances", "print baseline tolerances suggested by each probe's input noise"),
     ("allow-outside-rootdir",
-     "let baseline.file and inputs.file of probe files point outside the rootdir"),
+     "let baseline.file and inputs.file of probe files point outside the rootdir, and the files "
+     "the plugin writes (baselines, artifacts, cache, HTML report) resolve outside it"),
 ]
 
 
@@ -168,6 +169,59 @@ def claim(config: pytest.Config, spec: ProbeSpec, name: str, node_id: str) -> st
     return (f"{where}: key '{key_name}': probe {node_id!r} would share the baseline file {key} "
             f"with probe {other!r}; expected one baseline per probe: rename one of them or give it "
             "a baseline.file of its own")
+
+
+def outside(config: pytest.Config, spec: ProbeSpec, name: str) -> str | None:
+    """The collection error of a baseline file that resolves outside the rootdir, or None.
+
+    ``baseline.file`` is checked when the probe file is read; this catches the
+    default ``baselines/`` directory (or any folder on the way) being a symlink
+    to somewhere else, before a model loads, in every mode: such a baseline would
+    be written, or its folder cleaned, through the link. Only probes that take
+    part in baseline checks (:func:`wanted`) are asked.
+    """
+    message = outside_message(config, baseline_path(spec, name), "baseline file")
+    if message is None:
+        return None
+    explicit = spec.baseline is not None and spec.baseline.file
+    where = spec.where("baseline", "file") if explicit else spec.where("name")
+    return f"{where}: {message}"
+
+
+def baseline_folders(config: pytest.Config) -> set[Path]:
+    """The folders baselines of the collected probe files live in (and the stale scan looks at).
+
+    ``baselines/<stem>/`` of each collected probe file, the ``baselines/`` above
+    it and its other ``<stem>`` folders, and the folder of each ``baseline.file``.
+    """
+    folders: set[Path] = set()
+    for folder in config.stash.get(SCANNED_KEY, set()):
+        folders.add(folder)
+        root = folder.parent
+        if root.is_dir():
+            folders.add(root)
+            folders.update(sub for sub in root.iterdir() if sub.is_dir() and not sub.is_symlink())
+    for key in config.stash.get(OWNERS_KEY, {}):
+        folders.add((config.rootpath / key).parent)
+    return folders
+
+
+def clean_leftovers(config: pytest.Config) -> list[Path]:
+    """Remove the temporary files killed baseline writers left in the collected probes' folders.
+
+    Runs in every run that collects probe files (a compare run too, not only an
+    update), before any baseline is read or listed. A temporary file is removed
+    only when its writer is dead or it is older than a live write can be (see
+    :func:`neuronpatch._io.clean_stale_temporaries`); folders that resolve
+    outside the rootdir are left alone (nothing is written there).
+    """
+    from neuronpatch._io import clean_stale_temporaries
+
+    removed: list[Path] = []
+    for folder in sorted(baseline_folders(config)):
+        if folder.is_dir() and outside_message(config, folder, "baseline folder") is None:
+            removed += clean_stale_temporaries(folder)
+    return removed
 
 
 def stale_baselines(config: pytest.Config) -> list[str]:
@@ -289,6 +343,9 @@ def write_update(config: pytest.Config, record: dict[str, Any]) -> str | None:
     path = Path(record["path"])
     if not path.is_absolute():
         path = config.rootpath / path
+    refused = outside_message(config, path, "baseline file")
+    if refused is not None:  # the folder became a link to elsewhere since the probe was collected
+        return f"{record['path']}: baseline not written: {refused}"
     try:
         check_place(path)
         atomic_write_text(path, record["content"])
@@ -297,11 +354,21 @@ def write_update(config: pytest.Config, record: dict[str, Any]) -> str | None:
     return None
 
 
-def remove_stale(config: pytest.Config, stale: list[str]) -> list[str]:
-    """Delete stale baseline files (rootdir-relative paths); the ones removed."""
+def remove_stale(config: pytest.Config, stale: list[str],
+                 refused: list[str] | None = None) -> list[str]:
+    """Delete stale baseline files (rootdir-relative paths); the ones removed.
+
+    A file that resolves outside the rootdir (its folder is a link to elsewhere)
+    is not deleted: its refusal goes to ``refused``.
+    """
     removed = []
     for key in stale:
         path = Path(key) if Path(key).is_absolute() else config.rootpath / key
+        message = outside_message(config, path, "stale baseline")
+        if message is not None:
+            if refused is not None:
+                refused.append(f"{key}: not removed: {message}")
+            continue
         try:
             path.unlink()
         except OSError:
@@ -330,6 +397,7 @@ class BaselineSession:
         self.worker = hasattr(config, "workerinput")
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
+        clean_leftovers(self.config)  # before anything lists or reads a baseline
         self.stale.update(stale_baselines(self.config))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -355,7 +423,7 @@ class BaselineSession:
         if self.worker:
             self.config.workeroutput["neuronpatch_stale"] = sorted(self.stale)  # type: ignore[attr-defined]
         elif self.stale and flag(self.config, "remove_stale_baselines"):
-            self.removed = remove_stale(self.config, sorted(self.stale))
+            self.removed = remove_stale(self.config, sorted(self.stale), self.errors)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.worker or not (self.written or self.not_updated or self.errors or self.stale):

@@ -157,6 +157,8 @@ class ProbeFile(pytest.File):
                 grouped = {} if group is None else {"nodeid": f"{self.nodeid}::{name}@{group}"}
                 item = ProbeItem.from_parent(self, name=name, spec=spec, head_dir=head_dir, **grouped)
                 collision = ci.claim(self.config, spec, name, item.probe_id)
+                if collision is None and ci.wanted(self.config, spec, name):
+                    collision = ci.outside(self.config, spec, name)
                 if collision is not None:
                     yield InvalidProbe.from_parent(self, name=name, error=collision, line=doc.line)
                     continue

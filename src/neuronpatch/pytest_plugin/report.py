@@ -114,6 +114,46 @@ def flag(config: pytest.Config, name: str) -> bool:
     return bool(ini(config, f"neuronpatch_{name}", "true or false"))
 
 
+ALLOW_OUTSIDE = "--neuronpatch-allow-outside-rootdir"
+
+
+def outside_rootdir(config: pytest.Config, path: str | os.PathLike[str]) -> Path | None:
+    """Where ``path`` resolves (symlinks followed) when that is outside the rootdir; else None.
+
+    None as well when ``--neuronpatch-allow-outside-rootdir`` (or its ini key) is on.
+    A path that does not exist yet resolves through its nearest existing parent,
+    so ``baselines/ -> /elsewhere`` makes ``baselines/a/t.json`` resolve outside.
+
+    Example:
+        >>> outside_rootdir(config, "probes/baselines/a/t.json")     # doctest: +SKIP
+        PosixPath('/elsewhere/a/t.json')
+    """
+    if flag(config, "allow_outside_rootdir"):
+        return None
+    full = config.rootpath / path
+    real = Path(os.path.realpath(full))
+    root = Path(os.path.realpath(config.rootpath))
+    return None if real.is_relative_to(root) else real
+
+
+def outside_message(config: pytest.Config, path: str | os.PathLike[str], what: str,
+                    also: str = "") -> str | None:
+    """The one-line refusal of a path this plugin would write outside the rootdir, or None.
+
+    ``also`` names another way to allow it (the option that names the path explicitly).
+
+    Example:
+        >>> outside_message(config, "baselines/a/t.json", "baseline file")    # doctest: +SKIP
+        'baselines/a/t.json: baseline file resolves to /elsewhere/a/t.json, outside the rootdir ...'
+    """
+    real = outside_rootdir(config, path)
+    if real is None:
+        return None
+    allow = f"{ALLOW_OUTSIDE} allows it" + (f", or {also}" if also else "")
+    return (f"{user_path(config, config.rootpath / path)}: {what} resolves to {real}, outside the "
+            f"rootdir {config.rootpath}; expected a path inside the repository ({allow})")
+
+
 def report_target(config: pytest.Config) -> Path | None:
     """The HTML report's path: the flag (relative to the start directory) or the ini key."""
     value = config.getoption("neuronpatch_report", None)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import pytest
 
-from neuronpatch._io import ensure_directory
+from neuronpatch._io import ensure_directory, is_temporary
 from neuronpatch.errors import NeuronpatchError
 from neuronpatch.pytest_plugin.report import (
     OUTBOX_KEY,
@@ -47,6 +47,7 @@ from neuronpatch.pytest_plugin.report import (
     crash_line,
     flag,
     make_record,
+    outside_message,
     probe_failure,
     record_metrics,
     report_target,
@@ -128,10 +129,10 @@ def settings_from_config(config: pytest.Config) -> Settings:
         ini_value = "" if raw is None else str(raw).strip()
         return (ini_value or None), f"ini key {ini}"
 
-    artifacts, where = option("--neuronpatch-artifacts", "neuronpatch_artifacts")
+    artifacts, artifacts_where = option("--neuronpatch-artifacts", "neuronpatch_artifacts")
     if artifacts is None:
         root = config.rootpath / DEFAULT_ARTIFACTS
-    elif where.startswith("--"):
+    elif artifacts_where.startswith("--"):
         root = config.invocation_params.dir / artifacts
     else:
         root = config.rootpath / artifacts
@@ -162,11 +163,25 @@ def settings_from_config(config: pytest.Config) -> Settings:
     info = controller_info(config)
     if info:  # an xdist worker: the controller's directory, written by the controller
         root = Path(info["artifacts"])
+    elif not artifacts_where.startswith("--"):  # a path the command line names is the user's to choose
+        _refuse_outside(config, root, "the artifacts directory" if artifacts is None
+                        else "the artifacts directory (ini key neuronpatch_artifacts)",
+                        "name it with --neuronpatch-artifacts DIR")
+    target = report_target(config)
+    if target is not None and not config.getoption("neuronpatch_report", None) and not info:
+        _refuse_outside(config, target, "the HTML report (ini key neuronpatch_report)",
+                        "name it with --neuronpatch-report FILE.html")
     return Settings(artifacts=root, device=device, dtype=dtype, batch_size=batch_size,
                     figures=cast(FigureMode, figures), root=config.rootpath,
-                    report=bool(report_target(config) is not None
-                                or getattr(config.option, "htmlpath", None)),
+                    report=bool(target is not None or getattr(config.option, "htmlpath", None)),
                     ship=info is not None, cache=cache)
+
+
+def _refuse_outside(config: pytest.Config, path: Path, what: str, also: str) -> None:
+    """A usage error when ``path``, which this process would write, resolves outside the rootdir."""
+    message = outside_message(config, path, what, also)
+    if message is not None:
+        raise pytest.UsageError(message)
 
 
 DEFAULT_CACHE = ".neuronpatch/cache"
@@ -192,11 +207,17 @@ def cache_dir(config: pytest.Config) -> Path | None:
         where, base = "ini key neuronpatch_cache", config.rootpath
     if value.lower() in _FALSE or (not value and where.startswith("ini")):
         return None
-    path = config.rootpath / DEFAULT_CACHE if (not value or value.lower() in _TRUE) else base / value
+    default = not value or value.lower() in _TRUE
+    path = config.rootpath / DEFAULT_CACHE if default else base / value
+    if default or where.startswith("ini"):  # a DIR the command line names is the user's to choose
+        _refuse_outside(config, path, "the result cache" if default
+                        else "the result cache (ini key neuronpatch_cache)",
+                        "name it with --neuronpatch-cache=DIR")
     if path.exists() and not path.is_dir():
         raise pytest.UsageError(f"{where} = {str(path)!r} is a file; expected a directory for the "
                                 "result cache (or a path that does not exist yet)")
-    if path.is_dir() and not (path / CACHE_MARKER).is_file() and any(path.iterdir()):
+    if path.is_dir() and not (path / CACHE_MARKER).is_file() and any(
+            not is_temporary(p) for p in path.iterdir()):  # a killed first write's leftover is not
         raise pytest.UsageError(
             f"{where} = {str(path)!r} is a directory of other files (no {CACHE_MARKER}); expected an "
             "empty or new directory for the result cache (write --neuronpatch-cache=DIR, with '=', "
