@@ -5,7 +5,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export MPLBACKEND := Agg
 
-.PHONY: test demo lint bench conformance clean
+.PHONY: test test-threads demo lint bench conformance clean
 
 $(PY): pyproject.toml constraints.txt
 	python3 -m venv .venv
@@ -14,6 +14,14 @@ $(PY): pyproject.toml constraints.txt
 
 test: $(PY)
 	$(PY) -m pytest -n 2 --durations=15 tests probes
+
+# The tests that compare routes, row growth and batch shapes, again with one thread per
+# process: matrix kernels split work by thread count, so floats computed in another batch
+# shape round differently; every such comparison must hold either way.
+THREAD_SENSITIVE := tests/test_engine.py tests/test_architectures.py tests/test_rank.py \
+	tests/test_controls.py tests/test_patch_check.py
+test-threads: $(PY)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -p no:randomly --durations=5 $(THREAD_SENSITIVE)
 
 demo: $(PY)
 	$(PY) -m neuronpatch.demo.run_demo

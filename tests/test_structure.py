@@ -54,7 +54,7 @@ def violations(path: Path) -> list[str]:
         if isinstance(node, ast.Import):
             for a in node.names:
                 if a.name.startswith("neuronpatch"):
-                    aliases[a.asname or a.name.split(".")[0]] = a.asname and a.name or "neuronpatch"
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else "neuronpatch"
                     if (bad := _outsider(me, a.name)) is not None:
                         found.append(f"{path.name}:{node.lineno}: imports private module {bad}")
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("neuronpatch"):
@@ -84,8 +84,8 @@ def test_the_check_catches_what_it_is_for(tmp_path: Path, monkeypatch: pytest.Mo
     # The checker itself, on a module that does every forbidden thing once.
     src = tmp_path / "src"
     (src / "neuronpatch" / "engine").mkdir(parents=True)
-    for name in ("neuronpatch/__init__.py", "neuronpatch/engine/__init__.py", "neuronpatch/engine/_forward.py",
-                 "neuronpatch/stats.py"):
+    for name in ("neuronpatch/__init__.py", "neuronpatch/engine/__init__.py",
+                 "neuronpatch/engine/_forward.py", "neuronpatch/stats.py"):
         (src / name).write_text("", encoding="utf-8")
     bad = src / "neuronpatch" / "rank.py"
     bad.write_text("from neuronpatch import engine, stats\n"
