@@ -15,13 +15,15 @@ $(PY): pyproject.toml constraints.txt
 test: $(PY)
 	$(PY) -m pytest -n 2 --durations=15 tests probes
 
-# The tests that compare routes, row growth and batch shapes, again with one thread per
-# process: matrix kernels split work by thread count, so floats computed in another batch
-# shape round differently; every such comparison must hold either way.
+# `make test` gives each xdist worker its share of the cores (one thread each on 2 cores, see
+# conftest.py). The tests that compare routes, row growth and batch shapes run again here in
+# one process at torch's default thread count (every core): matrix kernels split work by
+# thread count, so floats computed in another batch shape round differently, and every such
+# comparison must hold either way.
 THREAD_SENSITIVE := tests/test_engine.py tests/test_architectures.py tests/test_rank.py \
 	tests/test_controls.py tests/test_patch_check.py
 test-threads: $(PY)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 -p no:randomly --durations=5 $(THREAD_SENSITIVE)
+	$(PY) -m pytest -p no:xdist -p no:randomly --durations=5 $(THREAD_SENSITIVE)
 
 demo: $(PY)
 	$(PY) -m neuronpatch.demo.run_demo
