@@ -306,9 +306,12 @@ def main(argv: list[str] | None = None) -> Path:
                     help="tokens per input (at least; default 16, the 16–18-token reference task)")
     ap.add_argument("--columns", nargs="+", default=list(COLUMNS), choices=COLUMNS,
                     help="which columns to time besides the floor (the rest print as '–')")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                    help="torch threads (default: torch's own choice)")
     ap.add_argument("--tiny", action="store_true", help="2-layer d_model-64 models (a smoke test)")
     add_out(ap, "bench_engine")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     report = Report("bench_engine", args.out, argv)
     report.line(HEADER)
     report.line("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
