@@ -159,3 +159,25 @@ def test_the_floor_never_runs_the_lm_head(bench, tmp_path, arch):
         assert fired == [1, 1] and logits.shape == (len(texts), 1, model.vocab_size)
     finally:
         handle.remove()
+
+
+def test_benchmarks_use_only_public_names_of_neuronpatch():
+    import ast
+
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        tree = ast.parse(script.read_text())
+        modules: set[str] = set()  # local names bound to anything imported from neuronpatch
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("neuronpatch"):
+                parts = [*(node.module or "").split("."), *(a.name for a in node.names)]
+                assert not any(p.startswith("_") for p in parts), (script.name, parts)
+                modules.update(a.asname or a.name for a in node.names)
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("neuronpatch"):
+                        assert not any(p.startswith("_") for p in a.name.split(".")), (script.name, a.name)
+                        modules.add(a.asname or a.name.split(".")[0])
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                    and isinstance(node.value, ast.Name) and node.value.id in modules):
+                raise AssertionError(f"{script.name}:{node.lineno}: {node.value.id}.{node.attr}")
