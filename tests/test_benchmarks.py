@@ -63,9 +63,17 @@ def number(cell: str) -> float:
 
 
 def positive(row: dict[str, str], *columns: str) -> None:
+    """Ratios: finite and positive."""
     for col in columns:
         x = number(row[col])
         assert math.isfinite(x) and x > 0, (col, row[col])
+
+
+def measured(row: dict[str, str], *columns: str) -> None:
+    """Seconds and megabytes: finite, not negative (a tiny model's run can print as 0.00 s)."""
+    for col in columns:
+        x = number(row[col])
+        assert math.isfinite(x) and x >= 0, (col, row[col])
 
 
 def test_bench_engine_writes_its_table(bench, tmp_path):
@@ -78,7 +86,8 @@ def test_bench_engine_writes_its_table(bench, tmp_path):
     rows = table(out, "bench_engine")
     assert [(r["architecture"], r["tokens"]) for r in rows] == [("gpt2", "16"), ("gpt2", "64")]
     for r in rows:
-        positive(r, "floor s", "engine × floor (min–max)", "HF hooks, one pass × floor", "seed loop × floor")
+        measured(r, "floor s")
+        positive(r, "engine × floor (min–max)", "HF hooks, one pass × floor", "seed loop × floor")
         if "nnsight" in columns:
             positive(r, "nnsight, one trace × floor")
         assert r["route"]
@@ -88,7 +97,8 @@ def test_bench_rank_writes_its_table(bench, tmp_path):
     out = tmp_path / "rank.md"
     bench("bench_rank").main(["--tiny", "--repeats", "1", "--out", str(out)])
     (row,) = table(out, "bench_rank")
-    positive(row, "floor s", "rank top 20 × floor (min–max)", "CPU time × floor", "rank top 1 × floor")
+    measured(row, "floor s")
+    positive(row, "rank top 20 × floor (min–max)", "CPU time × floor", "rank top 1 × floor")
     assert math.isfinite(number(row["top 20 − top 1 × floor"]))  # a difference: may be negative in noise
     assert row["method"] == "screen"
 
@@ -98,7 +108,8 @@ def test_bench_controls_writes_its_table(bench, tmp_path):
     bench("bench_controls").main(["--tiny", "--repeats", "1", "--cases", "final, 8 unit controls",
                                   "--out", str(out)])
     (row,) = table(out, "bench_controls")
-    positive(row, "floor s", "without s", "with s", "without × floor", "with × floor",
+    measured(row, "floor s", "without s", "with s")
+    positive(row, "without × floor", "with × floor",
              "with ÷ without, wall (min–max)", "with ÷ without, CPU time (min–max)")
 
 
@@ -107,7 +118,8 @@ def test_bench_scale_writes_its_table(bench, tmp_path):
     bench("bench_scale").main(["--tiny", "--inputs", "3", "--out", str(out)])  # (one size: a process each)
     (row,) = table(out, "bench_scale")
     assert row["inputs (× 8 factors)"] == "3" and row["per input ÷ smallest size's"] == "1.00"
-    positive(row, "engine s", "ms per input", "engine × floor", "floor s", "RSS after load MB", "peak RSS MB")
+    measured(row, "engine s", "ms per input", "floor s")
+    positive(row, "engine × floor", "RSS after load MB", "peak RSS MB")
     assert number(row["peak RSS MB"]) >= number(row["RSS after load MB"])
 
 
@@ -119,7 +131,8 @@ def test_bench_cache_writes_its_table(bench, tmp_path):
     bench("bench_cache").main(["--repeats", "1", "--probes", str(probe), "--out", str(out)])
     rows = table(out, "bench_cache")
     assert [r["repetition"] for r in rows] == ["1", "median"]
-    positive(rows[0], "cold s", "warm s", "warm / cold")
+    measured(rows[0], "cold s", "warm s")
+    positive(rows[0], "warm / cold")
     assert rows[0]["cache (warm run)"].startswith("1 hit")
 
 
@@ -127,7 +140,7 @@ def test_bench_collect_writes_its_table(bench, tmp_path):
     out = tmp_path / "collect.md"
     bench("bench_collect").main(["--files", "2", "--repeats", "1", "--out", str(out)])
     (row,) = table(out, "bench_collect")
-    positive(row, "pytest's collection s (median)", "whole process s (median)")
+    measured(row, "pytest's collection s (median)", "whole process s (median)")
     assert row["heavy modules imported"] == "none"
 
 
