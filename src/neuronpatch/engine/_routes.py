@@ -24,7 +24,7 @@ METHODS: tuple[str, ...] = ("auto", "upstream", "linear", "kv", "full")
 
 # Bytes the repeated prefix cache of one kv batch may take (keys and values of every layer);
 # it bounds peak memory, since the cache is repeated once per patched row.
-KV_CACHE_BYTES = 128 * 2**20
+KV_CACHE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
