@@ -765,7 +765,7 @@ def _split(kept: _Kept, per: int) -> Iterator[_Kept]:
 
 def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, affine: Tensor,
                  targets: engine.Targets, budget: engine.Budget) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Patched rows of the read token over a kept prefix cache, as engine.measure's kv route runs them.
+    """Patched rows of the read token over a kept prefix cache: engine.kv_rows, as measure runs it.
 
     ``affine[k, j]``: (α, β) of row ``j`` of input ``kept.idx[k]``, patching ``targets[j]``;
     a clean row comes first for each input. Where the engine allows it for this model (its
@@ -775,24 +775,12 @@ def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, 
     ``[B, width]``, patched features ``[B, M, width]``, each row's patched unit value and its
     own clean value ``[B, M]``.
     """
-    dev = model.device
     B, M = affine.shape[:2]
     m = M + 1
     full = torch.cat([torch.tensor([1.0, 0.0]).expand(B, 1, 2), affine], dim=1)
-    grow = budget.growth(model, p, m)
-    engine.repeat_cache(kept.cache, m, grow, model.n_layers)
-    ids = torch.tensor([[enc.ids[i][enc.read_pos[i]]] for i in kept.idx], dtype=torch.long, device=dev)
-    mask = torch.cat([kept.mask, torch.ones(B, 1, dtype=kept.mask.dtype, device=dev)], dim=1)
-    R = B * m
-    rep = (lambda t: t) if grow is not None else (lambda t: t.repeat_interleave(m, 0))
-    columns, _ = (engine.Targets.of_columns([p.neuron]) + targets).tensors(B, dev)
-    b = engine.Batch(ids=rep(ids), mask=rep(mask), positions=rep(kept.lengths[:, None]),
-                     patch=torch.ones(R, 1, dtype=torch.bool, device=dev),
-                     measure=torch.zeros(R, dtype=torch.long, device=dev),
-                     read=torch.zeros(R, dtype=torch.long, device=dev),
-                     alpha=full[..., 0].reshape(-1).to(dev), beta=full[..., 1].reshape(-1).to(dev),
-                     cache=kept.cache, columns=columns, grow=grow)
-    rows = engine.run_rows(model, p, b)
+    every = engine.Targets.of_columns([p.neuron]) + targets  # the clean row first
+    rows = engine.kv_rows(model, p, enc, kept.idx, full, targets=every, grow=budget.growth(model, p, m),
+                          prefix=(kept.cache, kept.mask, kept.lengths))
     kept.cache = None  # repeated in place: no longer the prefix cache
     feats = rows.features.reshape(B, m, -1).cpu()
     clean_unit = rows.clean_unit.reshape(B, m).cpu()

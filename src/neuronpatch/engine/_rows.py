@@ -8,7 +8,7 @@ layer for mean ablation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -72,7 +72,7 @@ def full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], aff
 
 
 def prefix_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], *,
-                 keep_grad: bool = False) -> tuple[object, Tensor, Tensor]:
+                 keep_grad: bool = False) -> tuple[Any, Tensor, Tensor]:
     """The model's own ``DynamicCache`` over left-padded ``prefixes``: ``(cache, mask, lengths)``.
 
     The forward stops after the last block (the cache is complete there; the final
@@ -92,13 +92,15 @@ def prefix_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], *,
 
 def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
             guard: Site | None = None, targets: Targets | None = None,
-            grow: Growth | None = None) -> Capture:
+            grow: Growth | None = None, prefix: tuple[Any, Tensor, Tensor] | None = None) -> Capture:
     """One prefix forward keeps the model's cache; each row re-runs only patch..read.
 
     Every input in ``idx`` has one patched position at or before its read
     position, and the same number of tokens from the patch to the read position.
     The prefix cache is repeated once per row, in every layer or (with ``grow``)
     only in the layers from the unit's block on, where the rows differ.
+    ``prefix``: the ``(cache, mask, lengths)`` of :func:`prefix_cache` over these inputs'
+    tokens before the patch, kept from an earlier pass (it is repeated in place).
     """
     m = affine.shape[1]
     dev = model.device
@@ -107,7 +109,7 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     suffixes = [enc.ids[i][q: enc.read_pos[i] + 1] for i, q in zip(idx, first, strict=True)]
     s = len(suffixes[0])
     assert all(len(x) == s for x in suffixes) and all(prefixes), "one suffix length, non-empty prefixes"
-    cache, pmask, lengths = prefix_cache(model, prefixes)
+    cache, pmask, lengths = prefix_cache(model, prefixes) if prefix is None else prefix
     repeat_cache(cache, m, grow, model.n_layers)
     sids = torch.tensor(suffixes, dtype=torch.long, device=dev)
     spos = lengths[:, None] + torch.arange(s, device=dev)[None, :]
