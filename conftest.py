@@ -13,10 +13,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 # Under pytest-xdist each worker takes its share of the cores for torch's thread pool, unless
 # the caller chose a thread count. Two workers with a thread per core each oversubscribe the
-# machine, and OpenMP's spinning threads then wait on each other: on 2 cores the tests that
-# run tiny models took 20x longer (478 s against 22 s for tests/test_engine.py and its
-# neighbours). This is set before anything imports torch. `make test-threads` runs the tests
-# that compare routes and batch shapes again in one process at torch's default thread count.
+# machine, and OpenMP's spinning threads then wait on each other: on a fresh clone on 2 quiet
+# cores the suite took 338 s with two threads per worker against 220 s with one, and far
+# longer when other jobs loaded the machine. This is set before anything imports torch.
+# `make test-threads` runs the tests that compare routes and batch shapes again in one
+# process at torch's default thread count.
 _workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
 if _workers and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(_workers)))
