@@ -12,6 +12,8 @@ from neuronpatch import load_head, run_experiment
 from neuronpatch.errors import HeadConfigError
 from neuronpatch.testing import tiny_gpt2, write_head
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -132,3 +134,64 @@ def test_token_head_resolves_digits_through_the_tokenizer(tmp_path, model_dir):
     ids = load_head(head).digit_token_ids(load_model(model_dir))
     assert ids == expected
     assert ids != tuple(range(48, 58))  # not ASCII codes
+
+
+# ----- heads from the seed pipeline's unfrozen runs ----------------------------------------------
+def _pipeline_run(tmp_path, probe_heads, unfreezing):
+    """A run laid out as the seed pipeline writes it: models/<run>/best_model/ and its metrics."""
+    import shutil
+
+    run = tmp_path / "models" / "run1"
+    shutil.copytree(probe_heads.causal, run / "best_model")
+    if unfreezing is not ...:
+        metrics = {"best_val_loss": 0.12, **({} if unfreezing is None else {"unfreezing": unfreezing})}
+        (run / "training_metrics.json").write_text(json.dumps(metrics))
+    return run / "best_model"
+
+
+def test_a_head_from_an_unfrozen_run_is_refused_by_name(tmp_path, probe_heads):
+    from neuronpatch.errors import UnfrozenHeadError
+
+    head = _pipeline_run(tmp_path, probe_heads, {"strategy": "after_target", "unfrozen_params": 21254400})
+    with pytest.raises(UnfrozenHeadError) as info:
+        load_head(head)
+    metrics = head.resolve().parent / "training_metrics.json"
+    assert str(info.value) == (
+        f"{head}: this head was trained with the base model's layers unfrozen ({metrics}: "
+        "unfreezing.strategy = after_target, 21,254,400 parameters); the pipeline saved only the "
+        "head, so on the original model its numbers mean nothing")
+
+
+@pytest.mark.parametrize("unfreezing", [{"strategy": "none", "unfrozen_params": 0}, None, ...],
+                         ids=["frozen", "no unfreezing key", "no metrics file"])
+def test_a_head_from_a_frozen_run_reads_as_before(tmp_path, probe_heads, unfreezing):
+    head = load_head(_pipeline_run(tmp_path, probe_heads, unfreezing))
+    assert head.config.target_neuron == 3
+
+
+def test_malformed_training_metrics_are_one_line(tmp_path, probe_heads):
+    head = _pipeline_run(tmp_path, probe_heads, "after_target")
+    with pytest.raises(HeadConfigError, match=r"training_metrics.json: key 'unfreezing' = 'after_target' "
+                                              r"is invalid; expected an object"):
+        load_head(head)
+    (head.parent / "training_metrics.json").write_text("{not json")
+    with pytest.raises(HeadConfigError, match=r"training_metrics\.json") as info:
+        load_head(head)
+    assert "\n" not in str(info.value)
+
+
+def test_the_cli_and_pytest_refuse_an_unfrozen_head_in_one_line(tmp_path, probe_heads, pytester, capsys):
+    from neuronpatch.cli import main
+
+    head = _pipeline_run(tmp_path, probe_heads, {"strategy": "all", "unfrozen_params": 1000})
+    assert main(["run", str(head), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("neuronpatch: error: ") and err.count("\n") == 1
+    assert "unfreezing.strategy = all, 1,000 parameters" in err and not (tmp_path / "out").exists()
+
+    pytester.makefile(".probe.yaml", p=f"name: unfrozen\nhead: {head}\n")
+    result = pytester.runpytest("-p", "no:cacheprovider", "--neuronpatch-allow-outside-rootdir")
+    result.assert_outcomes(errors=1)
+    assert "Traceback" not in result.stdout.str()
+    result.stdout.re_match_lines([r"probe 'unfrozen' could not run \(head .*\): UnfrozenHeadError: .*"
+                                  r"unfreezing.strategy = all, 1,000 parameters.*mean nothing"])

@@ -20,6 +20,10 @@ class HeadConfigError(NeuronpatchError, ValueError):
     """A head directory's config.json or weights are missing, malformed or inconsistent."""
 
 
+class UnfrozenHeadError(HeadConfigError):
+    """A head from a pipeline run that fine-tuned the base model: on the original model it means nothing."""
+
+
 class UnsafeArtifactError(NeuronpatchError, ValueError):
     """A weights file would need to execute code (an arbitrary pickle) to load."""
 

@@ -480,6 +480,7 @@ def load_head(path: str | Path) -> Head:
     # Bounded: size, nesting depth and special files are refused in one line.
     raw = load_json_bounded(cfg_path, what="head config", error=HeadConfigError)
     config = parse_config(raw, cfg_path)
+    check_frozen_run(path)
     if config.head_type == "token" and not (path / "head.pt").exists() and not (
         path / "head.safetensors"
     ).exists():
@@ -507,3 +508,49 @@ def check_layers(cfg: HeadConfig, n_layers: int, where: Path) -> None:
     if not 0 <= cfg.target_layer < n_layers:
         raise config_error(where, "target_layer", cfg.target_layer, f"an int in [0, {n_layers - 1}]")
     coordinates.feature_site(cfg, n_layers, where=where)  # raises on a bad feature_layer / feature_hook
+
+
+# The seed pipeline writes a run as ``models/<run>/best_model/`` (config.json, head.pt) with
+# ``models/<run>/training_metrics.json`` beside it; an unfrozen run records its strategy there.
+TRAINING_METRICS = "training_metrics.json"
+
+
+def check_frozen_run(head_dir: Path) -> None:
+    """Refuse a head whose pipeline run fine-tuned the base model instead of training the head.
+
+    With ``--unfreeze all|after_target|from_layer|selective`` the seed pipeline keeps the head
+    at its random initialisation, trains the base model's layers and saves only the head; it
+    records the strategy in ``training_metrics.json`` beside the head directory
+    (``"unfreezing": {"strategy": ..., "unfrozen_params": ...}``). On the original base model
+    such a head's numbers mean nothing. A frozen run (``strategy: none``), a metrics file
+    without ``unfreezing``, or no metrics file read as before.
+
+    Raises:
+        UnfrozenHeadError: the run was unfrozen (the message names the file, the strategy and
+            how many parameters were trained).
+        HeadConfigError: the metrics file is not readable JSON, or its ``unfreezing`` is malformed.
+
+    Example:
+        >>> check_frozen_run(Path("models/run/best_model"))                  # doctest: +SKIP
+    """
+    from neuronpatch.errors import UnfrozenHeadError
+
+    metrics = head_dir.resolve().parent / TRAINING_METRICS
+    if not metrics.exists():
+        return
+    raw = load_json_bounded(metrics, what="training metrics", error=HeadConfigError)
+    unfreezing = raw.get("unfreezing") if isinstance(raw, dict) else None
+    if unfreezing is None:
+        return
+    if not isinstance(unfreezing, dict):
+        raise config_error(metrics, "unfreezing", unfreezing, 'an object such as {"strategy": "none"}')
+    strategy = unfreezing.get("strategy", "none")
+    if strategy in (None, "none", False):
+        return
+    params = unfreezing.get("unfrozen_params")
+    count = (f", {params:,} parameters" if isinstance(params, int) and not isinstance(params, bool)
+             else "")
+    raise UnfrozenHeadError(
+        f"{head_dir}: this head was trained with the base model's layers unfrozen ({metrics}: "
+        f"unfreezing.strategy = {strategy}{count}); the pipeline saved only the head, so on the "
+        "original model its numbers mean nothing")
