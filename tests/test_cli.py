@@ -72,6 +72,16 @@ def test_inputs_and_interventions_from_flags(head, tmp_path, capsys):
                                                       "Another line, longer than the first one."]
 
 
+@pytest.mark.parametrize("style", ["one flag", "repeated"])
+def test_text_takes_several_texts_or_repeats(head, tmp_path, style):
+    texts = ["The cat sat on the mat.", "A second sentence here.", "And a third one."]
+    flags = ["--text", *texts] if style == "one flag" else [a for t in texts for a in ("--text", t)]
+    out = tmp_path / "o"
+    assert main(["run", str(head), *flags, "--set", "0", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["text"] for r in summary["inputs"]] == texts
+
+
 def _break(head: Path, how: str) -> list[str]:
     extra: list[str] = []
     if how == "missing dir":

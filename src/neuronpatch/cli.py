@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("head_dir", type=Path, help="head directory (config.json + head.pt)")
     src = run.add_mutually_exclusive_group()
     src.add_argument("--inputs", type=Path, help="text file, one input per line")
-    src.add_argument("--text", action="append", metavar="T", help="an input text (repeatable)")
+    src.add_argument("--text", action="extend", nargs="+", metavar="T",
+                     help="input texts (several after one --text, or --text repeated)")
     run.add_argument("--scale", type=float, nargs="+", metavar="F", help="scale factors")
     run.add_argument("--set", type=float, nargs="+", metavar="V", help="values to set")
     run.add_argument("--add", type=float, nargs="+", metavar="D", help="values to add")
@@ -412,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--top", type=int, default=20, help="units confirmed by real patching and shown")
     rk_src = rk.add_mutually_exclusive_group()
     rk_src.add_argument("--inputs", type=Path, help="text file, one input per line")
-    rk_src.add_argument("--text", action="append", metavar="T", help="an input text (repeatable)")
+    rk_src.add_argument("--text", action="extend", nargs="+", metavar="T",
+                     help="input texts (several after one --text, or --text repeated)")
     rk.add_argument("--scale", type=float, nargs="+", metavar="F",
                     help="how confirmed units are patched (default: --scale 0 2)")
     rk.add_argument("--set", type=float, nargs="+", metavar="V", help="values to set")
