@@ -11,7 +11,7 @@ from torch import Tensor
 
 from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
-from neuronpatch.engine._forward import Capture, Targets
+from neuronpatch.engine._forward import Capture, Growth, Targets
 from neuronpatch.engine._growth import agree, growth
 from neuronpatch.engine._inputs import Encoded, chunks
 from neuronpatch.engine._rows import full_rows, kv_rows
@@ -56,7 +56,7 @@ class Budget:
         row_bytes = self.cache_bytes(model, enc, p.unit.layer if grown else 0)
         return max(1, min(per, self.kv_cache_bytes // max(1, m * row_bytes)))
 
-    def growth(self, model: LoadedModel, p: Plan, m: int) -> Any:
+    def growth(self, model: LoadedModel, p: Plan, m: int) -> Growth | None:
         """The :class:`~neuronpatch.engine.Growth` for ``m`` rows per input, or None."""
         return growth(model, p, m) if self.grow else None
 
