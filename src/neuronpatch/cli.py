@@ -439,7 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--neuron", type=int, required=True, help="the unit's index")
     th.add_argument("--layer-type", default="post", help="post (MLP neuron, default), mlp_out, ...")
     th.add_argument("--feature-layer", type=int, required=True,
-                    help="index into hidden_states the head reads (-1: final, after ln_f)")
+                    help="where the head reads: in transformer_lens coordinates (the default) the block "
+                         "whose output it reads (-1: the last block, before the final norm); in hf "
+                         "coordinates an index into hidden_states")
     th.add_argument("--type", choices=("regression", "classification"), default="regression")
     th.add_argument("--hidden-dim", type=int, default=None, help="hidden layer width (default: linear)")
     th.add_argument("--bins", type=int, default=8, help="classes of a classification head")

@@ -24,7 +24,7 @@ schema's) are reported together, in line order; other documents are not
 affected.
 
 A new top-level key is one pydantic model class plus one field on
-:class:`ProbeSpec` (planned: ``baseline:`` and ``fuzz:``).
+:class:`ProbeSpec`.
 """
 
 from __future__ import annotations
