@@ -28,7 +28,7 @@ def _verdict(slope: float, r2: float) -> str:
     if abs(slope) < 0.3:
         return "barely uses the neuron"
     if abs(slope - 1) <= 0.25 and (math.isnan(r2) or r2 >= 0.8):
-        return "TRACKS the neuron"
+        return "TRACKS the neuron" + (", less consistently (R² < 0.9)" if r2 < 0.9 else "")
     return "partly uses the neuron"
 
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"neuronpatch demo: {len(texts)} inputs from {args.probes / 'inputs' / 'demo.txt'}, "
           f"the neuron set to {list(SET_VALUES)} at the last token\n")
     header = (f"{'head':<16} {'reads':<14} {'trained on':<15} {'held-out R²':>11} "
-              f"{'baseline r':>10} {'causal slope':>12} {'R²':>6}  verdict")
+              f"{'baseline r':>10} {'causal slope':>12} {'R²':>9}  verdict")
     print(header)
     print("-" * len(header))
     figures = []
@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         fl = cfg["feature_layer"]
         reads = (f"hidden_states[{fl}]" if cfg.get("coordinates") == "hf"
                  else f"resid_post[{fl}]")
-        r2 = "  nan" if math.isnan(res.r_squared) else f"{res.r_squared:6.3f}"
+        # An R² needs the prediction to move: where it cannot (slope exactly 0) it is undefined.
+        r2 = f"{'undefined':>9}" if math.isnan(res.r_squared) else f"{res.r_squared:9.3f}"
         print(f"{name:<16} {reads:<14} {training.get('data', '?'):<15} "
               f"{training.get('held_out_r2', math.nan):>11.3f} {res.baseline_correlation:>10.3f} "
               f"{res.slope:>12.3f} {r2}  {_verdict(res.slope, res.r_squared)}")
