@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from types import SimpleNamespace
 
@@ -242,3 +243,28 @@ def test_failures_point_at_the_users_test_not_the_helper(pytester: pytest.Pytest
     assert 'expect({"slope": 0.1}, slope=[0.8, 1.2])' in text
     assert "def expect(" not in text  # __tracebackhide__: no frames of ours
     assert "FAIL  slope  = 0.1  expected [0.8, 1.2]  at " in text
+
+
+def _doubtful(value: float, lo: float, hi: float, n: int = 4):
+    from neuronpatch.probes.expectations import Measurements, check
+
+    m = Measurements(values={"slope": value}, labels=[f"input {i}" for i in range(n)],
+                     interval=lambda metric, level: (lo, hi))
+    (out,) = check(m, {"slope": {"max": 0.88, "confidence": 0.95}})
+    assert out.inconclusive and not out.passed
+    return out
+
+
+def test_an_inconclusive_claim_says_how_many_inputs_would_decide_it():
+    out = _doubtful(0.8686, 0.8541, 0.8846)
+    assert out.inputs_needed == 8
+    assert "about 8 inputs would decide it at this spread (now 4)" in out.details[0]
+
+
+def test_an_estimate_on_the_bound_gets_advice_not_an_absurd_count():
+    # 1e-7 from the bound: the 1/sqrt(n) estimate would be billions of inputs.
+    out = _doubtful(0.8800001, 0.85, 0.91)
+    assert out.inputs_needed is None
+    assert "more inputs would hardly decide it: the estimate sits 1e-07 from the range's edge" in \
+        out.details[0]
+    assert not re.search(r"\d{7,}", out.details[0])

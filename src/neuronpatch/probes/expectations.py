@@ -263,12 +263,21 @@ def _check_confident(m: Measurements, exp: Expectation) -> Outcome:
         out = _verdict(exp, False, value, text, [why])
         return out._replace_interval((lo, hi), None)
     n = len(m.labels)
-    need = _inputs_needed(value, lo, hi, exp.range.margin(value), n)
+    margin = exp.range.margin(value)
+    need = _inputs_needed(value, lo, hi, margin, n)
+    if need is not None and need > _DECIDABLE * n:
+        need = None  # so many inputs that no one would run them: say why instead of the number
     more = (f"about {need} inputs would decide it at this spread (now {n})" if need
-            else "more inputs would not decide it: the estimate sits on the range's edge")
+            else f"more inputs would hardly decide it: the estimate sits {format_measured(margin)} from "
+                 "the range's edge, well inside its own interval; move the bound or test a larger effect")
     out = _verdict(exp, False, value, text,
                    [f"inconclusive: the {pct} interval straddles the expected range's edge; {more}"])
     return dataclasses.replace(out, inconclusive=True, interval=(lo, hi), inputs_needed=need)
+
+
+# An estimate of the inputs that would decide a claim is shown only up to this many times the
+# inputs it ran on; beyond, the estimate sits so close to the edge that the number misleads.
+_DECIDABLE = 100
 
 
 def _inputs_needed(value: float, lo: float, hi: float, margin: float, n: int) -> int | None:
