@@ -195,3 +195,16 @@ def test_the_cli_and_pytest_refuse_an_unfrozen_head_in_one_line(tmp_path, probe_
     assert "Traceback" not in result.stdout.str()
     result.stdout.re_match_lines([r"probe 'unfrozen' could not run \(head .*\): UnfrozenHeadError: .*"
                                   r"unfreezing.strategy = all, 1,000 parameters.*mean nothing"])
+
+
+def test_a_head_path_one_typo_off_gets_a_suggestion(tmp_path, probe_heads):
+    import shutil
+
+    shutil.copytree(probe_heads.causal, tmp_path / "demo_causal")
+    with pytest.raises(HeadConfigError) as info:
+        load_head(tmp_path / "demo_casual")
+    assert str(info.value) == (f"{tmp_path / 'demo_casual'}: head directory not found; "
+                               f"did you mean {tmp_path / 'demo_causal'}?")
+    with pytest.raises(HeadConfigError) as info:
+        load_head(tmp_path / "something_else")
+    assert str(info.value) == f"{tmp_path / 'something_else'}: head directory not found"

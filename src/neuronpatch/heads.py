@@ -473,7 +473,7 @@ def load_head(path: str | Path) -> Head:
     """
     path = Path(path)
     if not path.is_dir():
-        raise HeadConfigError(f"{path}: head directory not found")
+        raise HeadConfigError(f"{path}: head directory not found{_did_you_mean(path)}")
     cfg_path = path / "config.json"
     if not cfg_path.exists() and not cfg_path.is_symlink():
         raise HeadConfigError(f"{cfg_path}: missing (a head directory needs config.json)")
@@ -554,3 +554,16 @@ def check_frozen_run(head_dir: Path) -> None:
         f"{head_dir}: this head was trained with the base model's layers unfrozen ({metrics}: "
         f"unfreezing.strategy = {strategy}{count}); the pipeline saved only the head, so on the "
         "original model its numbers mean nothing")
+
+
+def _did_you_mean(path: Path) -> str:
+    """``; did you mean X?`` for a sibling head directory one typo away, else ``""``."""
+    import difflib
+
+    try:
+        siblings = sorted(p.name for p in path.parent.iterdir()
+                          if p.is_dir() and (p / "config.json").is_file())
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, siblings, n=1, cutoff=0.8)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
