@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -226,3 +228,28 @@ def test_the_controls_figure_draws_each_slope_with_its_interval_and_the_target_o
     assert "2 units, 2 directions" in title
     labels = ax.get_legend_handles_labels()[1]
     assert any(lab.startswith("|slope| ≤ largest control's (0.3") for lab in labels)
+
+
+@pytest.mark.parametrize("head", ["demo_causal", "demo_upstream", "demo_classifier"])
+def test_every_figure_keeps_its_text_on_the_canvas(head):
+    # At the default size, no title, label or annotation runs off the figure (a long verdict
+    # line on an upstream head once clipped both edges of its title).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from neuronpatch import plots, run_experiment
+
+    root = Path(__file__).resolve().parents[1] / "probes"
+    texts = (root / "inputs" / "demo.txt").read_text().splitlines()
+    res = run_experiment(root / "heads" / head, texts, set=[-0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3],
+                         controls={"units": {"random": 3, "seed": 0}}, device="cpu")
+    for name in (*plots.FIGURES, plots.CONTROLS_FIGURE):
+        fig = plots.render(res, name, title=head)
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        boxes = [(f"axes {i}", ax.get_tightbbox(renderer)) for i, ax in enumerate(fig.axes)]
+        boxes += [(t.get_text(), t.get_window_extent(renderer)) for t in fig.texts if t.get_text()]
+        width, height = fig.bbox.width, fig.bbox.height
+        off = [(what, box.bounds) for what, box in boxes if box is not None and (
+            box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5)]
+        assert not off, f"{name}: text outside the {width:.0f}x{height:.0f} canvas: {off}"

@@ -63,6 +63,16 @@ def _short(text: str, n: int = 24) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
+def _fit(fig: Figure, text: str, fontsize: float = 12.0) -> str:
+    """``text`` with each line wrapped to fit the figure: a title must not run off its edges.
+
+    A title is centred over its axes, which can sit off the figure's centre (a legend beside
+    them), so lines are kept to about 80% of the figure's width at ~0.6 em per character.
+    """
+    chars = max(20, int(0.8 * fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+
 def _title(res: ExperimentResult, title: str | None) -> str:
     who = title or Path(res.head_path).name
     return f"{who} · L{res.target_layer} N{res.target_neuron} ({res.layer_type})"
@@ -146,7 +156,7 @@ def _baseline(fig: Figure, res: ExperimentResult, title: str | None,
         sub = f"Pearson r = {b.pearson_r:.3f}, Spearman ρ = {b.spearman_rho:.3f}"
     else:
         sub = f"correlation undefined: {b.reason}"
-    ax.set_title(f"{_title(res, title)}\nclean activation vs prediction · {sub}")
+    ax.set_title(_fit(fig, f"{_title(res, title)}\nclean activation vs prediction · {sub}"))
     _style(ax, "unit activation (clean)", "head prediction (clean)")
     ax.legend(loc="best")
 
@@ -182,7 +192,8 @@ def _scaling(fig: Figure, res: ExperimentResult, title: str | None,
     right.set_title("path in activation-prediction space")
     _style(right, "mean unit activation", "mean head prediction")
     right.legend(loc="best")
-    fig.suptitle(f"{_title(res, title)}: effect of each intervention\n{_verdict_line(res, expected)}")
+    fig.suptitle(_fit(fig, f"{_title(res, title)}: effect of each intervention\n"
+                           f"{_verdict_line(res, expected)}"))
 
 
 def _all_points(fig: Figure, res: ExperimentResult, title: str | None,
@@ -197,8 +208,8 @@ def _all_points(fig: Figure, res: ExperimentResult, title: str | None,
                    color=cmap(k / max(n - 1, 1)), label=iv.label)
     _references(ax)
     _same_scale(ax, res.activation_change, res.prediction_change)
-    ax.set_title(f"{_title(res, title)}\n{len(res.inputs)} inputs × {n} interventions · "
-                 f"{_verdict_line(res, expected)}")
+    ax.set_title(_fit(fig, f"{_title(res, title)}\n{len(res.inputs)} inputs × {n} interventions · "
+                           f"{_verdict_line(res, expected)}"))
     _style(ax, "activation change (patched − clean)", "prediction change (patched − clean)",
            zero_lines=True)
     ax.legend(title="intervention", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
@@ -241,7 +252,7 @@ def _regression(fig: Figure, res: ExperimentResult, title: str | None,
                     color="0.3", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9})
     _same_scale(ax, x, y)
     ci_text = "" if math.isnan(ci.lo) else f", 95% CI [{_fmt(ci.lo)}, {_fmt(ci.hi)}]"
-    ax.set_title(f"{_title(res, title)}\n{_verdict_line(res, expected)}{ci_text}")
+    ax.set_title(_fit(fig, f"{_title(res, title)}\n{_verdict_line(res, expected)}{ci_text}"))
     _style(ax, "activation change", "prediction change", zero_lines=True)
     ax.legend(loc="lower right", fontsize=8)
 
@@ -277,8 +288,8 @@ def _per_input(fig: Figure, res: ExperimentResult, title: str | None,
     wanted = f" · expected per-input slope {expected['per_input_slope']}" \
         if "per_input_slope" in expected else ""
     lines = "green dashed: slope 1, grey dotted: slope 0"
-    fig.suptitle(f"{_title(res, title)}: per-input sensitivity ({what}){wanted}\n"
-                 f"{_verdict_line(res, expected)} · {lines}", fontsize=10)
+    fig.suptitle(_fit(fig, f"{_title(res, title)}: per-input sensitivity ({what}){wanted}\n"
+                           f"{_verdict_line(res, expected)} · {lines}", 10), fontsize=10)
 
 
 def _controls(fig: Figure, res: ExperimentResult, title: str | None,
@@ -324,8 +335,8 @@ def _controls(fig: Figure, res: ExperimentResult, title: str | None,
     n_units = len(ctl.units)
     kinds = ", ".join(x for x in (f"{n_units} units" if n_units else "",
                                   f"{len(each) - n_units} directions" if len(each) > n_units else "") if x)
-    head = textwrap.fill(_title(res, title), 90)  # a long probe name must not run off the figure
-    ax.set_title(f"{head}\nthe target among its controls ({kinds}) · {spec}{wanted}", fontsize=10)
+    ax.set_title(_fit(fig, f"{_title(res, title)}\nthe target among its controls ({kinds}) · {spec}{wanted}",
+                      10), fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # never over a unit
 
 
