@@ -96,20 +96,16 @@ class Growth:
 
         return hook
 
-    def repeat_cache(self, cache: Any, n_layers: int) -> None:
-        """Repeat a prefix cache's rows ``m`` times, from the growth block on (in place)."""
-        if len(cache.layers) != n_layers:
-            raise RuntimeError("the cache does not hold one layer per block")
-        for layer in cache.layers[self.at:]:
-            layer.batch_repeat_interleave(self.m)
-
 
 def repeat_cache(cache: Any, m: int, grow: Growth | None, n_layers: int) -> None:
-    """Repeat each input's prefix cache once per row: in every layer, or from ``grow.at`` on."""
+    """Repeat each input's prefix cache once per row (in place): in every layer, or from ``grow.at`` on."""
     if grow is None:
         cache.batch_repeat_interleave(m)
-    else:
-        grow.repeat_cache(cache, n_layers)
+        return
+    if len(cache.layers) != n_layers:
+        raise RuntimeError("the cache does not hold one layer per block")
+    for layer in cache.layers[grow.at:]:
+        layer.batch_repeat_interleave(grow.m)
 
 
 # --------------------------------------------------------------------------- the primitive
@@ -382,9 +378,10 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
     if got.requested is None:
         raise PatchError(f"the patch hook at {p.unit} (column {_columns(p, b)}) never ran during the "
                          "forward pass: no row was patched, so no slope can be measured")
-    if got.features is None or got.clean is None or (guard is not None and got.guard is None):
-        missing = [name for name, v in (("features", got.features), ("guard", got.guard))
-                   if v is None and (name != "guard" or guard is not None)]
+    missing = [name for name, value, wanted in (("features", got.features, True),
+                                                ("guard", got.guard, guard is not None))
+               if wanted and value is None]
+    if missing:
         raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
                            f"(missing {missing})")
     if not got.early:
@@ -393,7 +390,7 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
             assert got.along_requested is not None
             _check_along(p, b, along, got.along_requested, got.along_observed, got.along_norm,
                          got.requested.dtype)
-    assert got.patched is not None
+    assert got.clean is not None and got.patched is not None and got.features is not None
     return Capture(got.clean, got.patched, got.features, got.guard, got.unit_row)
 
 
