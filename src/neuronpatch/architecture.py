@@ -14,13 +14,20 @@ site           tensor (``[batch, pos, width]``)
 ``mlp_write``  what the MLP adds to the residual stream in block L
 ``block_out``  the residual stream leaving block L
 ``final_norm`` the final norm's output, gain and bias included
+``route``      read only: the experts a mixture-of-experts block chose for
+               each token (``[batch, pos, k]``, sorted), where the block
+               hands its experts their indices
 =============  ==========================================================
 
 Which module plays which part comes from TransformerLens's architecture
 adapters (``component_mapping`` and the block's hook aliases), so every
 architecture TransformerLens knows is described once, there. A site that an
 architecture does not have as one module's tensor (the scaled residual writes
-of Granite, the experts of a mixture-of-experts MLP) is refused by name.
+of Granite, the neurons of a mixture-of-experts MLP, which belong to single
+experts) is refused by name. A mixture-of-experts block's output (routed
+experts plus any shared expert) is its ``mlp_write``, the same write to the
+residual stream as a dense MLP's; the block runs its own routing on whatever
+reaches it, so a patch that changes a later layer's expert choice keeps it.
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ from torch import Tensor, nn
 from neuronpatch.errors import ModelLoadError
 
 SITE_KINDS: tuple[str, ...] = (
-    "block_in", "attn_write", "mlp_pre", "mlp_post", "mlp_write", "block_out", "final_norm", "logits",
+    "block_in", "attn_write", "route", "mlp_pre", "mlp_post", "mlp_write", "block_out", "final_norm", "logits",
 )
 # Forward order inside a block; block_out(L) comes before block_in(L + 1).
 _TL_NAMES = {"block_in": "hook_resid_pre", "attn_write": "hook_attn_out", "mlp_pre": "mlp.hook_pre",
              "mlp_post": "mlp.hook_post", "mlp_write": "hook_mlp_out", "block_out": "hook_resid_post"}
-_STAGE = {"block_in": 0, "attn_write": 1, "mlp_pre": 2, "mlp_post": 3, "mlp_write": 4, "block_out": 5}
+_STAGE = {"block_in": 0, "attn_write": 1, "route": 2, "mlp_pre": 3, "mlp_post": 4, "mlp_write": 5,
+          "block_out": 6}
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class Site:
         """The TransformerLens hook name that holds this tensor (in its own coordinates)."""
         if self.kind in _TL_NAMES:
             return f"blocks.{self.layer}.{_TL_NAMES[self.kind]}"
+        if self.kind == "route":
+            return f"blocks.{self.layer}.mlp.gate.hook_out"
         return "ln_final.hook_out" if self.kind == "final_norm" else "unembed.hook_out"
 
 
@@ -79,6 +89,10 @@ class Architecture:
     mlp_write: list[nn.Module | None]
     attn_write: list[nn.Module | None]
     refused: dict[str, str] = field(default_factory=dict)  # site kind -> why
+    # Block -> its mixture-of-experts module (None: a dense MLP, or no MLP), and why a
+    # site of one block is refused where the others have it ((kind, layer) -> why).
+    moe: list[nn.Module | None] = field(default_factory=list)
+    refused_at: dict[tuple[str, int], str] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -89,7 +103,14 @@ class Architecture:
         if site.kind in self.refused:
             why = self.refused[site.kind]
             raise ModelLoadError(f"{self.name}: the {site.kind} site is refused: {why}")
+        if (site.kind, site.layer) in self.refused_at:
+            why = self.refused_at[site.kind, site.layer]
+            raise ModelLoadError(f"{self.name}: the {site.kind} site of block {site.layer} is refused: {why}")
         if site.kind in ("logits", "block_in", "block_out", "final_norm"):
+            return
+        if site.kind == "route":
+            if not self.moe or self.moe[site.layer] is None:
+                raise ModelLoadError(f"{self.name}: block {site.layer} has no mixture of experts to route")
             return
         table = {"mlp_post": self.mlp_out_proj, "mlp_pre": self.mlp_pre_proj,
                  "mlp_write": self.mlp_write, "attn_write": self.attn_write}[site.kind]
@@ -142,9 +163,7 @@ def describe(hf_model: nn.Module) -> Architecture:
         why = "the block scales attention and MLP outputs inline before adding them"
         refused["mlp_write"] = refused["attn_write"] = why
     mlp_b = sub.get("mlp")
-    if mlp_b is not None and ("MoE" in type(mlp_b).__name__ or "Moe" in type(mlp_b).__name__):
-        refused["mlp_post"] = refused["mlp_pre"] = "the MLP is a mixture of experts"
-        refused["mlp_write"] = "the MLP is a mixture of experts"
+    moe_model = mlp_b is not None and ("MoE" in type(mlp_b).__name__ or "Moe" in type(mlp_b).__name__)
 
     def path_of(alias: str) -> str | None:
         # "mlp.out" -> adapter names of mlp, then its "out" submodule.
@@ -167,10 +186,22 @@ def describe(hf_model: nn.Module) -> Architecture:
         return path_of(target[: -len(".hook_out")])
 
     mlp_out, mlp_pre, mlp_w, attn_w = [], [], [], []
-    for block in blocks:
-        out_p = path_of("mlp.out") if mlp_b is not None else None
-        gate_p = path_of("mlp.gate") if mlp_b is not None else None
-        in_p = path_of("mlp.in") if mlp_b is not None else None
+    moe: list[nn.Module | None] = []
+    refused_at: dict[tuple[str, int], str] = {}
+    for L, block in enumerate(blocks):
+        sparse = _get(block, mlp_b.name) if moe_model and mlp_b is not None else None
+        if sparse is not None and not _is_sparse(sparse):
+            sparse = None  # a dense layer of a mixture-of-experts model (DeepSeek's first layers)
+        moe.append(sparse)
+        dense = "dense_" if moe_model else ""
+        out_p = path_of(f"mlp.{dense}out") if mlp_b is not None else None
+        gate_p = path_of(f"mlp.{dense}gate") if mlp_b is not None else None
+        in_p = path_of(f"mlp.{dense}in") if mlp_b is not None else None
+        if sparse is not None:
+            out_p = gate_p = in_p = None
+            why = (f"block {L}'s MLP is a mixture of experts: its neurons belong to single experts "
+                   "(not served); its output (layer_type mlp_out) and the residual units are")
+            refused_at["mlp_post", L] = refused_at["mlp_pre", L] = why
         mlp_out.append(_get(block, out_p))
         mlp_pre.append(_get(block, gate_p) if gate_p else _get(block, in_p))
         w = site_path("hook_mlp_out", "mlp.hook_out")
@@ -186,7 +217,13 @@ def describe(hf_model: nn.Module) -> Architecture:
         name=arch, blocks=blocks, final_norm=final_norm, layernorm=layernorm,
         parallel="Parallel" in block_cls or bool(getattr(adapter.cfg, "parallel_attn_mlp", False)),
         mlp_out_proj=mlp_out, mlp_pre_proj=mlp_pre, mlp_write=mlp_w, attn_write=attn_w, refused=refused,
+        moe=moe, refused_at=refused_at,
     )
+
+
+def _is_sparse(mlp: nn.Module) -> bool:
+    """Whether an MLP module routes tokens to experts (has experts or a router of its own)."""
+    return any(hasattr(mlp, name) for name in ("experts", "router", "input_linear"))
 
 
 def _adapter(config: Any, arch: str) -> Any:
@@ -220,12 +257,13 @@ def attach(arch: Architecture, site: Site, fn: Edit, batch: int) -> Any:
     that shape to replace it in the forward pass.
     """
     def swap_out(output: Any) -> Any:
-        t = output[0] if isinstance(output, tuple) else output
+        many = isinstance(output, (tuple, list))  # GPT-1's attention returns a list
+        t = output[0] if many else output
         new = fn(_as_bsd(t, batch))
         if new is None:
             return None
         new = new.reshape(t.shape)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+        return type(output)([new, *output[1:]]) if many else new
 
     def out_hook(module: nn.Module, args: Any, output: Any) -> Any:
         return swap_out(output)
@@ -242,6 +280,8 @@ def attach(arch: Architecture, site: Site, fn: Edit, batch: int) -> Any:
         return args, {**kwargs, "hidden_states": new.reshape(t.shape)}
 
     k, L = site.kind, site.layer
+    if k == "route":
+        return _attach_route(arch, L, fn, batch)
     if k == "block_in":
         return arch.blocks[L].register_forward_pre_hook(in_hook, with_kwargs=True)
     if k == "block_out":
@@ -258,6 +298,56 @@ def attach(arch: Architecture, site: Site, fn: Edit, batch: int) -> Any:
     mod = table[k][L]
     assert mod is not None, f"{arch.name} has no {k} site in block {L}"
     return mod.register_forward_hook(out_hook)
+
+
+def _choice(x: Any) -> Tensor | None:
+    """The expert indices among a module's arguments or outputs: an integer ``[tokens, k]`` tensor."""
+    items = x if isinstance(x, (tuple, list)) else (x,)
+    for t in items:
+        if isinstance(t, Tensor) and t.dim() == 2 and not t.is_floating_point() and t.dtype != torch.bool:
+            return t
+    return None
+
+
+def _attach_route(arch: Architecture, L: int, fn: Edit, batch: int) -> Any:
+    """Read the experts block ``L`` chose for each token, where its module hands them over.
+
+    Transformers' expert modules take ``(hidden_states, top_k_index, top_k_weights)``;
+    elsewhere the router returns the indices. A family that passes neither (the
+    indices stay inside one function) is not observed: ``fn`` is never called.
+    """
+    sparse = arch.moe[L] if arch.moe else None
+    assert sparse is not None, f"{arch.name} has no mixture of experts in block {L}"
+
+    def seen(idx: Tensor | None) -> None:
+        if idx is not None and idx.shape[0] % batch == 0:
+            fn(idx.reshape(batch, -1, idx.shape[-1]).sort(-1).values)
+
+    experts = getattr(sparse, "experts", None)
+    router = next((getattr(sparse, n) for n in ("gate", "router") if isinstance(getattr(sparse, n, None),
+                                                                             nn.Module)), None)
+
+    def on_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen(_choice(tuple(args[1:]) + tuple(kwargs.values())))
+
+    def on_router(module: nn.Module, args: Any, output: Any) -> None:
+        seen(_choice(output))
+
+    handles = []
+    if isinstance(experts, nn.Module):
+        handles.append(experts.register_forward_pre_hook(on_experts, with_kwargs=True))
+    elif router is not None:
+        handles.append(router.register_forward_hook(on_router))
+    return _Handles(handles)
+
+
+class _Handles:
+    def __init__(self, handles: list[Any]) -> None:
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> None:
@@ -321,8 +411,9 @@ def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> No
             refuse(("block_out",), f"block {L}'s output is not HF's hidden_states[{L + 1}]")
         keys = [("block_in", L), ("block_out", L), ("attn_write", L), ("mlp_write", L)]
         if all(k in got for k in keys):
-            total = got["block_in", L] + got["attn_write", L] + got["mlp_write", L]
-            if not close(total, got["block_out", L]):
+            parts = [got[k] for k in keys]
+            same = all(t.shape == parts[0].shape for t in parts)  # hyper-connections widen the stream
+            if not same or not close(parts[0] + parts[2] + parts[3], parts[1]):
                 refuse(("attn_write", "mlp_write"),
                        "a block's output is not its input plus its attention and MLP outputs")
     final = got.get(("final_norm", n))

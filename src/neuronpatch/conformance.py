@@ -41,7 +41,9 @@ TEXTS = ("The cat sat on the mat today.", "Numbers 3 4 5 and more", "A quick one
 IVS = (Intervention("scale", 0.0), Intervention("scale", 2.5), Intervention("set", 1.5))
 TOLERANCE = 1e-5  # relative to the predictions' scale
 MAX_TINY_PARAMS = 2_000_000
-# name: (config keys, routes that claim the case)
+# name: (config keys, routes that claim the case). The unit is an MLP neuron unless the
+# name says otherwise; the block-level units (the MLP's and attention's writes, the
+# residual stream) are what a mixture-of-experts or state-space block has too.
 HEADS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "linear head, final state": (dict(target_layer=1, feature_layer=-1), ("kv", "full")),
     "linear head, right after the unit": (dict(target_layer=1, feature_layer=1), ("linear", "kv", "full")),
@@ -49,7 +51,16 @@ HEADS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                  head_config={"activation": "relu", "output_scale": 1.5}), ("kv", "full")),
     "head before the unit": (dict(target_layer=2, feature_layer=1), ("upstream", "kv")),
     "token head": (dict(target_layer=1, head_type="token"), ("kv", "full")),
+    "mlp_out unit, final state": (dict(target_layer=1, feature_layer=-1, layer_type="mlp_out"), ("kv", "full")),
+    "attn_out unit, MLP head, mid-stack": (dict(target_layer=1, feature_layer=2, layer_type="attn_out",
+                                                hidden_dim=6, head_config={"activation": "silu"}),
+                                           ("kv", "full")),
+    "resid_pre unit, token head": (dict(target_layer=1, layer_type="resid_pre", head_type="token"),
+                                   ("kv", "full")),
 }
+# layer_type -> the site it patches (the conformance reference's own small table)
+_UNIT_SITE = {"post": "mlp_post", "mlp_out": "mlp_write", "attn_out": "attn_write", "resid_pre": "block_in",
+              "resid_post": "block_out"}
 COORDINATES = ("transformer_lens", "hf")
 
 
@@ -78,23 +89,30 @@ def _reference(model: Any, cfg: dict[str, Any], text: str, patch: tuple[float, f
     """(unit value as the head's coordinates see it, prediction) for one input, one forward."""
     hf, arch = model.hf, model.arch
     coords = cfg["coordinates"]
+    lt = cfg.get("layer_type", "post")
+    # transformer_lens coordinates of a LayerNorm model: a residual unit is its tensor's
+    # column minus the tensor's mean, and the patch's δ stays in the (centred) features.
+    centre = coords == "transformer_lens" and arch.layernorm and lt != "post"
     ids = torch.tensor([model.tokenizer(text)["input_ids"]])
     n = ids.shape[1]
-    got: dict[str, Any] = {}
+    got: dict[str, Any] = {"delta": 0.0}
 
     def edit(t: torch.Tensor) -> torch.Tensor:
-        col = t[0, n - 1, 5].float()
+        x = t[0, n - 1].float()
+        col = x[5] - x.mean() if centre else x[5]
         got["clean"] = float(col)
         if patch is None:
             return t
         out = t.clone()
-        out[0, n - 1, 5] = (col * patch[0] + patch[1]).to(t.dtype)
+        delta = col * (patch[0] - 1) + patch[1]
+        got["delta"] = float(delta)
+        out[0, n - 1, 5] = (x[5] + delta).to(t.dtype)
         return out
 
     last: dict[str, torch.Tensor] = {}
-    handles = [attach(arch, Site("mlp_post", cfg["target_layer"]), edit, 1),
+    handles = [attach(arch, Site(_UNIT_SITE[lt], cfg["target_layer"]), edit, 1),
                arch.blocks[-1].register_forward_hook(
-                   lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))]
+                   lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, (tuple, list)) else o).detach()))]
     try:
         with torch.no_grad():
             out = hf(ids, output_hidden_states=True)
@@ -111,6 +129,8 @@ def _reference(model: Any, cfg: dict[str, Any], text: str, patch: tuple[float, f
         feats = x[n - 1].float()
         if arch.layernorm:
             feats = feats - feats.mean()
+            if centre:
+                feats = feats + got["delta"] / feats.shape[0]
     value = got["clean"] if patch is None else got["clean"] * patch[0] + patch[1]
     return value, predict(feats)
 

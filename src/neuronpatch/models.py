@@ -82,7 +82,9 @@ class LoadedModel:
             return self.d_model
         proj = next((m for m in self.arch.mlp_out_proj if m is not None), None)
         if proj is None:
-            raise ModelLoadError(f"{self.arch.name}: no MLP output projection found")
+            why = next(iter(self.arch.refused_at.values()), None) or self.arch.refused.get("mlp_post")
+            raise ModelLoadError(f"{self.arch.name}: " + (f"MLP neurons are refused: {why}" if why
+                                                          else "no MLP output projection found"))
         w: Any = proj.weight
         # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
         return int(w.shape[0] if type(proj).__name__ == "Conv1D" else w.shape[1])

@@ -71,36 +71,100 @@ def tiny_gpt2(
     return path
 
 
-# Small sizes every architecture accepts; set through each config's own attribute names.
-_TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=64, max_position_embeddings=128, head_dim=8)
+# Small sizes every architecture accepts, by the config's own attribute names. Sizes that
+# only some families have (experts, MLA ranks, state-space and linear-attention widths, an
+# attention indexer) are here too: a config keeps its default wherever it has no such name.
+_TINY: dict[str, int] = dict(
+    hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    intermediate_size=64, max_position_embeddings=128, head_dim=8,
+    n_inner=64, ffn_dim=64, ffn_hidden_size=64, rotary_dim=4, word_embed_proj_dim=32,
+    # mixture of experts: 4 experts, 2 per token, narrow experts, one dense layer first
+    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=16, shared_expert_intermediate_size=32, moe_shared_expert_intermediate_size=32,
+    shared_intermediate_size=32, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
+    num_dense_layers=1, moe_layer_freq=1, decoder_sparse_step=1,
+    # multi-head latent attention (DeepSeek-V2/V3 and their kin)
+    q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+    o_lora_rank=16, o_groups=2, index_head_dim=8, index_n_heads=2,
+    # state-space mixers: inner width expand × hidden = 64 = heads × head width
+    state_size=8, time_step_rank=4, mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_dt_rank=4,
+    mamba_d_ssm=64, mamba_chunk_size=16, chunk_size=16, ssm_state_size=8, mamba_num_heads=4,
+    mamba_head_dim=16, n_groups=1, mamba_n_groups=1,
+    # linear attention (gated delta rule)
+    linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2, linear_num_value_heads=4,
+    # per-layer inputs and recurrent widths
+    hidden_size_per_layer_input=8, lru_width=32, global_head_dim=8,
+)
+# Config attributes that list one entry per layer: kept to the tiny model's depth, with
+# every kind the default list has (a hybrid keeps attention and mixer layers).
+_PER_LAYER = ("layer_types", "layers_block_type", "block_types", "attention_layers")
+# Families whose block pattern comes from other keys than a per-layer list.
+_PATTERN: dict[str, dict[str, Any]] = {
+    # attention at layer 1, experts at layer 1 (layers 0 and 2: Mamba mixer and dense MLP)
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1]),
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1], [["global"], 1]]),
+    "mamba2": dict(num_heads=8, head_dim=8),
+    "gemma4_text": dict(num_kv_shared_layers=0),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"]),  # its default is None
+}
+
+
+def _per_layer(values: list[Any], n: int) -> list[Any]:
+    kinds = list(dict.fromkeys(map(str, values)))
+    by_name = {str(v): v for v in values}
+    if len(kinds) == 1 or len(values) <= n:
+        return list(values[:n])
+    return [by_name[kinds[i % len(kinds)]] for i in range(n)]
 
 
 def tiny_config(model_type: str, tokenizer: Any = None) -> Any:
-    """The config :func:`tiny_model` builds: tiny sizes set through each config's own names."""
+    """The config :func:`tiny_model` builds: tiny sizes set through each config's own names.
+
+    Sizes go through the config class's constructor, so that attributes it derives
+    (a ``head_dim`` property, a block pattern, a validated per-layer list) follow them.
+    A config that wraps a text decoder (``text_config``) gets a tiny text decoder.
+    """
     from transformers import AutoConfig
 
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
-    cfg = AutoConfig.for_model(model_type)
-    sizes = {**_TINY, "vocab_size": len(tokenizer)}
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = cfg.layer_types[: sizes["num_hidden_layers"]]
-    for key, value in sizes.items():
-        if hasattr(cfg, key) or key in getattr(cfg, "attribute_map", {}):
-            setattr(cfg, key, value)
-    for key in ("n_inner", "ffn_dim"):
-        if hasattr(cfg, key):
-            setattr(cfg, key, 64)
-    if hasattr(cfg, "rotary_dim"):
-        cfg.rotary_dim = 4
-    if hasattr(cfg, "word_embed_proj_dim"):
-        cfg.word_embed_proj_dim = 32
-    if getattr(cfg, "sliding_window", None) is not None:
-        cfg.sliding_window = 5
-    cfg.bos_token_id, cfg.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if hasattr(cfg, "pad_token_id"):
-        cfg.pad_token_id = tokenizer.eos_token_id
-    return cfg
+    default = AutoConfig.for_model(model_type)
+    if "text_config" in (getattr(type(default), "sub_configs", None) or {}):
+        text = default.get_text_config()
+        return type(default)(text_config=_tiny(text, str(text.model_type), tokenizer))
+    return _tiny(default, model_type, tokenizer)
+
+
+def _tiny(default: Any, model_type: str, tokenizer: Any) -> Any:
+    cls = type(default)
+    n = _TINY["num_hidden_layers"]
+    aliases = dict(getattr(cls, "attribute_map", {}) or {})
+    names = set(default.to_dict()) | set(aliases)
+
+    def settable_name(k: str) -> bool:
+        prop = getattr(cls, aliases.get(k, k), None)
+        return not isinstance(prop, property) or prop.fset is not None
+
+    settable = {k for k in names if settable_name(k)}
+    kw: dict[str, Any] = {k: v for k, v in _TINY.items() if k in settable}
+    if "qk_rope_head_dim" in kw and "head_dim" in kw:
+        kw["head_dim"] = kw["qk_rope_head_dim"]  # latent attention: head_dim is the rotary part
+    if "kv_lora_rank" in kw and "num_key_value_heads" in kw:
+        kw["num_key_value_heads"] = kw["num_attention_heads"]  # one latent, expanded per head
+    kw["vocab_size"] = len(tokenizer)
+    if "vocab_size_per_layer_input" in settable:
+        kw["vocab_size_per_layer_input"] = len(tokenizer)
+    for key in _PER_LAYER:
+        values = getattr(default, key, None)
+        if key in settable and isinstance(values, list) and values:
+            kw[key] = _per_layer(values, n)
+    kw.update(_PATTERN.get(model_type, {}))
+    if getattr(default, "sliding_window", None) is not None:
+        kw["sliding_window"] = 5
+    kw["bos_token_id"], kw["eos_token_id"] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if "pad_token_id" in names:
+        kw["pad_token_id"] = tokenizer.eos_token_id
+    return cls(**kw)
 
 
 def tiny_model(path: str | Path, model_type: str, *, seed: int = 0, std: float = 0.3) -> Path:
