@@ -37,7 +37,15 @@ TABLE: dict[str, tuple[str, str, str, str]] = {
     "phi3": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
     "bloom": ("transformer.h", "mlp.dense_4h_to_h", "mlp.dense_4h_to_h", "self_attention.dense"),
     "gpt_bigcode": ("transformer.h", "mlp.c_proj", "mlp", "attn"),
+    # Mixture-of-experts blocks: the sparse block's output (routed experts plus any shared
+    # expert, gated) is what the block adds to the residual stream; no neuron layer of its own.
+    "mixtral": ("model.layers", "", "mlp", "self_attn"),
+    "qwen2_moe": ("model.layers", "", "mlp", "self_attn"),
+    "olmoe": ("model.layers", "", "mlp", "self_attn"),
 }
+# Mixture-of-experts models: the module in each block whose forward returns
+# (router logits, routing weights, chosen experts).
+ROUTERS = {"mixtral": "mlp.gate", "qwen2_moe": "mlp.gate", "olmoe": "mlp.gate"}
 # LayerNorm (mean-subtracting) models; the rest use RMSNorm.
 LAYERNORM = {"gpt2", "gpt_neox", "opt", "gptj", "phi", "bloom", "gpt_bigcode"}
 

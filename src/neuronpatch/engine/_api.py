@@ -201,6 +201,15 @@ def run_experiment(
     unmoved = (got.feat == got.clean_feat[:, None]).all(-1)
     pred = torch.where(unmoved, clean_pred[:, None], patched_pred)
     notes = _notes(texts, got.clean_act, ivs, p, route)
+    if allg.rerouted is not None:
+        changed = int(allg.rerouted[:, :k].sum())
+        notes.append(f"routing: {changed} of {n * k} patched rows changed the expert choice of a later "
+                     "mixture-of-experts layer (kept: it is the model's own routing)")
+    elif route.method in ("kv", "full") and any(
+            sparse is not None and p.unit.order(model.n_layers) < Site("route", L).order(model.n_layers)
+            < p.feature.order(model.n_layers) for L, sparse in enumerate(model.arch.moe)):
+        notes.append(f"routing: not observed: {model.arch.name}'s experts module is not handed the expert "
+                     "indices, so whether a patch changed a later layer's expert choice is not counted")
     if guard is not None and got.guard_feat is not None:
         note = _coordinate_guard(head, got, clean_pred)
         if note:

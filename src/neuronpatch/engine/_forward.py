@@ -240,6 +240,9 @@ class Capture:
     features: Tensor  # [R, width] in the head's coordinates
     guard: Tensor | None = None  # [R, width] features in hf coordinates (the coordinate guard)
     unit_row: Tensor | None = None  # [R, units] the whole layer where it is measured, before the patch
+    # [R, S, x]: the experts every mixture-of-experts layer between the unit and the features
+    # chose at each position from the row's patch on (−1 before it); None: no such layer seen.
+    routes: Tensor | None = None
 
 
 class Along:
@@ -285,6 +288,35 @@ class _Read:
     along_norm: Tensor | None = None
     features: Tensor | None = None
     guard: Tensor | None = None
+    routes: dict[int, Tensor] = field(default_factory=dict)
+
+
+def _route_taps(model: LoadedModel, p: Plan, got: _Read) -> list[Tap]:
+    """Read-only taps on the expert choice of every mixture-of-experts layer after the unit."""
+    arch = model.arch
+    if not arch.moe:
+        return []
+    after = p.unit.order(arch.n_layers)
+    sites = [Site("route", L) for L, sparse in enumerate(arch.moe)
+             if sparse is not None and Site("route", L).order(arch.n_layers) > after]
+
+    def keep(L: int) -> Callable[[Tensor], None]:
+        def fn(t: Tensor) -> None:
+            got.routes[L] = t.detach().clone()
+        return fn
+
+    return [(site, keep(site.layer)) for site in sites]
+
+
+def _routes(got: _Read, b: Batch) -> Tensor | None:
+    if not got.routes:
+        return None
+    rows = [t for _, t in sorted(got.routes.items()) if t.shape[:2] == b.patch.shape]
+    if not rows:
+        return None
+    out = torch.cat(rows, dim=-1)
+    before = b.patch.cumsum(1) == 0  # positions before the row's first patch cannot differ
+    return out.masked_fill(before[..., None].to(out.device), -1)
 
 
 def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -> Capture:
@@ -372,6 +404,7 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
         taps.append((p.feature, capture))
     if guard is not None:
         taps.append((guard, capture_guard))
+    taps += _route_taps(model, p, got)
     out = forward(model, b.ids, b.mask, b.positions, taps=taps, cache=b.cache, grow=b.grow, rows=R)
     if logits and out is not None:
         got.features = out.logits[:, -1].float()
@@ -391,7 +424,7 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
             _check_along(p, b, along, got.along_requested, got.along_observed, got.along_norm,
                          got.requested.dtype)
     assert got.clean is not None and got.patched is not None and got.features is not None
-    return Capture(got.clean, got.patched, got.features, got.guard, got.unit_row)
+    return Capture(got.clean, got.patched, got.features, got.guard, got.unit_row, _routes(got, b))
 
 
 def _columns(p: Plan, b: Batch) -> str:

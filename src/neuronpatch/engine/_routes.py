@@ -192,7 +192,19 @@ def _merge(parts: list[tuple[list[int], Capture]], n: int, m: int) -> Capture:
     clean, patched, features = (gather(lambda r, a=a: getattr(r, a))
                                 for a in ("clean_unit", "patched_unit", "features"))
     assert clean is not None and patched is not None and features is not None
-    return Capture(clean, patched, features, gather(lambda r: r.guard), gather(lambda r: r.unit_row))
+    routes = None
+    if all(rows.routes is not None for _, rows in parts):
+        # Rows of different parts span different positions; all end at the read position.
+        width = {rows.routes.shape[-1] for _, rows in parts if rows.routes is not None}
+        if len(width) == 1:
+            S = max(rows.routes.shape[1] for _, rows in parts if rows.routes is not None)
+            routes = torch.full((n, m, S, width.pop()), -1, dtype=torch.long)
+            for ks, rows in parts:
+                r = rows.routes
+                assert r is not None
+                routes[ks, :, S - r.shape[1]:] = r.reshape(len(ks), m, *r.shape[1:]).cpu().long()
+            routes = routes.reshape(n * m, S, -1)
+    return Capture(clean, patched, features, gather(lambda r: r.guard), gather(lambda r: r.unit_row), routes)
 
 
 @dataclass
@@ -205,6 +217,10 @@ class Measured:
     feat: Tensor  # [n, rows, width]
     guard_feat: Tensor | None  # [n, width] hf-coordinate clean features
     row_clean: Tensor | None = None  # [n, rows] each patched row's own unit, before its patch
+    # [n, rows] bool: the row's patch changed the expert choice of a mixture-of-experts layer
+    # between the unit and the features (at some position); None: not observed (no such
+    # layer, a family whose expert indices are not handed over, or a shortcut route).
+    rerouted: Tensor | None = None
 
 
 def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route, *,
@@ -230,6 +246,7 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
         per_chunk = budget.kv_inputs(model, p, enc, m, suffix)
     directions = _linear_writes(model, p, enc, targets, n_rows) if route.method == "linear" else None
     clean_act, clean_feat, act, feat, guards, row_clean = [], [], [], [], [], []
+    rerouted: list[Tensor] | None = [] if not shortcut else None
     for idx in chunks(n, per_chunk):
         if shortcut:
             rows = patched_rows(model, p, enc, idx, identity[idx], "kv", guard, budget=budget)
@@ -261,10 +278,16 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             feat.append(fe[:, 1:])
             if rows.guard is not None:
                 guards.append(rows.guard.reshape(k, m, -1)[:, 0].cpu())
+            if rows.routes is None or rerouted is None:
+                rerouted = None
+            else:
+                r = rows.routes.reshape(k, m, -1).cpu()
+                rerouted.append((r[:, 1:] != r[:, :1]).any(-1))  # each row against its input's clean row
         if progress is not None:
             progress.update(len(idx) * n_rows)
     return Measured(torch.cat(clean_act), torch.cat(clean_feat), torch.cat(act), torch.cat(feat),
-                    torch.cat(guards) if guards else None, torch.cat(row_clean))
+                    torch.cat(guards) if guards else None, torch.cat(row_clean),
+                    torch.cat(rerouted) if rerouted else None)
 
 
 def _linear_writes(model: LoadedModel, p: Plan, enc: Encoded, targets: Targets | None, n_rows: int) -> Tensor:
