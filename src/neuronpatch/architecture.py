@@ -93,6 +93,12 @@ class Architecture:
     # site of one block is refused where the others have it ((kind, layer) -> why).
     moe: list[nn.Module | None] = field(default_factory=list)
     refused_at: dict[tuple[str, int], str] = field(default_factory=dict)
+    # Why a left-padded batch does not give each input's own numbers (every unit refused), and
+    # why the model's cache cannot continue a prefix (the kv route refused); None: checked, fine.
+    batch_refused: str | None = None
+    kv_refused: str | None = None
+    # Why ``hf`` coordinates (features indexed into HF's ``hidden_states``) are refused.
+    hf_refused: str | None = None
 
     @property
     def n_layers(self) -> int:
@@ -100,6 +106,8 @@ class Architecture:
 
     def check(self, site: Site) -> None:
         """Raise ``ModelLoadError`` when this architecture has no such site."""
+        if self.batch_refused:
+            raise ModelLoadError(f"{self.name}: refused: {self.batch_refused}")
         if site.kind in self.refused:
             why = self.refused[site.kind]
             raise ModelLoadError(f"{self.name}: the {site.kind} site is refused: {why}")
@@ -403,7 +411,15 @@ def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> No
     if len(hs) != n + 1:
         refuse(("block_in", "block_out", "final_norm"),
                f"HF returns {len(hs)} hidden states for {n} blocks")
+        check_batching(hf_model, arch, close)
         return
+    if n > 1 and all(("block_out", L) in got and close(got["block_out", L], hs[L]) for L in range(n - 1)):
+        # Mamba-style hidden_states: block L's output at index L, no embeddings entry. The
+        # block sites are right; only hf coordinates, which index hidden_states, are not.
+        arch.hf_refused = ("HF's hidden_states start at block 0's output (no embeddings entry), so hf "
+                           "coordinates' feature_layer does not name the same tensor as in other models; "
+                           "use transformer_lens coordinates")
+        hs = [got["block_in", 0], *hs] if ("block_in", 0) in got else hs
     for L in range(n):
         if ("block_in", L) in got and not close(got["block_in", L], hs[L]):
             refuse(("block_in",), f"block {L}'s input is not HF's hidden_states[{L}]")
@@ -417,5 +433,64 @@ def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> No
                 refuse(("attn_write", "mlp_write"),
                        "a block's output is not its input plus its attention and MLP outputs")
     final = got.get(("final_norm", n))
-    if final is None or not close(final, hs[n]):
+    if final is None or not close(final, hs[-1]):
         refuse(("final_norm",), "HF's last hidden state is not the final norm's output")
+    check_batching(hf_model, arch, close)
+
+
+def check_batching(hf_model: nn.Module, arch: Architecture, close: Callable[[Tensor, Tensor], bool]) -> None:
+    """Check what the engine's batches assume, on two short inputs; refuse by name what fails.
+
+    A left-padded batch (attention mask, positions counting real tokens) must give each
+    input's logits alone, or every unit is refused (``batch_refused``). The model's own
+    cache, filled over left-padded prefixes, repeated once per row and continued over
+    the rest, must give them too, or the ``kv`` route is refused (``kv_refused``): a
+    state-space or hybrid model whose cache cannot do that is served by ``full`` alone.
+    """
+    vocab = int(hf_model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+    dev = next(hf_model.parameters()).device
+    rows = [[(7 * j + 3) % vocab for j in range(7)], [(5 * j + 11) % vocab for j in range(5)]]
+    split = [4, 2]  # prefix lengths for the cache
+    pad = 0
+
+    def padded(seqs: list[list[int]], before: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        width = max(len(r) for r in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, r in enumerate(seqs):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        return ids.to(dev), mask.to(dev), ((mask.cumsum(-1) - 1).clamp(min=0) + before).to(dev)
+
+    try:
+        with torch.inference_mode():
+            alone = [hf_model(input_ids=torch.tensor([r], device=dev)).logits[0, -1].float() for r in rows]
+            ids, mask, pos = padded(rows)
+            batch = hf_model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+    except Exception as e:
+        arch.batch_refused = f"a left-padded batch fails in the model's own forward ({type(e).__name__}: {e})"
+        return
+    if not all(close(batch[i], alone[i]) for i in range(len(rows))):
+        arch.batch_refused = ("a left-padded batch does not give each input's own numbers in the model's "
+                              "own forward (the padding leaks into real tokens)")
+        return
+    try:
+        from transformers import DynamicCache
+
+        with torch.inference_mode():
+            ids, mask, pos = padded([r[:q] for r, q in zip(rows, split, strict=True)])
+            cache = DynamicCache(config=hf_model.config)  # type: ignore[arg-type]
+            hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(2)
+            rest = [r[q:] for r, q in zip(rows, split, strict=True)]
+            assert len({len(r) for r in rest}) == 1
+            sids = torch.tensor(rest, device=dev).repeat_interleave(2, 0)
+            spos = (torch.tensor(split, device=dev)[:, None] + torch.arange(3, device=dev)).repeat_interleave(2, 0)
+            smask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype, device=dev)], 1).repeat_interleave(2, 0)
+            out = hf_model(input_ids=sids, attention_mask=smask, position_ids=spos, past_key_values=cache,
+                           use_cache=True).logits[:, -1].float()
+    except Exception as e:
+        arch.kv_refused = f"its cache cannot continue a left-padded prefix ({type(e).__name__}: {str(e)[:120]})"
+        return
+    if not all(close(out[i], alone[i // 2]) for i in range(4)):
+        arch.kv_refused = "its cache, continued from a left-padded prefix, does not give the full forward's numbers"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from neuronpatch import units
 from neuronpatch.architecture import Site
-from neuronpatch.errors import config_error
+from neuronpatch.errors import ModelLoadError, config_error
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -151,6 +151,8 @@ def plan(cfg: HeadConfig, model: LoadedModel, coordinates: str | None = None,
     """
     coords = coordinates or cfg.coordinates
     n_layers = model.n_layers
+    if coords == "hf" and model.arch.hf_refused and cfg.head_type != "token" and not cfg.feature_hook:
+        raise ModelLoadError(f"{model.arch.name}: hf coordinates are refused: {model.arch.hf_refused}")
     unit = unit_site(cfg)
     feature = feature_site(cfg, n_layers, coords, where)
     model.arch.check(unit)

@@ -7,9 +7,10 @@ which of its modules hold each site. Names resolve, in order, to the embedded
 alias (``gpt2``, ``pythia-70m``) mapped to its HF id, and an HF id already in
 the local cache. Nothing here touches the network.
 
-Only causal decoders are served: an encoder (BERT), an encoder-decoder or a
-recurrent/state-space model is refused at load, by name, because patching
-assumes that no position sees a later one.
+Only causal decoders are served: an encoder (BERT) or an encoder-decoder is
+refused at load, by name, because patching assumes that no position sees a
+later one. State-space and hybrid decoders are causal and load; what their
+forward or cache cannot do exactly is refused by name (see ``architecture``).
 """
 
 from __future__ import annotations
@@ -35,12 +36,11 @@ _LOCK = threading.Lock()
 # How many times a model was actually loaded; tests and the plugin check "one load".
 load_count = 0
 
-# Model types whose attention is not causal, or that keep a recurrent state.
+# Model types whose attention is not causal. (State-space, recurrent and hybrid decoders are
+# causal: they load, and what their forward or cache cannot do exactly is refused by name at
+# load, see ``architecture.check_batching``.)
 _NOT_CAUSAL_DECODERS = ("bert", "roberta", "modernbert", "deberta", "electra", "albert", "distilbert",
-                        "xlm-roberta", "camembert", "mamba", "mamba2", "falcon_mamba", "rwkv",
-                        "recurrent_gemma", "jamba", "bamba", "zamba2", "falcon_h1", "nemotron_h",
-                        "granitemoehybrid", "lfm2", "lfm2_moe", "qwen3_next", "olmo_hybrid",
-                        "qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+                        "xlm-roberta", "camembert")
 
 
 @dataclass
@@ -83,8 +83,10 @@ class LoadedModel:
         proj = next((m for m in self.arch.mlp_out_proj if m is not None), None)
         if proj is None:
             why = next(iter(self.arch.refused_at.values()), None) or self.arch.refused.get("mlp_post")
-            raise ModelLoadError(f"{self.arch.name}: " + (f"MLP neurons are refused: {why}" if why
-                                                          else "no MLP output projection found"))
+            raise ModelLoadError(f"{self.arch.name}: " + (
+                f"MLP neurons are refused: {why}" if why else
+                "no MLP output projection found: this model has no MLP neurons (layer_type post/pre); "
+                "residual units (resid_pre, resid_post) are served"))
         w: Any = proj.weight
         # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out].
         return int(w.shape[0] if type(proj).__name__ == "Conv1D" else w.shape[1])
@@ -259,7 +261,7 @@ def _refuse_non_causal(config: Any, name: str) -> None:
                              "causal decoders only")
     if mt in _NOT_CAUSAL_DECODERS or mt.endswith("bert"):
         raise ModelLoadError(f"model {name!r} is a {mt} model, which is not a causal attention decoder "
-                             "(bidirectional or recurrent); neuronpatch patches causal decoders only")
+                             "(bidirectional); neuronpatch patches causal decoders only")
 
 
 def clear_cache() -> None:

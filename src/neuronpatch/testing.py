@@ -107,6 +107,8 @@ _PATTERN: dict[str, dict[str, Any]] = {
     "mamba2": dict(num_heads=8, head_dim=8),
     "gemma4_text": dict(num_kv_shared_layers=0),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"]),  # its default is None
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention"]),
+    "zamba2": dict(hybrid_layer_ids=[1]),  # the shared transformer block's place, kept by hand
 }
 
 
@@ -154,11 +156,12 @@ def _tiny(default: Any, model_type: str, tokenizer: Any) -> Any:
     kw["vocab_size"] = len(tokenizer)
     if "vocab_size_per_layer_input" in settable:
         kw["vocab_size_per_layer_input"] = len(tokenizer)
+    kw.update(_PATTERN.get(model_type, {}))
     for key in _PER_LAYER:
         values = getattr(default, key, None)
-        if key in settable and isinstance(values, list) and values:
+        same = {key, aliases.get(key)} | {a for a, t in aliases.items() if t == key}
+        if key in settable and isinstance(values, list) and values and not same & set(kw):
             kw[key] = _per_layer(values, n)
-    kw.update(_PATTERN.get(model_type, {}))
     if getattr(default, "sliding_window", None) is not None:
         kw["sliding_window"] = 5
     kw["bos_token_id"], kw["eos_token_id"] = tokenizer.bos_token_id, tokenizer.eos_token_id

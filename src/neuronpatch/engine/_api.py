@@ -188,7 +188,8 @@ def run_experiment(
         if mismatch is not None:
             if method != "auto":
                 raise InputError(mismatch)
-            route = choose_route(model, p, enc, "kv" if all(len(x) == 1 for x in enc.patch_pos) else "full")
+            kv = all(len(x) == 1 for x in enc.patch_pos) and not model.arch.kv_refused
+            route = choose_route(model, p, enc, "kv" if kv else "full")
             route = Route(route.method, f"{mismatch}; stepped aside to {route.method}")
             allg = measure(model, p, enc, affine, route, budget=budget, guard=guard, targets=targets)
     got = Measured(allg.clean_act, allg.clean_feat, allg.act[:, :k], allg.feat[:, :k], allg.guard_feat)

@@ -66,7 +66,7 @@ def _check(model: LoadedModel, p: Plan, at: int) -> frozenset[str | int] | None:
     affine = torch.tensor([[1.0, 0.0], [2.0, 0.5], [0.0, 1.0]]).expand(2, -1, -1).contiguous()
     seen: set[str | int] = set()
     try:
-        for rows in (full_rows, kv_rows):
+        for rows in (full_rows, kv_rows) if not model.arch.kv_refused else (full_rows,):
             want = rows(model, p, enc, [0, 1], affine)
             g = Growth(at, affine.shape[1], None)
             have = rows(model, p, enc, [0, 1], affine, grow=g)

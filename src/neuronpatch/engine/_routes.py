@@ -132,7 +132,8 @@ def choose_route(model: LoadedModel, p: Plan, enc: Encoded, method: str) -> Rout
                      f"the head reads {p.feature}, before {p.unit}" if p.upstream
                      else "every patch comes after the read position"),
         "linear": (linear, f"the head reads {p.feature} right after {p.unit}, at the patched position"),
-        "kv": (single, "one patched position per input: the model's own KV cache serves the prefix"),
+        "kv": (single and not model.arch.kv_refused,
+               "one patched position per input: the model's own KV cache serves the prefix"),
         "full": (True, "every row re-run from the start" + ("" if single else " (position: all)")),
     }
     if method == "auto":
@@ -145,6 +146,9 @@ def choose_route(model: LoadedModel, p: Plan, enc: Encoded, method: str) -> Rout
         need = {"upstream": "a head that reads before the unit",
                 "linear": "a head reading the residual stream right after the unit, at the patched position",
                 "kv": "one patched position per input (not position: all)"}[method]
+        if method == "kv" and single and model.arch.kv_refused:
+            raise InputError(f"route 'kv' cannot serve {model.arch.name}: {model.arch.kv_refused}; "
+                             "use route full (or auto)")
         raise InputError(f"route {method!r} cannot serve this experiment: it needs {need}")
     return Route(method, f"forced; {why}")
 
@@ -156,7 +160,7 @@ def patched_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affi
     ``targets``: what each row of every input patches (controls); None: the plan's unit.
     """
     grow = budget.growth(model, p, affine.shape[1])
-    if route == "full" or any(len(enc.patch_pos[i]) != 1 for i in idx):
+    if route == "full" or model.arch.kv_refused or any(len(enc.patch_pos[i]) != 1 for i in idx):
         return full_rows(model, p, enc, idx, affine, guard, targets, grow)
     # kv: group inputs by how many tokens lie from the patch to the read position.
     groups: dict[int, list[int]] = {}
