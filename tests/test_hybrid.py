@@ -92,7 +92,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module", params=sorted(TABLE))
-def hybrid(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Reference]:
+def hybrid(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Reference]:
     path = tiny_model(tmp_path_factory.mktemp(request.param) / "model", request.param)
     return path, Reference(path)
 
@@ -120,14 +121,15 @@ def test_residual_units_and_mlp_neurons_match_hf(hybrid: tuple[Path, Reference],
         for route in ("auto", "full"):
             res = run_experiment(head, TEXTS, interventions=IVS, method=route, device="cpu")
             assert res.method in ("full", "linear"), (name, res.method)  # never kv
-            for what, got, w in (("clean", res.clean_prediction, clean), ("patched", res.patched_prediction, want)):
+            for what, got, w in (("clean", res.clean_prediction, clean),
+                                 ("patched", res.patched_prediction, want)):
                 err = float(np.abs(got - w).max())
                 assert err <= 1e-5 * scale, f"{ref.type} {name} {route}: {what} prediction off by {err:.3g}"
 
 
 def test_kv_is_refused_by_name_where_the_cache_cannot_continue(hybrid: tuple[Path, Reference],
                                                                 tmp_path: Path) -> None:
-    model_dir, ref = hybrid
+    model_dir, _ = hybrid
     head = write_head(tmp_path / "h", model_dir, target_layer=1, target_neuron=5, layer_type="resid_post")
     with pytest.raises(InputError, match=r"route 'kv' cannot serve \w+ForCausalLM: its cache"):
         run_experiment(head, TEXTS[:2], set=[1.0], method="kv", device="cpu")

@@ -89,7 +89,7 @@ def test_moe_block_units_match_the_hf_reference(moe: tuple[Path, Oracle], case: 
 def test_expert_neurons_are_refused_by_name(moe: tuple[Path, Oracle], tmp_path: Path) -> None:
     model_dir, _ = moe
     head = write_head(tmp_path / "head", model_dir, target_layer=1, target_neuron=5, layer_type="post")
-    with pytest.raises(ModelLoadError, match="mixture of experts.*mlp_out"):
+    with pytest.raises(ModelLoadError, match=r"mixture of experts.*mlp_out"):
         run_experiment(head, TEXTS[:1], set=[1.0], device="cpu")
 
 

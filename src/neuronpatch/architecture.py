@@ -42,7 +42,8 @@ from torch import Tensor, nn
 from neuronpatch.errors import ModelLoadError
 
 SITE_KINDS: tuple[str, ...] = (
-    "block_in", "attn_write", "route", "mlp_pre", "mlp_post", "mlp_write", "block_out", "final_norm", "logits",
+    "block_in", "attn_write", "route", "mlp_pre", "mlp_post", "mlp_write", "block_out", "final_norm",
+    "logits",
 )
 # Forward order inside a block; block_out(L) comes before block_in(L + 1).
 _TL_NAMES = {"block_in": "hook_resid_pre", "attn_write": "hook_attn_out", "mlp_pre": "mlp.hook_pre",
@@ -480,17 +481,21 @@ def check_batching(hf_model: nn.Module, arch: Architecture, close: Callable[[Ten
         with torch.inference_mode():
             ids, mask, pos = padded([r[:q] for r, q in zip(rows, split, strict=True)])
             cache = DynamicCache(config=hf_model.config)  # type: ignore[arg-type]
-            hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
+            hf_model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                     use_cache=True)
             cache.batch_repeat_interleave(2)
             rest = [r[q:] for r, q in zip(rows, split, strict=True)]
             assert len({len(r) for r in rest}) == 1
-            sids = torch.tensor(rest, device=dev).repeat_interleave(2, 0)
-            spos = (torch.tensor(split, device=dev)[:, None] + torch.arange(3, device=dev)).repeat_interleave(2, 0)
-            smask = torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype, device=dev)], 1).repeat_interleave(2, 0)
+            twice = lambda t: t.repeat_interleave(2, 0)  # noqa: E731
+            sids = twice(torch.tensor(rest, device=dev))
+            spos = twice(torch.tensor(split, device=dev)[:, None] + torch.arange(3, device=dev))
+            smask = twice(torch.cat([mask, torch.ones(2, 3, dtype=mask.dtype, device=dev)], 1))
             out = hf_model(input_ids=sids, attention_mask=smask, position_ids=spos, past_key_values=cache,
                            use_cache=True).logits[:, -1].float()
     except Exception as e:
-        arch.kv_refused = f"its cache cannot continue a left-padded prefix ({type(e).__name__}: {str(e)[:120]})"
+        arch.kv_refused = (f"its cache cannot continue a left-padded prefix "
+                           f"({type(e).__name__}: {str(e)[:120]})")
         return
     if not all(close(out[i], alone[i // 2]) for i in range(4)):
-        arch.kv_refused = "its cache, continued from a left-padded prefix, does not give the full forward's numbers"
+        arch.kv_refused = ("its cache, continued from a left-padded prefix, does not give the full "
+                           "forward's numbers")

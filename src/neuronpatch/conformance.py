@@ -51,7 +51,8 @@ HEADS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
                                  head_config={"activation": "relu", "output_scale": 1.5}), ("kv", "full")),
     "head before the unit": (dict(target_layer=2, feature_layer=1), ("upstream", "kv")),
     "token head": (dict(target_layer=1, head_type="token"), ("kv", "full")),
-    "mlp_out unit, final state": (dict(target_layer=1, feature_layer=-1, layer_type="mlp_out"), ("kv", "full")),
+    "mlp_out unit, final state": (dict(target_layer=1, feature_layer=-1, layer_type="mlp_out"),
+                                  ("kv", "full")),
     "attn_out unit, MLP head, mid-stack": (dict(target_layer=1, feature_layer=2, layer_type="attn_out",
                                                 hidden_dim=6, head_config={"activation": "silu"}),
                                            ("kv", "full")),
@@ -110,9 +111,12 @@ def _reference(model: Any, cfg: dict[str, Any], text: str, patch: tuple[float, f
         return out
 
     last: dict[str, torch.Tensor] = {}
+
+    def keep_last(m: Any, a: Any, o: Any) -> None:
+        last["x"] = (o[0] if isinstance(o, (tuple, list)) else o).detach()
+
     handles = [attach(arch, Site(_UNIT_SITE[lt], cfg["target_layer"]), edit, 1),
-               arch.blocks[-1].register_forward_hook(
-                   lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, (tuple, list)) else o).detach()))]
+               arch.blocks[-1].register_forward_hook(keep_last)]
     try:
         with torch.no_grad():
             out = hf(ids, output_hidden_states=True)

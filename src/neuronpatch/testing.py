@@ -133,7 +133,7 @@ def tiny_config(model_type: str, tokenizer: Any = None) -> Any:
     default = AutoConfig.for_model(model_type)
     if "text_config" in (getattr(type(default), "sub_configs", None) or {}):
         text = default.get_text_config()
-        return type(default)(text_config=_tiny(text, str(text.model_type), tokenizer))
+        return type(default)(text_config=_tiny(text, str(text.model_type), tokenizer))  # type: ignore[call-arg]
     return _tiny(default, model_type, tokenizer)
 
 
