@@ -185,7 +185,7 @@ def test_conformance_command_writes_exact_and_refused_rows(tmp_path):
     out = tmp_path / "conformance.md"
     assert main(["conformance", "--arch", "gpt2", "--arch", "bert", "--out", str(out)]) == 0
     text = out.read_text()
-    assert "| gpt2 | 22/22 |" in text
+    assert "| gpt2 | 34/34 |" in text
     assert "| bert | 0/1 |" in text and "not a causal attention decoder" in text
     assert "Cells off: 0." in text
 

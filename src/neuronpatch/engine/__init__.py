@@ -25,6 +25,14 @@ with the identities of :mod:`neuronpatch.coordinates`. Routes, cheapest first:
 ``full``      every row, every position, from the start (the reference, and
               what ``position: all`` needs).
 
+``kv`` is refused by name where the model's own cache cannot continue a left-padded
+prefix once repeated per row (state-space and hybrid decoders today; checked at load,
+see :func:`neuronpatch.architecture.check_batching`); ``full`` serves them. In a
+mixture-of-experts model every block routes whatever reaches it, so a patch that
+changes a later layer's expert choice keeps the model's own routing; ``kv`` and
+``full`` read each such layer's choice (the ``route`` site) and a note says how many
+patched rows changed it.
+
 In ``kv`` and ``full``, an input's rows are identical below the unit's block,
 so those blocks run once per input and the rows multiply at the unit's block
 (:class:`Growth`; the cache is repeated only from there on). Whether a model's
