@@ -21,7 +21,7 @@ test: $(PY)
 # thread count, so floats computed in another batch shape round differently, and every such
 # comparison must hold either way.
 THREAD_SENSITIVE := tests/test_engine.py tests/test_architectures.py tests/test_rank.py \
-	tests/test_controls.py tests/test_patch_check.py
+	tests/test_controls.py tests/test_patch_check.py tests/test_moe.py tests/test_hybrid.py
 test-threads: $(PY)
 	$(PY) -m pytest -p no:xdist -p no:randomly --durations=5 $(THREAD_SENSITIVE)
 

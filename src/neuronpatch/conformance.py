@@ -1,8 +1,11 @@
 """Conformance: which architectures the engine serves exactly, measured, not assumed.
 
 For every causal-LM architecture the installed transformers can build as a tiny
-random model (every parameter random, norm gains and biases included) and
-TransformerLens describes, each head kind is run through every route that
+random model (every parameter random, norm gains and biases included; sizes set
+through each config's constructor, see :func:`neuronpatch.testing.tiny_config`)
+and TransformerLens describes, each head kind, on an MLP neuron or on a
+block-level unit (the MLP's or attention's write, the residual stream: what a
+mixture-of-experts or state-space block has too), is run through every route that
 claims it and compared with a reference that shares none of the engine's
 batching, padding, caching or coordinate code: the HF model's full forward on
 one input at a time, the unit edited by a forward hook, features taken from

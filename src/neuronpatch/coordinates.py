@@ -151,12 +151,12 @@ def plan(cfg: HeadConfig, model: LoadedModel, coordinates: str | None = None,
     """
     coords = coordinates or cfg.coordinates
     n_layers = model.n_layers
-    if coords == "hf" and model.arch.hf_refused and cfg.head_type != "token" and not cfg.feature_hook:
-        raise ModelLoadError(f"{model.arch.name}: hf coordinates are refused: {model.arch.hf_refused}")
     unit = unit_site(cfg)
     feature = feature_site(cfg, n_layers, coords, where)
     model.arch.check(unit)
     model.arch.check(feature)
+    if coords == "hf" and model.arch.hf_refused and cfg.head_type != "token" and not cfg.feature_hook:
+        raise ModelLoadError(f"{model.arch.name}: hf coordinates are refused: {model.arch.hf_refused}")
     centring = coords == "transformer_lens" and model.arch.layernorm
     centre_unit = centring and unit.kind in units.RESIDUAL_SITES
     centre_features = centring and feature.kind in units.RESIDUAL_SITES

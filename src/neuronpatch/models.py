@@ -78,6 +78,8 @@ class LoadedModel:
 
     def unit_width(self, mlp: bool) -> int:
         """Width of the MLP's neurons (``mlp``) or of the residual stream."""
+        if self.arch.batch_refused:
+            raise ModelLoadError(f"{self.arch.name}: refused: {self.arch.batch_refused}")
         if not mlp:
             return self.d_model
         proj = next((m for m in self.arch.mlp_out_proj if m is not None), None)
