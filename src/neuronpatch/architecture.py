@@ -460,7 +460,7 @@ def check_batching(hf_model: nn.Module, arch: Architecture) -> None:
 
     rows = [[(7 * j + 3) % vocab for j in range(7)], [(5 * j + 11) % vocab for j in range(5)]]
     split = [4, 2]  # prefix lengths for the cache
-    pad = 0
+    pad = vocab // 2 + 1  # masked out; not id 0, whose embedding row a model may keep at zero
 
     def padded(seqs: list[list[int]], before: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         width = max(len(r) for r in seqs)
