@@ -104,6 +104,25 @@ def test_regression_figure_states_slope_expected_range_ci_and_equation():
     assert f"Δpred = {res.slope:.4f}·Δact" in _texts(fig)
 
 
+def test_a_zero_width_interval_says_why_on_the_figure_and_in_the_cli_report():
+    from neuronpatch.cli import format_report
+    from neuronpatch.plots import interval_text
+
+    assert interval_text(0.9, 0.94) == "95% CI [0.900, 0.940]"
+    act = np.linspace(0.5, 2.0, 6)
+    factors = np.array([iv.value for iv in SCALES])
+    dact = act[:, None] * (factors - 1)
+    res = make_result(act, dact, 0.921 * dact, SCALES)  # every input on one line: slope 0.921 each
+    assert res.slope_ci95.lo == pytest.approx(res.slope_ci95.hi)
+    why = "(zero width: every input gives the same slope)"
+    title = " ".join(render(res, "pred_vs_act_regression.png").axes[0].get_title().split())
+    assert f"95% CI [0.921, 0.921] {why}" in title
+    report = format_report(res)
+    assert f"95% CI [0.9210, 0.9210] {why}" in report
+    assert "(zero width: every input gives the same R²)" in report
+    assert "zero width" not in format_report(linear_case())  # noise between inputs: a real interval
+
+
 def _reference_slopes(ax) -> set[float]:
     """Slopes of the reference lines through the origin (matplotlib's axline objects)."""
     from matplotlib.lines import Line2D

@@ -119,14 +119,15 @@ def format_report(res: ExperimentResult) -> str:
             out.append(f"  {i:>2}  {_short(text, w):<{w}} {_f(res.patched_activation[i, j], 11)} "
                        f"{_f(dact[i, j])} {_f(dpred[i, j])}")
         out.append(f"  average Δ act {dact[:, j].mean():.4f} · average Δ pred {dpred[:, j].mean():.4f}")
-    fit, ci = res.fit, res.slope_ci95
+    from neuronpatch.plots import interval_text
+
+    fit, ci, r2_ci = res.fit, res.slope_ci95, res.r_squared_ci95
     out.append("")
     out.append("Regression of Δ prediction on Δ activation (all inputs × interventions)")
     out.append(f"  slope      {fit.slope:.6f}  (stderr {fit.stderr:.3g}, p={fit.p_value:.3g}, "
-               f"95% CI [{ci.lo:.4f}, {ci.hi:.4f}])")
+               f"{interval_text(ci.lo, ci.hi, 4)})")
     out.append(f"  intercept  {fit.intercept:.6f}")
-    out.append(f"  R²         {fit.r_squared:.6f}  (95% CI [{res.r_squared_ci95.lo:.4f}, "
-               f"{res.r_squared_ci95.hi:.4f}])")
+    out.append(f"  R²         {fit.r_squared:.6f}  ({interval_text(r2_ci.lo, r2_ci.hi, 4, what='R²')})")
     if not math.isnan(res.write_direction_cosine):
         out.append(f"  cosine(head weights, unit write direction) {res.write_direction_cosine:.4f}")
     for line in res.interpretation():

@@ -85,6 +85,27 @@ def _fmt(x: float, digits: int = 3) -> str:
 NO_PATH = "no causal path: slope exactly 0"
 
 
+def zero_width(lo: float, hi: float) -> bool:
+    """A bootstrap interval that every resample of the inputs left at one value."""
+    return math.isfinite(lo) and math.isfinite(hi) and hi - lo <= 1e-9 * max(1.0, abs(lo))
+
+
+def interval_text(lo: float, hi: float, digits: int = 3, *, what: str = "slope") -> str:
+    """``95% CI [0.9, 0.94]``; a zero-width interval says why it has no width.
+
+    The interval is a bootstrap over inputs: when every input's points lie on one line,
+    every resample gives the same fit, and the interval is one value.
+
+    Example:
+        >>> interval_text(0.921, 0.921)
+        '95% CI [0.921, 0.921] (zero width: every input gives the same slope)'
+    """
+    text = f"95% CI [{lo:.{digits}f}, {hi:.{digits}f}]"
+    if zero_width(lo, hi):
+        text += f" (zero width: every input gives the same {what})"
+    return text
+
+
 def _verdict_line(res: ExperimentResult, expected: Mapping[str, str]) -> str:
     """``slope 0.921 (expected [0.8, 1.2]) · R² 1.000``, or why there is no slope."""
     if res.reads_before_unit:
@@ -251,7 +272,7 @@ def _regression(fig: Figure, res: ExperimentResult, title: str | None,
         ax.annotate(NO_PATH, xy=(0.5, 0.5), xycoords="axes fraction", ha="center", fontsize=13,
                     color="0.3", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9})
     _same_scale(ax, x, y)
-    ci_text = "" if math.isnan(ci.lo) else f", 95% CI [{_fmt(ci.lo)}, {_fmt(ci.hi)}]"
+    ci_text = "" if math.isnan(ci.lo) else ", " + interval_text(ci.lo, ci.hi)
     ax.set_title(_fit(fig, f"{_title(res, title)}\n{_verdict_line(res, expected)}{ci_text}"))
     _style(ax, "activation change", "prediction change", zero_lines=True)
     ax.legend(loc="lower right", fontsize=8)
