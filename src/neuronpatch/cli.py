@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype (default float32)")
     run.add_argument("--route", default="auto", choices=("auto", "upstream", "linear", "kv", "full"),
                      help="force an engine route (default: the cheapest exact one)")
-    run.set_defaults(func=_cmd_run)
+    run.set_defaults(func=_cmd_run, subparser=run)
 
     rk = sub.add_parser("rank", help="rank every unit of a layer by how strongly the head reads it")
     rk.add_argument("head_dir", type=Path, help="head directory (config.json + head.pt)")
@@ -431,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda:N")
     rk.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="model dtype (default float32)")
-    rk.set_defaults(func=_cmd_rank)
+    rk.set_defaults(func=_cmd_rank, subparser=rk)
 
     th = sub.add_parser("train-head", help="train a prediction head (seed artifact format)")
     th.add_argument("--model", default="neuronpatch-demo",
@@ -457,18 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--out", type=Path, required=True, help="head directory to write")
     th.add_argument("--min-r2", type=float, default=None, metavar="R2",
                     help="exit with status 1 when the held-out R² is below this")
-    th.set_defaults(func=_cmd_train_head)
+    th.set_defaults(func=_cmd_train_head, subparser=th)
     cf = sub.add_parser("conformance", help="check the engine on a tiny random model of every architecture")
     cf.add_argument("--out", type=Path, default=Path("docs/conformance.md"), help="table to write")
     cf.add_argument("--arch", action="append", metavar="TYPE",
                     help="an HF model_type to check (repeatable; default: every candidate)")
-    cf.set_defaults(func=_cmd_conformance)
+    cf.set_defaults(func=_cmd_conformance, subparser=cf)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuronpatch`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand, with its usage, not by the top-level parser
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except NeuronpatchError as e:
