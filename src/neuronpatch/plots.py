@@ -44,22 +44,14 @@ from matplotlib.text import Annotation
 from matplotlib.ticker import ScalarFormatter
 from matplotlib.transforms import Bbox
 
+from neuronpatch.names import CONTROLS_FIGURE, FIGURES
 from neuronpatch.result import ExperimentResult
 from neuronpatch.stats import Fit
 
 if TYPE_CHECKING:
     from neuronpatch.rank import RankResult
 
-FIGURES: tuple[str, ...] = (
-    "baseline_correlation.png",
-    "scaling_experiment.png",
-    "pred_vs_act_change_all.png",
-    "pred_vs_act_regression.png",
-    "per_input_sensitivity.png",
-)
 MAX_PANELS = 8
-# Written besides FIGURES when the result has negative controls.
-CONTROLS_FIGURE = "controls.png"
 
 
 def _short(text: str, n: int = 24) -> str:

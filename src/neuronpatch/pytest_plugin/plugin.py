@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from neuronpatch.names import PROBE_SUFFIXES
 from neuronpatch.pytest_plugin import ci, report
 from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, ModelLoading, settings_from_config
 
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
 
 Header = str | list[str]  # what one plugin's pytest_report_header returns
 
-# Same as neuronpatch.probes.documents.PROBE_SUFFIXES, repeated so that loading the plugin
-# does not import the probes package.
-PROBE_SUFFIXES = (".probe.yaml", ".probe.yml")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
