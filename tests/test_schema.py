@@ -10,7 +10,8 @@ import pytest
 from neuronpatch.errors import ProbeSpecError
 from neuronpatch.interventions import Intervention
 from neuronpatch.probes import load_probe_file
-from neuronpatch.probes.schema import iter_probe_file, load_documents
+from neuronpatch.probes.documents import load_documents
+from neuronpatch.probes.load import iter_probe_file
 
 
 @pytest.fixture

@@ -48,10 +48,11 @@ import numpy as np
 
 from neuronpatch._io import atomic_write_bytes, atomic_write_text, clean_once, is_temporary
 from neuronpatch.errors import NeuronpatchError, OutputPathError
+from neuronpatch.names import CACHE_MARKER
 from neuronpatch.result import ExperimentResult
 
 FORMAT = 3
-MARKER = "neuronpatch-cache.json"  # says a directory is a neuronpatch cache
+MARKER = CACHE_MARKER  # says a directory is a neuronpatch cache
 MAX_ENTRY_BYTES = 256 * 1024 * 1024  # an entry over this is not read (nor written)
 MAX_MEMBERS = 1024  # arrays in one entry (controls add two per unit)
 _CHUNK = 1 << 20

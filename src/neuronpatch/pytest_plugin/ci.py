@@ -28,15 +28,14 @@ knows nothing of items; what it finds goes to :mod:`.report` as a record.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from neuronpatch.names import PROBE_SUFFIXES, safe_filename
 from neuronpatch.pytest_plugin.report import flag, outside_message
 
 if TYPE_CHECKING:
@@ -46,8 +45,6 @@ if TYPE_CHECKING:
 MISSING_MODES = ("fail", "skip")
 OWNERS_KEY = pytest.StashKey[dict[str, str]]()  # baseline path (rootdir-relative) -> node id
 SCANNED_KEY = pytest.StashKey[set[Path]]()  # baselines/<stem> directories of collected files
-PROBE_SUFFIXES = (".probe.yaml", ".probe.yml")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 100
 
 
@@ -112,10 +109,7 @@ def baseline_name(name: str) -> str:
         >>> baseline_name("tracks[demo_causal]")
         'tracks_demo_causal'
     """
-    safe = _UNSAFE.sub("_", name).strip("._") or "probe"
-    if len(safe) > _MAX_NAME:
-        safe = f"{safe[:_MAX_NAME]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return safe
+    return safe_filename(name, limit=_MAX_NAME)
 
 
 def probe_stem(path: Path) -> str:

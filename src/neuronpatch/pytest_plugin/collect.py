@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from neuronpatch.errors import ControlsError, NeuronpatchError, ProbeSpecError
-from neuronpatch.probes.schema import MarkSpec, ProbeSpec, iter_probe_file, probe_stem
+from neuronpatch.probes.load import iter_probe_file
+from neuronpatch.probes.schema import MarkSpec, ProbeSpec, probe_stem
 from neuronpatch.pytest_plugin import ci
 from neuronpatch.pytest_plugin.report import (
     INVALID_KEY,

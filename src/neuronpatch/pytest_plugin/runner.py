@@ -37,6 +37,7 @@ import pytest
 
 from neuronpatch._io import ensure_directory, is_temporary
 from neuronpatch.errors import NeuronpatchError
+from neuronpatch.names import ALL_FIGURES, CACHE_MARKER
 from neuronpatch.pytest_plugin.report import (
     OUTBOX_KEY,
     RECORD_KEY,
@@ -74,14 +75,7 @@ DEFAULT_ARTIFACTS = ".neuronpatch/artifacts"
 
 # The notebook's five figures, and the controls figure of a probe with controls, as
 # neuronpatch.plots writes them (stale copies are removed).
-FIGURE_NAMES: tuple[str, ...] = (
-    "baseline_correlation.png",
-    "scaling_experiment.png",
-    "pred_vs_act_change_all.png",
-    "pred_vs_act_regression.png",
-    "per_input_sensitivity.png",
-    "controls.png",
-)
+FIGURE_NAMES: tuple[str, ...] = ALL_FIGURES
 
 SETTINGS_KEY = pytest.StashKey["Settings"]()
 RUNNER_KEY = pytest.StashKey["Runner"]()
@@ -185,7 +179,6 @@ def _refuse_outside(config: pytest.Config, path: Path, what: str, also: str) -> 
 
 
 DEFAULT_CACHE = ".neuronpatch/cache"
-CACHE_MARKER = "neuronpatch-cache.json"  # neuronpatch.cache.MARKER (that module imports numpy)
 _TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
