@@ -194,3 +194,49 @@ def test_benchmarks_use_only_public_names_of_neuronpatch():
             if (isinstance(node, ast.Attribute) and node.attr.startswith("_")
                     and isinstance(node.value, ast.Name) and node.value.id in modules):
                 raise AssertionError(f"{script.name}:{node.lineno}: {node.value.id}.{node.attr}")
+
+
+def _rows_after(text: str, heading: str) -> list[list[str]]:
+    """The body rows of the first table after ``heading``, as lists of cells."""
+    rows: list[list[str]] = []
+    for line in text.split(heading, 1)[1].splitlines():
+        if line.startswith("|"):
+            if not line.startswith("| ---"):
+                rows.append([c.strip() for c in line.strip("|").split("|")])
+        elif rows:
+            break
+    return rows[1:]  # the first row is the header
+
+
+def test_bench_precision_writes_its_tables(bench, tmp_path):
+    out = tmp_path / "precision.md"
+    bench("bench_precision").main(["--tiny", "--archs", "gpt2", "llama", "--repeats", "1", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# bench_precision\n")
+    assert "Produced by `python benchmarks/bench_precision.py " in text
+    matrix = _rows_after(text, "## Slope errors over the architecture matrix")
+    assert [r[0] for r in matrix[:2]] == ["gpt2", "llama"]
+    for r in matrix[:2]:
+        assert all(c.endswith("%") for c in (r[2], r[3], r[5], r[6])), r
+        assert r[4].endswith("/4") and r[7].endswith("/4"), r
+    assert "bfloat16 " in text and " of 8." in text  # the coverage sentence counts the cells
+    cost = _rows_after(text, "## Cost of measuring it")
+    assert [r[0] for r in cost] == ["bfloat16", "float16"]
+    for r in cost:
+        measured({"run": r[1], "part": r[2]}, "run", "part")
+        assert r[3].startswith("**") and "%" in r[3]
+
+
+def test_bench_device_runs_on_the_cpu_as_a_smoke_test(bench, tmp_path):
+    out = tmp_path / "device.md"
+    bench("bench_device").main(["--device", "cpu", "--tiny", "--archs", "gpt2", "llama", "--repeats", "1",
+                                "--out", str(out)])
+    text = out.read_text()
+    numbers = _rows_after(text, "## Numbers on CPU")
+    assert [r[0] for r in numbers] == ["gpt2", "llama"]
+    assert all(float(r[1]) <= 1e-4 and r[5] == "yes" for r in numbers), numbers
+    speed = _rows_after(text, "## Speed on CPU")
+    assert len(speed) == 4 and all(r[5] in ("kv", "linear", "full") for r in speed), speed
+    for r in speed:
+        positive({"e": r[3], "h": r[4]}, "e", "h")
+    assert "rank_units s" in text

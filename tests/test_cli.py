@@ -82,6 +82,18 @@ def test_text_takes_several_texts_or_repeats(head, tmp_path, style):
     assert [r["text"] for r in summary["inputs"]] == texts
 
 
+@pytest.mark.parametrize("command", ["run", "rank", "train-head", "conformance"])
+def test_an_argument_error_shows_the_subcommands_usage(command, tmp_path, capsys):
+    given = {"run": [str(tmp_path)], "rank": [str(tmp_path)], "conformance": [],
+             "train-head": ["--layer", "0", "--neuron", "1", "--feature-layer", "1", "--out", str(tmp_path)]}
+    with pytest.raises(SystemExit) as exit_:
+        main([command, *given[command], "--frobnicate", "7"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: neuronpatch {command} ")
+    assert err.rstrip().endswith(f"neuronpatch {command}: error: unrecognized arguments: --frobnicate 7")
+
+
 def _break(head: Path, how: str) -> list[str]:
     extra: list[str] = []
     if how == "missing dir":

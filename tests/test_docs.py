@@ -8,7 +8,9 @@
   ``probes/``, where its relative paths point.
 
 Blocks are found by a plain Markdown fence scan; a block marked
-``<!-- not run: reason -->`` on the line above is skipped with that reason.
+``<!-- not run: reason -->`` on the line above is skipped with that reason, and a probe
+marked ``<!-- fails: reason -->`` is an example of a failure: it runs and must fail (the
+output printed under it is checked against a run by tests/test_demo_readme.py).
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import pytest
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-_FENCE = re.compile(r"^(?P<skip><!-- not run: (?P<why>[^>]*) -->\n)?```(?P<lang>\w+)\n(?P<body>.*?)^```$",
-                    re.MULTILINE | re.DOTALL)
+DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
+_FENCE = re.compile(r"^(?:<!-- (?P<mark>not run|fails): (?P<why>[^>]*) -->\n)?```(?P<lang>\w+)\n"
+                    r"(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
 def blocks(lang: str) -> list:
@@ -36,8 +38,10 @@ def blocks(lang: str) -> list:
             if m.group("lang") != lang:
                 continue
             line = text.count("\n", 0, m.start("body")) + 1
-            marks = [pytest.mark.skip(reason=m.group("why"))] if m.group("skip") else []
-            out.append(pytest.param(m.group("body"), id=f"{doc.name}:{line}", marks=marks))
+            marks = [pytest.mark.skip(reason=m.group("why"))] if m.group("mark") == "not run" else []
+            fails = m.group("mark") == "fails"
+            name = doc.relative_to(ROOT).as_posix()
+            out.append(pytest.param(m.group("body"), fails, id=f"{name}:{line}", marks=marks))
     return out
 
 
@@ -56,14 +60,17 @@ def _warm(probe_heads):
 
 PYTHON = blocks("python")
 PROBES = [p for p in blocks("yaml") if re.search(r"^head:", p.values[0], re.MULTILINE)]
+FAILING = [p for p in PROBES if p.values[1]]
 
 
 def test_the_docs_have_examples_to_run():
     assert len(PYTHON) >= 3 and len(PROBES) >= 3
+    assert 1 <= len(FAILING) < len(PROBES) - 3  # examples of failures are the exception
 
 
-@pytest.mark.parametrize("code", PYTHON)
-def test_python_example_runs_as_written(code, pytester, monkeypatch):
+@pytest.mark.parametrize(("code", "fails"), PYTHON)
+def test_python_example_runs_as_written(code, fails, pytester, monkeypatch):
+    assert not fails, "only probe examples may be marked as failing"
     if re.search(r"^def test_", code, re.MULTILINE):
         project = _project(pytester)
         project.makepyfile(test_doc_example=code)
@@ -77,10 +84,14 @@ def test_python_example_runs_as_written(code, pytester, monkeypatch):
         runpy.run_path(str(script), run_name="__main__")
 
 
-@pytest.mark.parametrize("probe", PROBES)
-def test_probe_example_runs_as_written(probe, pytester):
+@pytest.mark.parametrize(("probe", "fails"), PROBES)
+def test_probe_example_runs_as_written(probe, fails, pytester):
     project = _project(pytester)
     (project.path / "probes" / "doc_example.probe.yaml").write_text(probe)
     result = project.runpytest("-p", "no:cacheprovider", "probes")
     outcomes = result.parseoutcomes()
-    assert result.ret == 0 and outcomes.get("passed", 0) >= 1, result.stdout.str()[-3000:]
+    if fails:  # an example of a failure: it fails, as a failure, not as an error
+        assert result.ret == 1 and outcomes.get("failed", 0) >= 1, result.stdout.str()[-3000:]
+        assert not outcomes.get("errors") and not outcomes.get("passed"), result.stdout.str()[-3000:]
+    else:
+        assert result.ret == 0 and outcomes.get("passed", 0) >= 1, result.stdout.str()[-3000:]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -159,7 +162,53 @@ def test_a_head_from_an_unfrozen_run_is_refused_by_name(tmp_path, probe_heads):
     assert str(info.value) == (
         f"{head}: this head was trained with the base model's layers unfrozen ({metrics}: "
         "unfreezing.strategy = after_target, 21,254,400 parameters); the pipeline saved only the "
-        "head, so on the original model its numbers mean nothing")
+        "head, so on the original model its numbers mean nothing; to read it on the fine-tuned "
+        "model, name that checkpoint (probe key model:, --model, or model= in the API)")
+
+
+def _fine_tuned(probe_heads, dest, factor: float = 2.0):
+    """A second checkpoint of the probe model: W_out[3] of layer 0 times ``factor``, the rest equal.
+
+    The causal head's slope on it is ``factor`` times its slope on the base model, from the
+    files alone (Δfeatures = Δa · W_out[3])."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(probe_heads.model, dest)
+    weights = load_file(str(dest / "model.safetensors"))
+    weights["transformer.h.0.mlp.c_proj.weight"][3] *= factor
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return dest
+
+
+def test_a_head_runs_against_another_checkpoint_by_path(tmp_path, probe_heads):
+    from neuronpatch import run_experiment
+
+    tuned = _fine_tuned(probe_heads, tmp_path / "tuned")
+    base = run_experiment(probe_heads.causal, set=[0, 1, 2], device="cpu")
+    other = run_experiment(probe_heads.causal, set=[0, 1, 2], device="cpu", model=str(tuned))
+    assert base.slope == pytest.approx(probe_heads.causal_slope, rel=1e-4)
+    assert other.slope == pytest.approx(2 * probe_heads.causal_slope, rel=1e-4)
+    assert other.model_name == str(tuned) and other.summary()["base_model"] == str(tuned)
+
+
+def test_an_unfrozen_head_reads_on_the_fine_tuned_checkpoint(tmp_path, probe_heads):
+    from neuronpatch import run_experiment
+
+    head = _pipeline_run(tmp_path, probe_heads, {"strategy": "after_target", "unfrozen_params": 100})
+    tuned = _fine_tuned(probe_heads, tmp_path / "tuned")
+    res = run_experiment(head, set=[0, 1, 2], device="cpu", model=tuned)
+    assert res.slope == pytest.approx(2 * probe_heads.causal_slope, rel=1e-4)
+    with pytest.raises(HeadConfigError, match="unfrozen"):  # on the base model it is still refused
+        run_experiment(head, set=[0, 1, 2], device="cpu", model=str(probe_heads.model))
+
+
+def test_a_checkpoint_of_other_shapes_is_refused_naming_it(tmp_path, probe_heads):
+    from neuronpatch import run_experiment
+    from neuronpatch.testing import tiny_gpt2
+
+    wide = tiny_gpt2(tmp_path / "wide", n_layer=2, n_embd=48)
+    with pytest.raises(HeadConfigError, match=rf"d_model of {re.escape(str(wide))}"):
+        run_experiment(probe_heads.causal, set=[0, 1], device="cpu", model=str(wide))
 
 
 @pytest.mark.parametrize("unfreezing", [{"strategy": "none", "unfrozen_params": 0}, None, ...],
@@ -194,7 +243,7 @@ def test_the_cli_and_pytest_refuse_an_unfrozen_head_in_one_line(tmp_path, probe_
     result.assert_outcomes(errors=1)
     assert "Traceback" not in result.stdout.str()
     result.stdout.re_match_lines([r"probe 'unfrozen' could not run \(head .*\): UnfrozenHeadError: .*"
-                                  r"unfreezing.strategy = all, 1,000 parameters.*mean nothing"])
+                                  r"unfreezing.strategy = all, 1,000 parameters.*mean nothing.*"])
 
 
 def test_a_head_path_one_typo_off_gets_a_suggestion(tmp_path, probe_heads):
@@ -208,3 +257,47 @@ def test_a_head_path_one_typo_off_gets_a_suggestion(tmp_path, probe_heads):
     with pytest.raises(HeadConfigError) as info:
         load_head(tmp_path / "something_else")
     assert str(info.value) == f"{tmp_path / 'something_else'}: head directory not found"
+
+
+def test_a_probe_file_and_the_cli_name_another_checkpoint(tmp_path, probe_heads, pytester, capsys):
+    """`model:` in a probe file and `--model` on the CLI run a head against a second checkpoint;
+    the summary, the cache key and the baseline record which one ran."""
+    from neuronpatch.cli import main
+
+    tuned = _fine_tuned(probe_heads, pytester.path / "tuned")
+    head = _pipeline_run(pytester.path, probe_heads, {"strategy": "after_target", "unfrozen_params": 100})
+    assert main(["run", str(head), "--model", str(tuned), "--set", "0", "1", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["slope"] == pytest.approx(2 * probe_heads.causal_slope, rel=1e-4)
+    assert summary["base_model"] == str(tuned)
+    capsys.readouterr()
+
+    rel = head.relative_to(pytester.path)
+    pytester.makefile(".probe.yaml", p=textwrap.dedent(f"""
+        name: tuned
+        head: {rel}
+        model: tuned
+        interventions: {{set: [0, 1, 2]}}
+        expect: {{slope: [{2 * probe_heads.causal_slope - 1e-3}, {2 * probe_heads.causal_slope + 1e-3}]}}
+        baseline: {{file: base.json}}
+        """))
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\nneuronpatch_figures = "none"\n'
+                                         'neuronpatch_device = "cpu"\n')
+    result = pytester.runpytest("-p", "no:cacheprovider", "--neuronpatch-update-baselines",
+                                "--neuronpatch-cache", "cache")
+    result.assert_outcomes(passed=1)
+    assert json.loads((pytester.path / "base.json").read_text())["model"] == str(tuned.resolve())
+    # Warm: the cache key is the tuned checkpoint's, so the result is read back, not re-measured.
+    again = pytester.runpytest("-p", "no:cacheprovider", "--neuronpatch-cache", "cache")
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines(["*cache cache: 1 hit, 0 misses*"])
+    # Another checkpoint is another key: measured again, and the baseline names the change.
+    _fine_tuned(probe_heads, pytester.path / "tuned3", factor=3.0)
+    probe = (pytester.path / "p.probe.yaml").read_text().replace("model: tuned", "model: tuned3")
+    (pytester.path / "p.probe.yaml").write_text(probe)
+    other = pytester.runpytest("-p", "no:cacheprovider", "--neuronpatch-cache", "cache")
+    other.assert_outcomes(failed=1)
+    other.stdout.fnmatch_lines(["*cache cache: 0 hits, 1 miss*"])
+    other.stdout.fnmatch_lines([f"*the model changed (the baseline ran {tuned.resolve()}, this run "
+                                f"{(pytester.path / 'tuned3').resolve()})*"])

@@ -242,11 +242,14 @@ def test_cjk_and_emoji_inputs_print_no_glyph_warnings(tmp_path: Path) -> None:
     assert len(list((tmp_path / "out").glob("*.png"))) == 5
 
 
-def test_limits_are_documented_in_the_readme() -> None:
+def test_limits_are_documented_in_the_readme_and_the_docs() -> None:
     from neuronpatch.limits import LIMITS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
     assert "## Safety and limits" in readme
-    section = readme.split("## Safety and limits", 1)[1]
+    assert "(docs/safety.md)" in readme.split("## Safety and limits", 1)[1].split("\n## ", 1)[0]
+    page = (root / "docs" / "safety.md").read_text(encoding="utf-8")
+    assert page.startswith("# Safety and limits")
     for limit in LIMITS:
-        assert limit.env in section
+        assert limit.env in page

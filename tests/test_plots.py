@@ -104,6 +104,25 @@ def test_regression_figure_states_slope_expected_range_ci_and_equation():
     assert f"Δpred = {res.slope:.4f}·Δact" in _texts(fig)
 
 
+def test_a_zero_width_interval_says_why_on_the_figure_and_in_the_cli_report():
+    from neuronpatch.cli import format_report
+    from neuronpatch.plots import interval_text
+
+    assert interval_text(0.9, 0.94) == "95% CI [0.900, 0.940]"
+    act = np.linspace(0.5, 2.0, 6)
+    factors = np.array([iv.value for iv in SCALES])
+    dact = act[:, None] * (factors - 1)
+    res = make_result(act, dact, 0.921 * dact, SCALES)  # every input on one line: slope 0.921 each
+    assert res.slope_ci95.lo == pytest.approx(res.slope_ci95.hi)
+    why = "(zero width: every input gives the same slope)"
+    title = " ".join(render(res, "pred_vs_act_regression.png").axes[0].get_title().split())
+    assert f"95% CI [0.921, 0.921] {why}" in title
+    report = format_report(res)
+    assert f"95% CI [0.9210, 0.9210] {why}" in report
+    assert "(zero width: every input gives the same R²)" in report
+    assert "zero width" not in format_report(linear_case())  # noise between inputs: a real interval
+
+
 def _reference_slopes(ax) -> set[float]:
     """Slopes of the reference lines through the origin (matplotlib's axline objects)."""
     from matplotlib.lines import Line2D
@@ -249,7 +268,29 @@ def test_every_figure_keeps_its_text_on_the_canvas(head):
         renderer = canvas.get_renderer()
         boxes = [(f"axes {i}", ax.get_tightbbox(renderer)) for i, ax in enumerate(fig.axes)]
         boxes += [(t.get_text(), t.get_window_extent(renderer)) for t in fig.texts if t.get_text()]
+        boxes += [(f"legend {i}", leg.get_window_extent(renderer)) for i, leg in enumerate(fig.legends)]
         width, height = fig.bbox.width, fig.bbox.height
         off = [(what, box.bounds) for what, box in boxes if box is not None and (
             box.x0 < -0.5 or box.y0 < -0.5 or box.x1 > width + 0.5 or box.y1 > height + 0.5)]
         assert not off, f"{name}: text outside the {width:.0f}x{height:.0f} canvas: {off}"
+        # Labels beside points stay inside their axes, off each other and off the figure's legends.
+        for ax in fig.axes if name == "baseline_correlation.png" else ():
+            inside = ax.get_window_extent(renderer)
+            labels = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts if t.get_text()]
+            outside = [text for text, box in labels if not (
+                box.x0 >= inside.x0 - 0.5 and box.x1 <= inside.x1 + 0.5
+                and box.y0 >= inside.y0 - 0.5 and box.y1 <= inside.y1 + 0.5)]
+            assert not outside, f"{name}: labels past the edge of their axes: {outside}"
+            legends = [leg.get_window_extent(renderer) for leg in fig.legends]
+            assert not any(inside.overlaps(leg) for leg in legends), f"{name}: a legend covers the axes"
+        if name == "baseline_correlation.png":
+            [ax] = fig.axes
+            numbers = [(t.get_text(), t.get_window_extent(renderer)) for t in ax.texts]
+            assert sorted(text for text, _ in numbers) == sorted(str(i) for i in range(len(texts)))
+            clash = [(x, y) for i, (x, a) in enumerate(numbers) for y, b in numbers[i + 1:] if a.overlaps(b)]
+            assert not clash, f"{name}: input labels over each other: {clash}"
+            [key] = fig.legends  # the numbers' key: each input's number and its text, shortened
+            shown = [t.get_text() for t in key.get_texts()]
+            assert len(shown) == len(texts)
+            for i, (line, text) in enumerate(zip(shown, texts, strict=True)):
+                assert line == f"{i}  {text}" or (line.startswith(f"{i}  {text[:20]}") and line.endswith("…"))

@@ -129,7 +129,7 @@ def test_baseline_and_inputs_files_outside_the_rootdir_are_errors_at_file_line(p
 def test_the_alias_bomb_is_refused_at_file_line_in_under_a_second(project):
     import time
 
-    from neuronpatch.probes.schema import iter_probe_file
+    from neuronpatch.probes.load import iter_probe_file
 
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for prev, name in zip("abcdefgh", "bcdefghi", strict=True):

@@ -170,7 +170,7 @@ expect:
 
 
 def test_the_readme_ci_recipe_loses_nothing(pytester, probe_heads, tmp_path_factory):
-    # README "A CI recipe", as a fresh repository: two heads, a same-name probe in another file,
+    # docs/ci.md "A CI recipe", as a fresh repository: two heads, a same-name probe in another file,
     # then a probe rename, every run on workers in another directory (as on other machines).
     import shutil
 

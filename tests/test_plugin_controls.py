@@ -199,7 +199,7 @@ def test_a_control_slope_failure_names_the_controls_not_the_inputs(project, prob
 ])
 def test_a_bad_controls_key_is_one_line_at_its_file_and_line(tmp_path, probe_heads, controls, message):
     from neuronpatch.errors import ProbeSpecError
-    from neuronpatch.probes.schema import load_probe_file
+    from neuronpatch.probes.load import load_probe_file
 
     probe_heads.copy_heads(tmp_path / "heads")
     path = tmp_path / "b.probe.yaml"

@@ -175,6 +175,22 @@ def test_hypothesis_show_statistics_reports_each_fuzz_probe(project, probe_heads
     ])
 
 
+def test_the_header_names_each_hypothesis_profile_once_in_one_line(project, probe_heads, monkeypatch):
+    # In a fresh process (Hypothesis's current profile is process-wide), without CI set:
+    # @given tests run under Hypothesis's 'default', fuzz probes under neuronpatch-dev.
+    monkeypatch.delenv("CI", raising=False)
+    write(project, "slope: [-10, 10]", examples=2)
+    for args, profiles in [
+        ((), "fuzz profile neuronpatch-dev (Hypothesis @given tests: profile 'default')"),
+        (("--hypothesis-profile=neuronpatch-ci",),
+         "fuzz profile neuronpatch-ci (the same for Hypothesis @given tests)"),
+    ]:
+        result = project.runpytest_subprocess("-p", "no:cacheprovider", "-v", "--co", *args)
+        assert not [line for line in result.outlines if line.startswith("hypothesis profile")]
+        [line] = [line for line in result.outlines if line.startswith("neuronpatch: device")]
+        assert line.endswith(profiles), line
+
+
 def test_hypothesis_verbosity_verbose_shows_every_example(project, probe_heads):
     s = probe_heads.causal_slope
     write(project, f"slope: [{s - 1e-4}, {s + 1e-4}]", examples=3)
@@ -184,7 +200,8 @@ def test_hypothesis_verbosity_verbose_shows_every_example(project, probe_heads):
     shown.assert_outcomes(passed=1)
     # Hypothesis's own words for each example ("Test case: fuzz(texts=[...])")
     assert shown.stdout.str().count("Test case: fuzz(") >= 3, shown.stdout.str()
-    shown.stdout.fnmatch_lines(["neuronpatch: *fuzz profile neuronpatch-ci (verbosity verbose)"])
+    shown.stdout.fnmatch_lines(["neuronpatch: *fuzz profile neuronpatch-ci (verbosity verbose)"
+                                " (the same for Hypothesis @given tests)"])
     captured = project.runpytest(*args, "-rP")  # and otherwise kept as the report's section
     captured.stdout.fnmatch_lines(["*-- Hypothesis --*", "Test case: fuzz(", "    texts=[*"])
     quiet = project.runpytest("-p", "no:cacheprovider", "--hypothesis-profile=neuronpatch-ci", "-s")

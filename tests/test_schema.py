@@ -10,7 +10,8 @@ import pytest
 from neuronpatch.errors import ProbeSpecError
 from neuronpatch.interventions import Intervention
 from neuronpatch.probes import load_probe_file
-from neuronpatch.probes.schema import iter_probe_file, load_documents
+from neuronpatch.probes.documents import load_documents
+from neuronpatch.probes.load import iter_probe_file
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ def test_head_glob_lists_each_head_directory(probe_dir):
          "expected one of slope, intercept, r_squared,"),
         ("head: heads/causal\ncolour: red\n",
          "p.probe.yaml:2: key 'colour': unknown key; expected one of name, head, inputs, "
-         "interventions, position, engine, expect, marks"),
+         "interventions, position, engine, model, expect, marks"),
         ("head: heads/causal\nexpects: {}\n",
          "p.probe.yaml:2: key 'expects': unknown key (did you mean 'expect'?); expected one of"),
         ("head: heads/causal\ninterventions:\n  scale: [0, 1]\n  zeros: true\n",

@@ -113,7 +113,7 @@ def test_upstream_demo_head_correlates_but_has_slope_exactly_zero():
 
 def test_causal_demo_head_slope_is_in_the_readme_range():
     res = run_experiment(ROOT / "probes/heads/demo_causal", DEMO_INPUTS, set=SET_VALUES)
-    assert 0.8 <= res.slope <= 1.2  # README: "slope 0.8-1.2"
+    assert 0.8 <= res.slope <= 1.2  # docs/getting-started.md: "slope lies in 0.8–1.2"
     assert res.r_squared > 0.99
     assert abs(res.baseline_correlation) >= 0.5
 

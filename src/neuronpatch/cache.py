@@ -48,10 +48,11 @@ import numpy as np
 
 from neuronpatch._io import atomic_write_bytes, atomic_write_text, clean_once, is_temporary
 from neuronpatch.errors import NeuronpatchError, OutputPathError
+from neuronpatch.names import CACHE_MARKER
 from neuronpatch.result import ExperimentResult
 
-FORMAT = 2
-MARKER = "neuronpatch-cache.json"  # says a directory is a neuronpatch cache
+FORMAT = 3
+MARKER = CACHE_MARKER  # says a directory is a neuronpatch cache
 MAX_ENTRY_BYTES = 256 * 1024 * 1024  # an entry over this is not read (nor written)
 MAX_MEMBERS = 1024  # arrays in one entry (controls add two per unit)
 _CHUNK = 1 << 20
@@ -62,7 +63,7 @@ _TEXT = ("head_path", "model_name", "head_type", "layer_type", "unit_hook", "fea
          "patch_position", "method", "created")
 _INTS = ("target_layer", "target_neuron")
 _KNOWN = {*_ARRAYS, *_TEXT, *_INTS, "token_pos", "inputs", "n_tokens", "positions", "interventions",
-          "write_direction_cosine", "notes", "controls", "ranking"}
+          "write_direction_cosine", "notes", "controls", "ranking", "rounding"}
 # Files of this package whose code cannot move a measured number.
 _NOT_MEASURING = ("pytest_plugin", "demo", "plots.py", "report_html.py", "cli.py")
 
@@ -207,6 +208,10 @@ def to_arrays(result: ExperimentResult) -> dict[str, np.ndarray]:
         write_direction_cosine=_floats([result.write_direction_cosine])[0],
         notes=list(result.notes),
         controls=None,
+        rounding=None if result.rounding is None else {
+            "dtype": result.rounding.dtype, "row_error": float.hex(float(result.rounding.row_error)),
+            "method": result.rounding.method, "inputs": [int(i) for i in result.rounding.inputs],
+            "seconds": float.hex(float(result.rounding.seconds))},
     )
     controls = result.controls
     if controls is not None:
@@ -261,6 +266,13 @@ def from_arrays(arrays: Mapping[str, np.ndarray]) -> ExperimentResult:
         positions = tuple(int(p) for p in meta["positions"])
         cosine = float.fromhex(meta["write_direction_cosine"])
         notes = tuple(str(x) for x in meta["notes"])
+        rounding = None
+        if meta["rounding"] is not None:
+            from neuronpatch.stats import Rounding
+
+            r = meta["rounding"]
+            rounding = Rounding(str(r["dtype"]), float.fromhex(r["row_error"]), str(r["method"]),
+                                tuple(int(i) for i in r["inputs"]), float.fromhex(r["seconds"]))
         controls = None
         if meta["controls"] is not None:
             from neuronpatch.controls import ControlResults
@@ -288,7 +300,7 @@ def from_arrays(arrays: Mapping[str, np.ndarray]) -> ExperimentResult:
         clean_activation=arrays["clean_activation"], clean_prediction=arrays["clean_prediction"],
         patched_activation=arrays["patched_activation"],
         patched_prediction=arrays["patched_prediction"],
-        write_direction_cosine=cosine, notes=notes, controls=controls,
+        write_direction_cosine=cosine, notes=notes, controls=controls, rounding=rounding,
     )
 
 

@@ -119,14 +119,15 @@ def format_report(res: ExperimentResult) -> str:
             out.append(f"  {i:>2}  {_short(text, w):<{w}} {_f(res.patched_activation[i, j], 11)} "
                        f"{_f(dact[i, j])} {_f(dpred[i, j])}")
         out.append(f"  average Δ act {dact[:, j].mean():.4f} · average Δ pred {dpred[:, j].mean():.4f}")
-    fit, ci = res.fit, res.slope_ci95
+    from neuronpatch.plots import interval_text
+
+    fit, ci, r2_ci = res.fit, res.slope_ci95, res.r_squared_ci95
     out.append("")
     out.append("Regression of Δ prediction on Δ activation (all inputs × interventions)")
     out.append(f"  slope      {fit.slope:.6f}  (stderr {fit.stderr:.3g}, p={fit.p_value:.3g}, "
-               f"95% CI [{ci.lo:.4f}, {ci.hi:.4f}])")
+               f"{interval_text(ci.lo, ci.hi, 4)})")
     out.append(f"  intercept  {fit.intercept:.6f}")
-    out.append(f"  R²         {fit.r_squared:.6f}  (95% CI [{res.r_squared_ci95.lo:.4f}, "
-               f"{res.r_squared_ci95.hi:.4f}])")
+    out.append(f"  R²         {fit.r_squared:.6f}  ({interval_text(r2_ci.lo, r2_ci.hi, 4, what='R²')})")
     if not math.isnan(res.write_direction_cosine):
         out.append(f"  cosine(head weights, unit write direction) {res.write_direction_cosine:.4f}")
     for line in res.interpretation():
@@ -186,7 +187,8 @@ def _config_int(config: Any, *keys: str) -> int | None:
     return None
 
 
-def _precheck_run(head: Head, texts: list[str] | None, position: str | int | None) -> None:
+def _precheck_run(head: Head, texts: list[str] | None, position: str | int | None,
+                  checkpoint: str | None = None) -> None:
     """Refuse, before a model loads, what its config.json and tokenizer already rule out.
 
     A head whose ``target_layer`` or ``feature_layer`` the model does not have, a
@@ -198,7 +200,7 @@ def _precheck_run(head: Head, texts: list[str] | None, position: str | int | Non
     from neuronpatch.heads import check_layers
 
     cfg = head.config
-    found = _model_config(cfg.base_model_name)
+    found = _model_config(checkpoint or cfg.base_model_name)
     if found is None:
         return
     path, config = found
@@ -239,8 +241,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from neuronpatch.heads import load_head
 
     # ... and what the model's config.json and tokenizer can tell, before its weights load.
-    head = load_head(args.head_dir)
-    _precheck_run(head, texts, position)
+    head = load_head(args.head_dir, checkpoint=args.model)
+    _precheck_run(head, texts, position, args.model)
 
     from neuronpatch.artifacts import write_artifacts
     from neuronpatch.engine import run_experiment
@@ -249,7 +251,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         head, texts, scale=args.scale, set=args.set, add=args.add, zero=args.zero,
         mean=args.mean, position=position,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, method=args.route,
-        progress=True,
+        progress=True, model=args.model,
     )
     print(format_report(res))
     with _quiet_missing_glyphs():
@@ -313,6 +315,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         args.head_dir, texts, layer=args.layer, layer_type=args.layer_type, top=args.top,
         scale=args.scale, set=args.set, add=args.add, zero=args.zero, mean=args.mean,
         device=args.device, dtype=args.dtype, batch_size=args.batch_size, screen=args.screen,
+        model=args.model,
     )
     print(format_ranking(res, str(args.head_dir)))
     ensure_directory(args.out, "--out")
@@ -403,7 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype (default float32)")
     run.add_argument("--route", default="auto", choices=("auto", "upstream", "linear", "kv", "full"),
                      help="force an engine route (default: the cheapest exact one)")
-    run.set_defaults(func=_cmd_run)
+    run.add_argument("--model", default=None, metavar="CHECKPOINT",
+                     help="run against this checkpoint (directory or model name) instead of the head's "
+                          "base_model_name; its shapes must fit the head")
+    run.set_defaults(func=_cmd_run, subparser=run)
 
     rk = sub.add_parser("rank", help="rank every unit of a layer by how strongly the head reads it")
     rk.add_argument("head_dir", type=Path, help="head directory (config.json + head.pt)")
@@ -430,7 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda:N")
     rk.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="model dtype (default float32)")
-    rk.set_defaults(func=_cmd_rank)
+    rk.add_argument("--model", default=None, metavar="CHECKPOINT",
+                    help="run against this checkpoint (directory or model name) instead of the head's "
+                          "base_model_name; its shapes must fit the head")
+    rk.set_defaults(func=_cmd_rank, subparser=rk)
 
     th = sub.add_parser("train-head", help="train a prediction head (seed artifact format)")
     th.add_argument("--model", default="neuronpatch-demo",
@@ -456,18 +465,21 @@ def build_parser() -> argparse.ArgumentParser:
     th.add_argument("--out", type=Path, required=True, help="head directory to write")
     th.add_argument("--min-r2", type=float, default=None, metavar="R2",
                     help="exit with status 1 when the held-out R² is below this")
-    th.set_defaults(func=_cmd_train_head)
+    th.set_defaults(func=_cmd_train_head, subparser=th)
     cf = sub.add_parser("conformance", help="check the engine on a tiny random model of every architecture")
     cf.add_argument("--out", type=Path, default=Path("docs/conformance.md"), help="table to write")
     cf.add_argument("--arch", action="append", metavar="TYPE",
                     help="an HF model_type to check (repeatable; default: every candidate)")
-    cf.set_defaults(func=_cmd_conformance)
+    cf.set_defaults(func=_cmd_conformance, subparser=cf)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``neuronpatch`` command."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand, with its usage, not by the top-level parser
+        args.subparser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except NeuronpatchError as e:

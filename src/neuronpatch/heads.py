@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import math
+import os
 import pickle
 import warnings
 from collections.abc import Callable, Mapping
@@ -399,9 +400,9 @@ class Head:
         d_model = model.d_model
         for key, value in (("d_model", cfg.d_model), ("head_config.input_dim", cfg.input_dim)):
             if value is not None and value != d_model:
-                raise config_error(where, key, value, f"{d_model} (d_model of {cfg.base_model_name})")
+                raise config_error(where, key, value, f"{d_model} (d_model of {model.name})")
         if self.input_dim is not None and self.input_dim != d_model:
-            raise self._bad("input width", self.input_dim, f"{d_model} (d_model of {cfg.base_model_name})")
+            raise self._bad("input width", self.input_dim, f"{d_model} (d_model of {model.name})")
         if cfg.head_type == "token":
             ids = self.digit_token_ids(model)
             vocab = model.vocab_size
@@ -461,8 +462,12 @@ class Head:
 _ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
-def load_head(path: str | Path) -> Head:
+def load_head(path: str | Path, *, checkpoint: str | Path | None = None) -> Head:
     """Load and validate a head directory.
+
+    ``checkpoint``: the model the head will run against when it is not the head's own
+    ``base_model_name``; a head from an unfrozen pipeline run is then read (on the model
+    it names, such a head is refused: see :func:`check_frozen_run`).
 
     Raises:
         HeadConfigError: missing files, bad JSON, a bad key or shape (one-line message).
@@ -480,7 +485,8 @@ def load_head(path: str | Path) -> Head:
     # Bounded: size, nesting depth and special files are refused in one line.
     raw = load_json_bounded(cfg_path, what="head config", error=HeadConfigError)
     config = parse_config(raw, cfg_path)
-    check_frozen_run(path)
+    if checkpoint is None or same_model(checkpoint, config.base_model_name):
+        check_frozen_run(path)
     if config.head_type == "token" and not (path / "head.pt").exists() and not (
         path / "head.safetensors"
     ).exists():
@@ -553,7 +559,26 @@ def check_frozen_run(head_dir: Path) -> None:
     raise UnfrozenHeadError(
         f"{head_dir}: this head was trained with the base model's layers unfrozen ({metrics}: "
         f"unfreezing.strategy = {strategy}{count}); the pipeline saved only the head, so on the "
-        "original model its numbers mean nothing")
+        "original model its numbers mean nothing; to read it on the fine-tuned model, name that "
+        "checkpoint (probe key model:, --model, or model= in the API)")
+
+
+def same_model(a: str | Path, b: str | Path) -> bool:
+    """Whether two model names or paths resolve to the same local model (unresolvable: by name).
+
+    Example:
+        >>> same_model("neuronpatch-demo", "neuronpatch-demo")
+        True
+    """
+    from neuronpatch.errors import ModelLoadError
+    from neuronpatch.models import resolve_model_path
+
+    if os.fspath(a) == os.fspath(b):
+        return True
+    try:
+        return resolve_model_path(a) == resolve_model_path(b)
+    except ModelLoadError:
+        return False
 
 
 def _did_you_mean(path: Path) -> str:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,24 +39,19 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.text import Annotation
 from matplotlib.ticker import ScalarFormatter
+from matplotlib.transforms import Bbox
 
+from neuronpatch.names import CONTROLS_FIGURE, FIGURES
 from neuronpatch.result import ExperimentResult
 from neuronpatch.stats import Fit
 
 if TYPE_CHECKING:
     from neuronpatch.rank import RankResult
 
-FIGURES: tuple[str, ...] = (
-    "baseline_correlation.png",
-    "scaling_experiment.png",
-    "pred_vs_act_change_all.png",
-    "pred_vs_act_regression.png",
-    "per_input_sensitivity.png",
-)
 MAX_PANELS = 8
-# Written besides FIGURES when the result has negative controls.
-CONTROLS_FIGURE = "controls.png"
 
 
 def _short(text: str, n: int = 24) -> str:
@@ -83,6 +78,27 @@ def _fmt(x: float, digits: int = 3) -> str:
 
 
 NO_PATH = "no causal path: slope exactly 0"
+
+
+def zero_width(lo: float, hi: float) -> bool:
+    """A bootstrap interval that every resample of the inputs left at one value."""
+    return math.isfinite(lo) and math.isfinite(hi) and hi - lo <= 1e-9 * max(1.0, abs(lo))
+
+
+def interval_text(lo: float, hi: float, digits: int = 3, *, what: str = "slope") -> str:
+    """``95% CI [0.9, 0.94]``; a zero-width interval says why it has no width.
+
+    The interval is a bootstrap over inputs: when every input's points lie on one line,
+    every resample gives the same fit, and the interval is one value.
+
+    Example:
+        >>> interval_text(0.921, 0.921)
+        '95% CI [0.921, 0.921] (zero width: every input gives the same slope)'
+    """
+    text = f"95% CI [{lo:.{digits}f}, {hi:.{digits}f}]"
+    if zero_width(lo, hi):
+        text += f" (zero width: every input gives the same {what})"
+    return text
 
 
 def _verdict_line(res: ExperimentResult, expected: Mapping[str, str]) -> str:
@@ -145,8 +161,7 @@ def _baseline(fig: Figure, res: ExperimentResult, title: str | None,
     ax = fig.add_subplot()
     a, p = res.clean_activation, res.clean_prediction
     ax.scatter(a, p, s=70, alpha=0.85, color="tab:blue", label="inputs (clean run)")
-    for i, text in enumerate(res.inputs):
-        ax.annotate(_short(text), (a[i], p[i]), fontsize=8, xytext=(5, 4), textcoords="offset points")
+    _number_inputs(fig, ax, a, p, res.inputs)
     b = res.baseline
     from neuronpatch.stats import ols
 
@@ -159,6 +174,60 @@ def _baseline(fig: Figure, res: ExperimentResult, title: str | None,
     ax.set_title(_fit(fig, f"{_title(res, title)}\nclean activation vs prediction · {sub}"))
     _style(ax, "unit activation (clean)", "head prediction (clean)")
     ax.legend(loc="best")
+
+
+# Inputs beyond this many are left unnumbered on the baseline figure: their key would not fit.
+MAX_NUMBERED_INPUTS = 20
+
+
+def _number_inputs(fig: Figure, ax: Axes, a: np.ndarray, p: np.ndarray, texts: Sequence[str]) -> None:
+    """Each point numbered as its input, and a key of the numbers beside the axes.
+
+    Whole texts beside the points ran off the figure's edge and over each other; a number
+    is short, points near the right edge are numbered on their left, and the key sits
+    outside the axes, where the constrained layout makes room for it.
+    """
+    if not 0 < len(texts) <= MAX_NUMBERED_INPUTS:
+        return
+    labels = [ax.annotate(str(i), (a[i], p[i]), fontsize=8, xytext=(5, 4), textcoords="offset points")
+              for i in range(len(texts))]
+    handles = [Line2D([], [], linestyle="none") for _ in texts]
+    fig.legend(handles, [f"{i}  {_short(t, 28)}" for i, t in enumerate(texts)], loc="outside right upper",
+               title="inputs", fontsize=7, title_fontsize=8, handlelength=0, handletextpad=0,
+               frameon=False)
+    _place_labels(fig, ax, labels)
+
+
+# Where a point's number may go, in points from the point: upper right first, then around it.
+_LABEL_SPOTS = ((5, 4), (5, -11), (-5, 4), (-5, -11), (0, 7), (0, -15), (8, -4), (-8, -4))
+
+
+def _place_labels(fig: Figure, ax: Axes, labels: list[Annotation]) -> None:
+    """Move each label to the first spot around its point that stays inside the axes and off
+    the labels placed before it (measured once the layout is done; a label with no free
+    spot keeps the first one that stays inside)."""
+    fig.canvas.draw()  # the constrained layout settles the axes' size first
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    inside = ax.get_window_extent(renderer)
+    placed: list[Bbox] = []
+
+    def put(label: Annotation, spot: tuple[int, int]) -> Bbox:
+        label.xyann = spot
+        label.set_horizontalalignment("left" if spot[0] > 0 else "right" if spot[0] < 0 else "center")
+        return label.get_window_extent(renderer)
+
+    for label in labels:
+        fits = []
+        for spot in _LABEL_SPOTS:
+            box = put(label, spot)
+            if (box.x0 >= inside.x0 and box.x1 <= inside.x1 and box.y0 >= inside.y0
+                    and box.y1 <= inside.y1):
+                fits.append(spot)
+                if not any(box.overlaps(other) for other in placed):
+                    break
+        else:
+            put(label, fits[0] if fits else _LABEL_SPOTS[0])
+        placed.append(label.get_window_extent(renderer))
 
 
 def _scaling(fig: Figure, res: ExperimentResult, title: str | None,
@@ -251,7 +320,7 @@ def _regression(fig: Figure, res: ExperimentResult, title: str | None,
         ax.annotate(NO_PATH, xy=(0.5, 0.5), xycoords="axes fraction", ha="center", fontsize=13,
                     color="0.3", bbox={"boxstyle": "round", "fc": "white", "alpha": 0.9})
     _same_scale(ax, x, y)
-    ci_text = "" if math.isnan(ci.lo) else f", 95% CI [{_fmt(ci.lo)}, {_fmt(ci.hi)}]"
+    ci_text = "" if math.isnan(ci.lo) else ", " + interval_text(ci.lo, ci.hi)
     ax.set_title(_fit(fig, f"{_title(res, title)}\n{_verdict_line(res, expected)}{ci_text}"))
     _style(ax, "activation change", "prediction change", zero_lines=True)
     ax.legend(loc="lower right", fontsize=8)

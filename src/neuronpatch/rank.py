@@ -254,12 +254,12 @@ def rank_units(
     zero: bool = False,
     mean: bool = False,
     interventions: Sequence[Intervention] | None = None,
-    model: LoadedModel | None = None,
+    model: LoadedModel | str | Path | None = None,
     device: str = "auto",
     dtype: str = "float32",
     batch_size: int = 128,
     screen: str = "auto",
-    kv_cache_bytes: int = engine.KV_CACHE_BYTES,
+    kv_cache_bytes: int | None = None,
 ) -> RankResult:
     """Rank every unit of a layer by |slope| of the head's prediction on it.
 
@@ -292,15 +292,15 @@ def rank_units(
         >>> res.target_rank, res.units[0]                          # doctest: +SKIP
     """
     if not isinstance(head, Head):
-        head = load_head(head)
+        head = load_head(head, checkpoint=model if isinstance(model, (str, Path)) else None)
     engine.check_batch_size(batch_size)
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:
         raise InputError(f"top {top!r} is invalid; expected a positive integer (units to confirm)")
     if screen not in SCREENS:
         raise InputError(f"screen {screen!r} is invalid; expected one of {', '.join(SCREENS)}")
     cfg = head.config
-    if model is None:
-        model = load_model(cfg.base_model_name, device=device, dtype=dtype)
+    if model is None or isinstance(model, (str, Path)):
+        model = load_model(model or cfg.base_model_name, device=device, dtype=dtype)
     head.check_model(model)
     lt = cfg.layer_type if layer_type is None else layer_type
     if lt not in units.UNIT_SITES:
@@ -321,6 +321,8 @@ def rank_units(
     enc = engine.encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos,
                         position=cfg.token_pos)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
+    if kv_cache_bytes is None:
+        kv_cache_bytes = engine.kv_cache_budget(model.device)
     job = _Job(head, model, p, enc, ivs, digit_ids, engine.Budget(batch_size, kv_cache_bytes), top, target)
 
     exact_possible = not p.upstream and _directions_exist(model, p, enc)

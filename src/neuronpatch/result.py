@@ -82,6 +82,7 @@ class ExperimentResult:
     notes: tuple[str, ...] = ()
     controls: Any = None  # neuronpatch.controls.ControlResults when the probe asked for controls
     ranking: Any = None  # neuronpatch.rank.RankResult when the probe asked for the target's rank
+    rounding: stats.Rounding | None = None  # how far the dtype's rounding can move a row's Δp
     created: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
 
     # ----- derived arrays -------------------------------------------------
@@ -113,6 +114,20 @@ class ExperimentResult:
         """Pooled OLS of prediction change on activation change (no effect below float noise)."""
         return stats.ols(self.activation_change, self.prediction_change,
                          y_scale=self.prediction_scale)
+
+    @cached_property
+    def numerical_error(self) -> dict[str, float]:
+        """How far rounding in the run's dtype can move ``slope``, ``intercept`` and ``r_squared``.
+
+        Empty when the result carries no :class:`~neuronpatch.stats.Rounding`. Zero when the
+        fit is no effect (the slope is then exactly 0 by decision, not by arithmetic).
+        """
+        if self.rounding is None:
+            return {}
+        if self.fit.reason and self.fit.reason.startswith("no effect"):
+            return {"slope": 0.0, "intercept": 0.0, "r_squared": 0.0}
+        return stats.rounding_bounds(self.activation_change, self.prediction_change,
+                                     self.rounding.row_error)
 
     @cached_property
     def baseline(self) -> stats.Correlation:
@@ -244,11 +259,32 @@ class ExperimentResult:
                      f"before {self.unit_hook})"]
         else:
             lines = interpret(self.slope, self.r_squared, self.fit.reason)
+        rounding = self.rounding_reading()
+        if rounding:
+            lines.append(rounding)
         shown = {"slope", "intercept", "r_squared", "slope_stderr", "slope_p_value"}
         for key, why in self.reasons.items():
             if (key not in shown and not key.startswith("baseline_")) or key == "baseline_correlation":
                 lines.append(f"{key} undefined: {why}")
         return lines
+
+    def rounding_reading(self) -> str | None:
+        """``slope −0.515 ± 0.09, R² 0.93 ± 0.05 from bfloat16 rounding``, when it is worth saying.
+
+        Said for every run in a reduced precision, and in float32 when rounding can move the
+        slope by 1% or more; None otherwise.
+        """
+        err, r = self.numerical_error, self.rounding
+        if r is None or not err or r.row_error == 0 or not math.isfinite(self.slope):
+            return None
+        slope_err = err.get("slope", math.nan)
+        small = math.isfinite(slope_err) and slope_err < 0.01 * abs(self.slope)
+        if r.dtype in ("float32", "float64") and small:
+            return None
+        parts = [f"slope {self.slope:.3g} ± {slope_err:.2g}"]
+        if math.isfinite(self.r_squared):
+            parts.append(f"R² {self.r_squared:.3g} ± {err['r_squared']:.2g}")
+        return f"{', '.join(parts)} from {r.dtype} rounding ({r.method})"
 
     def metrics(self) -> dict[str, Any]:
         """The numbers probe expectations and baselines are checked against.
@@ -335,6 +371,12 @@ class ExperimentResult:
                 for i, r in enumerate(self.per_input)
             ],
             "reasons": self.reasons,
+            # How far rounding in the run's dtype can move the fit (null: not measured).
+            "numerical_error": None if self.rounding is None else {
+                "dtype": self.rounding.dtype, "method": self.rounding.method,
+                "row_error": self.rounding.row_error, "inputs_rerun": list(self.rounding.inputs),
+                "seconds": self.rounding.seconds, **self.numerical_error,
+            },
             "notes": list(self.notes),
             # Each control's slope, R² and intervals, and the specificity (null: no controls).
             "controls": None if self.controls is None else self.controls.to_dict(),

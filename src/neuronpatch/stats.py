@@ -323,3 +323,83 @@ def weight_cosine(weight: ArrayLike, direction: ArrayLike) -> tuple[float, str |
     if nw == 0.0 or nd == 0.0:
         return NAN, "zero weight or zero write direction"
     return float(w @ d / (nw * nd)), None
+
+
+# ----- numerical error --------------------------------------------------------------
+#
+# A slope is a ratio of small differences of predictions, so the rounding of a forward pass
+# in a reduced precision can move it far more than the dtype's epsilon suggests. The engine
+# measures how far one row's prediction change can be off (``Rounding.row_error``: in
+# bfloat16 and float16 by re-running an input in float32, see neuronpatch.engine); what that
+# does to the fit follows exactly, in the worst case, from the least-squares formulas below.
+
+# In float32 the engine's prediction changes match a float64 re-run to within 3.4e-6 of the
+# prediction scale over the architecture matrix (benchmarks/bench_precision.py); a float32
+# run reports that, rounded up, without re-running anything.
+FLOAT32_ROW_RTOL = 4e-6
+# R²'s bound is linear in the row error while the errors are this small against y's spread.
+R2_LINEAR_SPREAD = 0.25
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """How far rounding in the run's dtype can move one row's prediction change.
+
+    Attributes:
+        dtype: the dtype the model ran in.
+        row_error: bound on ``|Δp|``'s rounding error on any (input, intervention) row.
+        method: how ``row_error`` was obtained, in words.
+        inputs: the inputs re-run to measure it (none when it was not measured by a re-run).
+        seconds: what measuring it cost.
+    """
+
+    dtype: str
+    row_error: float
+    method: str
+    inputs: tuple[int, ...] = ()
+    seconds: float = 0.0
+
+
+def rounding_bounds(x: ArrayLike, y: ArrayLike, row_error: float) -> dict[str, float]:
+    """How far the pooled slope, intercept and R² can move when each ``y`` is off by ``row_error``.
+
+    Worst case over every sign pattern, from the least-squares formulas: the slope is
+    ``Σ wⱼ yⱼ`` with ``wⱼ = (xⱼ − x̄)/Sxx``, so it moves by at most ``ε Σ|wⱼ|``; the
+    intercept ``ȳ − slope·x̄`` by at most ``ε Σ|1/N − x̄ wⱼ|``. R² moves by at most
+    ``ε Σ|∂R²/∂yⱼ|`` while the errors are small against the spread of ``y``
+    (``ε √N ≤ R2_LINEAR_SPREAD · ‖y − ȳ‖``); beyond that, by the interval that ``|Sxy|``
+    (moves by at most ``ε Σ|xⱼ − x̄|``) and ``‖y − ȳ‖`` (by at most ``ε √N``) allow.
+
+    Example:
+        >>> b = rounding_bounds([0, 1, 2, 3], [0, 1, 2, 3], 0.01)
+        >>> round(b["slope"], 4), round(b["intercept"], 4)
+        (0.008, 0.014)
+    """
+    xa = np.asarray(x, dtype=np.float64).ravel()
+    ya = np.asarray(y, dtype=np.float64).ravel()
+    eps = float(row_error)
+    n = xa.size
+    if n < 2 or not math.isfinite(eps):
+        return {"slope": NAN, "intercept": NAN, "r_squared": NAN}
+    if eps == 0.0:
+        return {"slope": 0.0, "intercept": 0.0, "r_squared": 0.0}
+    dx, dy = xa - xa.mean(), ya - ya.mean()
+    sxx, sxy, norm_y = float(dx @ dx), float(dx @ dy), float(np.linalg.norm(dy))
+    if sxx <= 0.0:
+        return {"slope": NAN, "intercept": NAN, "r_squared": NAN}
+    w = dx / sxx
+    slope = eps * float(np.abs(w).sum())
+    intercept = eps * float(np.abs(1.0 / n - xa.mean() * w).sum())
+    shift_xy, shift_y = eps * float(np.abs(dx).sum()), eps * math.sqrt(n)
+    if norm_y == 0.0 or sxy == 0.0:
+        r2 = 1.0
+    elif shift_y <= R2_LINEAR_SPREAD * norm_y:
+        r2_now = sxy * sxy / (sxx * norm_y * norm_y)
+        grad = 2.0 * r2_now * (dx / sxy - dy / (norm_y * norm_y))
+        r2 = eps * float(np.abs(grad).sum())
+    else:
+        r2_now = sxy * sxy / (sxx * norm_y * norm_y)
+        top = (abs(sxy) + shift_xy) ** 2 / (sxx * (norm_y - shift_y) ** 2) if norm_y > shift_y else 1.0
+        bottom = max(abs(sxy) - shift_xy, 0.0) ** 2 / (sxx * (norm_y + shift_y) ** 2)
+        r2 = max(min(top, 1.0) - r2_now, r2_now - bottom)
+    return {"slope": slope, "intercept": intercept, "r_squared": r2}

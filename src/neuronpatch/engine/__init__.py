@@ -51,6 +51,9 @@ The package, in the order data flows through it:
               the tolerance every shortcut is checked with (:func:`agree`);
 ``_routes``   :func:`choose_route`, :func:`measure` under a :class:`Budget`, the
               write directions of the ``linear`` route and its check;
+``_precision`` how far the dtype's rounding moves a prediction change
+              (:func:`measure_rounding`: a float32 re-run of a few inputs in bfloat16
+              and float16, under :func:`float32_weights`);
 ``_api``      :func:`run_experiment` and :func:`collect`.
 
 Coordinates (centring, the δ/d_model offset) are the :class:`~neuronpatch.coordinates.Plan`'s
@@ -95,6 +98,7 @@ from neuronpatch.engine._inputs import (
     short,
     tokenize,
 )
+from neuronpatch.engine._precision import INPUTS_PER_RERUN, dtype_name, float32_weights, measure_rounding
 from neuronpatch.engine._routes import (
     KV_CACHE_BYTES,
     METHODS,
@@ -104,6 +108,7 @@ from neuronpatch.engine._routes import (
     check_shortcut,
     choose_route,
     direction_writes,
+    kv_cache_budget,
     measure,
     patched_rows,
     write_directions,
@@ -113,6 +118,7 @@ from neuronpatch.engine._rows import full_rows, kv_rows, layer_rows, prefix_cach
 __all__ = [
     "CHECK_RTOL",
     "DEFAULT_INPUTS",
+    "INPUTS_PER_RERUN",
     "KV_CACHE_BYTES",
     "METHODS",
     "PATCH_RTOL",
@@ -136,16 +142,20 @@ __all__ = [
     "chunks",
     "collect",
     "direction_writes",
+    "dtype_name",
     "encode",
+    "float32_weights",
     "forward",
     "forward_kwargs",
     "full_rows",
     "growth",
+    "kv_cache_budget",
     "kv_rows",
     "last_block",
     "layer_rows",
     "left_pad",
     "measure",
+    "measure_rounding",
     "pad_id",
     "patched_rows",
     "prefix_cache",

@@ -17,13 +17,14 @@ from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
 from neuronpatch.engine._forward import Targets
 from neuronpatch.engine._inputs import DEFAULT_INPUTS, chunks, encode, short
+from neuronpatch.engine._precision import measure_rounding
 from neuronpatch.engine._routes import (
-    KV_CACHE_BYTES,
     Budget,
     Measured,
     Route,
     check_shortcut,
     choose_route,
+    kv_cache_budget,
     measure,
     write_directions,
 )
@@ -80,14 +81,14 @@ def run_experiment(
     mean: bool = False,
     interventions: Sequence[Intervention] | None = None,
     position: str | int | None = None,
-    model: LoadedModel | None = None,
+    model: LoadedModel | str | Path | None = None,
     batch_size: int = 128,
     device: str = "auto",
     dtype: str = "float32",
     method: Method = "auto",
     progress: bool = False,
     controls: Any = None,
-    kv_cache_bytes: int = KV_CACHE_BYTES,
+    kv_cache_bytes: int | None = None,
     grow_rows: bool = True,
 ) -> ExperimentResult:
     """Patch a head's unit on each input and measure how the prediction moves.
@@ -101,7 +102,10 @@ def run_experiment(
         interventions: explicit :class:`Intervention` objects (instead of the above).
         position: where to patch: ``"last"`` real token, ``"all"`` positions, or
             an index (negative counts from the end); default the head's ``token_pos``.
-        model: a loaded model to use instead of loading the head's base model.
+        model: the model to run against instead of the head's ``base_model_name``: a loaded
+            model, or a checkpoint's name or path (loaded with ``device`` and ``dtype``), such
+            as the fine-tuned model of an unfrozen pipeline run. Its shapes must fit the head;
+            the result's ``model_name`` says which checkpoint ran.
         batch_size: rows per forward pass, counted at full input length (a kv row that
             runs only the tokens from the patch to the read position counts for less); bounds
             memory, together with ``kv_cache_bytes``.
@@ -117,7 +121,8 @@ def run_experiment(
             (``{"random": k, "seed": s}``; residual-stream units only, see
             :mod:`neuronpatch.controls`). Their fits land in ``result.controls``
             (and the ``specificity``, ``control_slope`` metrics).
-        kv_cache_bytes: bytes the repeated prefix cache of one kv batch may take.
+        kv_cache_bytes: bytes the repeated prefix cache of one kv batch may take; default
+            64 MiB on the CPU and an eighth of the free memory on a GPU (:func:`kv_cache_budget`).
         grow_rows: let patched rows multiply at the unit's block (blocks below it run once
             per input) where the model allows it; False runs every row through every block.
 
@@ -129,13 +134,16 @@ def run_experiment(
         ...                      inputs=["The cat sat on the mat."], set=[0, 1, 2])
         >>> round(res.slope, 2), round(res.r_squared, 2)              # doctest: +SKIP
     """
+    named = model if isinstance(model, (str, Path)) else None
     if not isinstance(head, Head):
-        head = load_head(head)
+        head = load_head(head, checkpoint=named)
     check_batch_size(batch_size)
-    budget = Budget(batch_size, kv_cache_bytes, grow_rows)
     cfg = head.config
-    if model is None:
-        model = load_model(cfg.base_model_name, device=device, dtype=dtype)
+    if model is None or isinstance(model, (str, Path)):
+        model = load_model(named or cfg.base_model_name, device=device, dtype=dtype)
+    if kv_cache_bytes is None:
+        kv_cache_bytes = kv_cache_budget(model.device)
+    budget = Budget(batch_size, kv_cache_bytes, grow_rows)
     head.check_model(model)
     texts = list(DEFAULT_INPUTS if inputs is None else inputs)
     if interventions is None:
@@ -201,6 +209,11 @@ def run_experiment(
     # clean features on) get the clean prediction bit for bit, so their change is exactly 0.
     unmoved = (got.feat == got.clean_feat[:, None]).all(-1)
     pred = torch.where(unmoved, clean_pred[:, None], patched_pred)
+    tx = (got.act - got.clean_act[:, None]).double().numpy()
+    ty = (pred - clean_pred[:, None]).double().numpy()
+    pred_scale = float(torch.cat([clean_pred.abs(), pred.abs().reshape(-1)]).max())
+    rounding = measure_rounding(model, p, enc, affine[:, :k], route,
+                                lambda f: head.predict(f, digit_ids), tx, ty, pred_scale, budget=budget)
     notes = _notes(texts, got.clean_act, ivs, p, route)
     if allg.rerouted is not None:
         changed = int(allg.rerouted[:, :k].sum())
@@ -228,8 +241,6 @@ def run_experiment(
         dx = (allg.act[:, k:] - allg.row_clean[:, k:]).double().numpy()
         xs = tuple(dx[:, j * k:(j + 1) * k] for j in range(len(cset)))
         ys = tuple(dy[:, j * k:(j + 1) * k] for j in range(len(cset)))
-        tx = (got.act - got.clean_act[:, None]).double().numpy()
-        ty = (pred - clean_pred[:, None]).double().numpy()
         control_results = ControlResults(tx, ty, xs, ys, cset.units, cset.directions, cset.seed)
     cos = math.nan
     if head.linear_weight is not None and not p.upstream:
@@ -238,7 +249,7 @@ def run_experiment(
             cos = weight_cosine(head.linear_weight.numpy(), direction[0].cpu().numpy())[0]
     return ExperimentResult(
         head_path=str(head.path),
-        model_name=cfg.base_model_name,
+        model_name=cfg.base_model_name if named is None else str(named),
         head_type=cfg.head_type,
         target_layer=cfg.target_layer,
         target_neuron=cfg.target_neuron,
@@ -259,6 +270,7 @@ def run_experiment(
         write_direction_cosine=cos,
         notes=tuple(notes),
         controls=control_results,
+        rounding=rounding,
     )
 
 

@@ -38,7 +38,12 @@ class Encoded:
 
     def first(self) -> Encoded:
         """Input 0 alone (what the route checks patch for real)."""
-        return Encoded(self.ids[:1], self.read_pos[:1], self.patch_pos[:1], self.measure_pos[:1])
+        return self.select([0])
+
+    def select(self, idx: Sequence[int]) -> Encoded:
+        """The inputs ``idx``, in that order."""
+        return Encoded([self.ids[i] for i in idx], [self.read_pos[i] for i in idx],
+                       [self.patch_pos[i] for i in idx], [self.measure_pos[i] for i in idx])
 
     @property
     def longest(self) -> int:

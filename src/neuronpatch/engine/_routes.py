@@ -22,9 +22,30 @@ if TYPE_CHECKING:
 
 METHODS: tuple[str, ...] = ("auto", "upstream", "linear", "kv", "full")
 
-# Bytes the repeated prefix cache of one kv batch may take (keys and values of every layer);
-# it bounds peak memory, since the cache is repeated once per patched row.
+# Bytes the repeated prefix cache of one kv batch may take on the CPU (keys and values of
+# every layer); it bounds peak memory, since the cache is repeated once per patched row.
 KV_CACHE_BYTES = 64 * 2**20
+# On a GPU the budget is this share of the device's free memory when the run starts.
+KV_CACHE_GPU_SHARE = 1 / 8
+
+
+def kv_cache_budget(device: torch.device | str, free_bytes: int | None = None) -> int:
+    """The default ``kv_cache_bytes`` on ``device``: :data:`KV_CACHE_BYTES` on the CPU; on a GPU
+    :data:`KV_CACHE_GPU_SHARE` of its free memory (``free_bytes``, by default asked of CUDA),
+    never less than the CPU's.
+
+    Example:
+        >>> kv_cache_budget("cpu") == KV_CACHE_BYTES
+        True
+        >>> kv_cache_budget("cuda:0", free_bytes=80 * 2**30) // 2**30
+        10
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return KV_CACHE_BYTES
+    if free_bytes is None:
+        free_bytes, _total = torch.cuda.mem_get_info(dev)
+    return max(KV_CACHE_BYTES, int(free_bytes * KV_CACHE_GPU_SHARE))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Probe files and expectations: declarative causal claims about a head and its unit.
 
 Where to look: ``documents`` (a probe file split into YAML documents, with the
-line of every key), ``schema`` (the probe keys → :class:`ProbeSpec`),
+line of every key), ``resolver`` (head globs, inputs files, the rootdir),
+``schema`` (the probe keys → :class:`ProbeSpec`, pydantic alone), ``diagnostics``
+(problems → ``FILE:LINE: key …`` lines), ``load`` (the three over a file),
 ``ranges`` (the range forms), ``metrics`` (the metric names and kinds) and
 ``expectations`` (checking metrics against ranges, and the verdict in words).
 None imports torch or numpy; names are imported on first use, so importing
@@ -19,6 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from neuronpatch.probes.documents import is_probe_file
     from neuronpatch.probes.expectations import (
         METRICS,
         Expectation,
@@ -32,7 +35,8 @@ if TYPE_CHECKING:
         failure_message,
         format_outcomes,
     )
-    from neuronpatch.probes.schema import ProbeSpec, is_probe_file, load_probe_file
+    from neuronpatch.probes.load import load_probe_file
+    from neuronpatch.probes.schema import ProbeSpec
 
 __all__ = [
     "METRICS",
@@ -51,7 +55,8 @@ __all__ = [
     "load_probe_file",
 ]
 
-_HOME = {name: "neuronpatch.probes.schema" for name in ("ProbeSpec", "is_probe_file", "load_probe_file")}
+_HOME = {"ProbeSpec": "neuronpatch.probes.schema", "is_probe_file": "neuronpatch.probes.documents",
+         "load_probe_file": "neuronpatch.probes.load"}
 
 
 def __getattr__(name: str) -> Any:

@@ -26,6 +26,7 @@ import yaml
 
 from neuronpatch.errors import ProbeSpecError
 from neuronpatch.limits import PROBE_FILE_BYTES, check_yaml_text, read_text_bounded
+from neuronpatch.names import PROBE_SUFFIXES
 
 __all__ = [
     "PROBE_SUFFIXES",
@@ -37,7 +38,6 @@ __all__ = [
     "split_documents",
 ]
 
-PROBE_SUFFIXES: tuple[str, ...] = (".probe.yaml", ".probe.yml")
 
 Loc = tuple[str | int, ...]
 

@@ -73,6 +73,9 @@ class Measurements:
         reasons: why a metric is NaN (``ExperimentResult.reasons``), by reason key.
         labels: the input texts, to name inputs in per-input failures.
         input_reasons: per input, why its own fit is NaN (or None).
+        numerical: metric → how far rounding in the run's dtype can move it
+            (``ExperimentResult.numerical_error``); a range edge within it is inconclusive.
+        precision: the dtype the model ran in, to say whose rounding it is.
     """
 
     values: Mapping[str, Any]
@@ -81,6 +84,8 @@ class Measurements:
     input_reasons: Sequence[str | None] = ()
     interval: Callable[[str, float], Sequence[float]] | None = None  # (metric, level) → [lo, hi]
     control_labels: Sequence[str] = ()  # unit17, dir0, ...: to name controls in control_slope failures
+    numerical: Mapping[str, float] = field(default_factory=dict)
+    precision: str | None = None
 
     @classmethod
     def of(cls, measured: Any) -> Measurements:
@@ -104,6 +109,8 @@ class Measurements:
                                     for r in per_input),
                 interval=getattr(measured, "interval", None),
                 control_labels=tuple(getattr(getattr(measured, "controls", None), "labels", ()) or ()),
+                numerical=dict(getattr(measured, "numerical_error", None) or {}),
+                precision=getattr(getattr(measured, "rounding", None), "dtype", None),
             )
         raise TypeError(
             f"cannot check {type(measured).__name__}; expected an ExperimentResult or a dict "
@@ -253,9 +260,14 @@ def _check_confident(m: Measurements, exp: Expectation) -> Outcome:
         return _verdict(exp, False, value, text, [why])
     lo, hi = (_float(v) for v in m.interval(exp.metric, level))
     pct = f"{level * 100:g}%"
-    text = f"{format_measured(value)} ({pct} interval [{format_measured(lo)}, {format_measured(hi)}])"
+    shown = _with_rounding(m, exp.metric, format_measured(value))
+    text = f"{shown} ({pct} interval [{format_measured(lo)}, {format_measured(hi)}])"
     if math.isnan(lo) or math.isnan(hi):
         return _verdict(exp, False, value, text, [m.why_nan(exp.metric)])
+    doubt = _rounding_doubt(m, exp, lo, hi)
+    if doubt is not None and (exp.range.contains_interval(lo, hi) or exp.range.excludes_interval(lo, hi)):
+        out = _verdict(exp, False, value, text, [doubt])
+        return dataclasses.replace(out, inconclusive=True, interval=(lo, hi))
     if exp.range.contains_interval(lo, hi):
         return _verdict(exp, True, value, text)._replace_interval((lo, hi), None)
     if exp.range.excludes_interval(lo, hi):
@@ -308,8 +320,36 @@ def _check_one(m: Measurements, exp: Expectation) -> Outcome:
         details = [] if ok else ["the whole interval must lie inside the expected range"]
         return _verdict(exp, ok, [lo, hi], text, details)
     value = _float(raw)
-    details = [m.why_nan(exp.metric)] if math.isnan(value) else []
-    return _verdict(exp, exp.range.contains(value), value, format_measured(value), details)
+    if math.isnan(value):
+        return _verdict(exp, False, value, format_measured(value), [m.why_nan(exp.metric)])
+    text = _with_rounding(m, exp.metric, format_measured(value))
+    doubt = _rounding_doubt(m, exp, value, value)
+    if doubt is not None:
+        return dataclasses.replace(_verdict(exp, False, value, text, [doubt]), inconclusive=True)
+    return _verdict(exp, exp.range.contains(value), value, text)
+
+
+def _with_rounding(m: Measurements, metric: str, text: str) -> str:
+    """``text ± error`` when the run's dtype is a reduced one and the metric has an error."""
+    err = m.numerical.get(metric)
+    if m.precision in (None, "float32", "float64") or err is None or not math.isfinite(err) or err == 0:
+        return text
+    return f"{text} ± {err:.2g}"
+
+
+def _rounding_doubt(m: Measurements, exp: Expectation, lo: float, hi: float) -> str | None:
+    """Why the claim is inconclusive when rounding can carry ``[lo, hi]`` across a range edge."""
+    err = m.numerical.get(exp.metric)
+    if err is None or not math.isfinite(err) or err <= 0 or math.isnan(lo) or math.isnan(hi):
+        return None
+    wide = (lo - err, hi + err)
+    if exp.range.contains_interval(*wide) or exp.range.excludes_interval(*wide):
+        return None
+    dtype = m.precision or "the model's dtype"
+    advice = ("run in float32 to decide" if dtype not in ("float32", "float64")
+              else "this close to the edge rounding decides it: move the bound")
+    return (f"inconclusive: {dtype} rounding moves the {exp.metric} by up to {err:.2g}, "
+            f"across the expected range's edge; {advice}")
 
 
 def check(

@@ -12,16 +12,14 @@ A probe file (``*.probe.yaml``) holds one probe, or several as YAML documents::
     marks: [slow]
 
 Reading is strict, because a typo in a claim must never turn into a test that
-silently checks nothing: unknown keys, duplicate keys, wrong types, empty or
-inverted ranges, unknown metrics, a missing head directory or inputs file are
-all :class:`~neuronpatch.errors.ProbeSpecError`, one line each, in the form
-``FILE:LINE: key 'expect.slope': <what is wrong>; expected <what is allowed>``.
+silently checks nothing: unknown keys, wrong types, empty or inverted ranges and
+unknown metrics are all refused.
 
-Documents come from :mod:`neuronpatch.probes.documents` (split before
-parsing, safe loader, the line of every key); ranges from
-:mod:`neuronpatch.probes.ranges`. A document's problems (its YAML's and its
-schema's) are reported together, in line order; other documents are not
-affected.
+This module is the schema alone: pydantic models, no file is read here. What a
+document's keys point at (head directories, inputs files, the rootdir) is checked by
+:mod:`neuronpatch.probes.resolver`, validation errors become ``FILE:LINE: key …``
+lines in :mod:`neuronpatch.probes.diagnostics`, and :mod:`neuronpatch.probes.load`
+runs the three over a probe file.
 
 A new top-level key is one pydantic model class plus one field on
 :class:`ProbeSpec`.
@@ -29,11 +27,8 @@ A new top-level key is one pydantic model class plus one field on
 
 from __future__ import annotations
 
-import difflib
-import glob
-import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,17 +41,16 @@ from pydantic import (
     PlainValidator,
     PrivateAttr,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from neuronpatch.errors import InterventionError, ProbeSpecError
 from neuronpatch.interventions import Intervention, build, normalize
+from neuronpatch.probes.diagnostics import describe
 from neuronpatch.probes.documents import (
     PROBE_SUFFIXES,
     Document,
-    Loc,
     is_probe_file,
     load_documents,
     name_problem,
@@ -64,7 +58,7 @@ from neuronpatch.probes.documents import (
 )
 from neuronpatch.probes.expectations import Expectation
 from neuronpatch.probes.metrics import METRICS, unknown_metric_message
-from neuronpatch.probes.ranges import RANGE_FORMS, Range
+from neuronpatch.probes.ranges import Range
 
 __all__ = [
     "PROBE_SUFFIXES",
@@ -75,12 +69,9 @@ __all__ = [
     "RankSpec",
     "is_probe_file",
     "load_documents",
-    "load_probe_file",
-    "parse_document",
     "probe_stem",
 ]
 
-_GLOB_CHARS = re.compile(r"[*?\[]")
 _MARK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -88,99 +79,10 @@ _MARK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # ----- field validators -------------------------------------------------------------
 
 
-def _base_dir(info: ValidationInfo) -> Path:
-    context = info.context or {}
-    return Path(context.get("base_dir", "."))
-
-
-def head_dirs(base_dir: Path, head: str) -> list[tuple[Path, str | None]]:
-    """Resolve a probe's ``head:`` (a path or a glob) against the probe file's directory.
-
-    Returns:
-        ``(directory, label)`` pairs; ``label`` is None for a plain path and the
-        part the glob matched (e.g. ``demo_causal``) for a glob.
-
-    Example:
-        >>> head_dirs(Path("probes"), "heads/*")       # doctest: +SKIP
-        [(PosixPath('probes/heads/demo_causal'), 'demo_causal'), ...]
-    """
-    target = base_dir / head
-    if not _GLOB_CHARS.search(head):
-        return [(target, None)]
-    parts = Path(head).parts
-    fixed = next(i for i, p in enumerate(parts) if _GLOB_CHARS.search(p))
-    root = base_dir.joinpath(*parts[:fixed])
-    matches = sorted(Path(p) for p in glob.glob(os.fspath(target), recursive=True))
-    return [(p, p.relative_to(root).as_posix()) for p in matches
-            if p.is_dir() and (p / "config.json").is_file()]
-
-
-def _check_head(value: str, info: ValidationInfo) -> str:
-    base = _base_dir(info)
+def _check_head(value: str) -> str:
     if not value.strip():
         raise ValueError("is empty; expected the path of a head directory, relative to this file")
-    found = head_dirs(base, value)
-    if _GLOB_CHARS.search(value):
-        if not found:
-            raise ValueError(
-                f"glob {value!r} matches no head directory under {base}; expected a glob "
-                "that matches at least one directory holding config.json"
-            )
-        return value
-    path = found[0][0]
-    if not path.exists():
-        raise ValueError(
-            f"head directory {value!r} not found (looked for {path}); expected a head "
-            "directory (config.json + weights) relative to this file"
-        )
-    if not path.is_dir():
-        raise ValueError(f"{value!r} is a file; expected a head directory (config.json + weights)")
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"head directory {value!r} has no config.json; expected a head directory "
-            "(config.json + head.pt or head.safetensors)"
-        )
     return value
-
-
-def _inside_root(name: str, info: ValidationInfo, what: str) -> None:
-    """Refuse a path that resolves outside the rootdir (when the caller names one)."""
-    root = (info.context or {}).get("root")
-    if root is None:
-        return
-    path = (_base_dir(info) / name).resolve()
-    if not path.is_relative_to(Path(root).resolve()):
-        raise ValueError(
-            f"{what} {name!r} resolves to {path}, outside the rootdir {root}; expected a path "
-            "inside the repository (--neuronpatch-allow-outside-rootdir allows it)")
-
-
-def _read_inputs(value: Any, info: ValidationInfo) -> Any:
-    if not isinstance(value, Mapping):
-        return value
-    keys = set(value)
-    if keys != {"file"}:
-        extra = sorted(str(k) for k in keys - {"file"})
-        problem = f"unknown key {extra[0]!r}" if extra else "'file' is missing"
-        raise ValueError(f"{problem}; expected a list of texts or {{file: path}}")
-    name = value["file"]
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"file is {name!r}; expected the path of a text file, one input a line")
-    _inside_root(name, info, "inputs file")
-    path = _base_dir(info) / name
-    if not path.exists() and not path.is_symlink():
-        raise ValueError(
-            f"inputs file {name!r} not found (looked for {path}); expected a text file "
-            "relative to this file, one input a line"
-        )
-    from neuronpatch.limits import read_lines_bounded
-
-    # Bounded and lazy: /dev/zero or a multi-GB file is refused, never read whole.
-    texts = [line for line in read_lines_bounded(path, what=f"inputs file {name!r}", display=name)
-             if line.strip()]
-    if not texts:
-        raise ValueError(f"inputs file {name!r} has no non-blank line; expected one input a line")
-    return texts
 
 
 def _check_texts(value: list[str]) -> list[str]:
@@ -413,11 +315,9 @@ class BaselineSpec(_Strict):
 
     @field_validator("file")
     @classmethod
-    def _inside(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None:
-            if not value.strip():
-                raise ValueError("is empty; expected a JSON file path relative to this file")
-            _inside_root(value, info, "baseline file")
+    def _not_empty(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("is empty; expected a JSON file path relative to this file")
         return value
 
 
@@ -497,7 +397,7 @@ def _check_control_units(value: Any) -> Any:
         except ValidationError as e:
             err = e.errors(include_url=False)[0]
             where = ".".join(str(x) for x in err["loc"])
-            what = _describe(err["input"]) if err["type"] != "extra_forbidden" else "unknown key"
+            what = describe(err["input"]) if err["type"] != "extra_forbidden" else "unknown key"
             raise ValueError(f"{where + ': ' if where else ''}{what}; expected "
                              "{random: k, seed: s} with ints k >= 1 and s >= 0") from None
         return dict(value)
@@ -506,7 +406,7 @@ def _check_control_units(value: Any) -> Any:
         if len(set(value)) != len(value):
             raise ValueError(f"{value!r} repeats a unit; expected distinct unit indices")
         return value
-    raise ValueError(f"{_describe(value)}; expected {{random: k, seed: s}} or a non-empty list of "
+    raise ValueError(f"{describe(value)}; expected {{random: k, seed: s}} or a non-empty list of "
                      "unit indices (ints >= 0)")
 
 
@@ -558,13 +458,15 @@ class ProbeSpec(_Strict):
                     Field(description="a head directory or a glob, relative to this file")]
     inputs: Annotated[
         list[str] | None,
-        BeforeValidator(_read_inputs),
         AfterValidator(lambda v: v if v is None else _check_texts(v)),
         Field(min_length=1, description="a list of texts or {file: path}"),
     ] = None
     interventions: Interventions | None = None
     position: Annotated[str | int | None, BeforeValidator(_check_position)] = None
     engine: EngineSpec | None = None
+    model: Annotated[str | None, Field(
+        min_length=1, description="run the head against this checkpoint instead of its base_model_name: "
+                                  "a model directory (relative to this file) or a model name")] = None
     expect: Expectations = Field(default_factory=dict)
     marks: list[MarkSpec] = Field(default_factory=list)
     baseline: BaselineSpec | None = None
@@ -581,6 +483,7 @@ class ProbeSpec(_Strict):
                                   "neuronpatch_on_inconclusive, else fail)")
 
     _doc: Document | None = PrivateAttr(default=None)
+    _heads: list[tuple[Path, str | None]] | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _fuzz_can_generate(self) -> ProbeSpec:
@@ -632,8 +535,21 @@ class ProbeSpec(_Strict):
                 for metric, rng in self.expect.items()]
 
     def heads(self) -> list[tuple[Path, str | None]]:
-        """``(head directory, label)`` per match; one pair with label None for a plain path."""
-        return head_dirs(self.path.parent, self.head)
+        """``(head directory, label)`` per match; one pair with label None for a plain path.
+
+        Resolved when the probe was parsed (:mod:`neuronpatch.probes.resolver`).
+        """
+        if self._heads is None:
+            raise ProbeSpecError("this ProbeSpec was not built by parse_document()")
+        return list(self._heads)
+
+    def checkpoint(self) -> str | None:
+        """``model:`` as the engine takes it: a directory beside this file as its absolute path,
+        anything else (a model name) as written; None without ``model:``."""
+        if self.model is None:
+            return None
+        local = self.path.parent / self.model
+        return str(local.resolve()) if local.is_dir() else self.model
 
     def run_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``run_experiment`` (inputs, interventions, position)."""
@@ -651,182 +567,10 @@ class ProbeSpec(_Strict):
                 kwargs["device"] = self.engine.device
             if self.engine.dtype is not None:
                 kwargs["dtype"] = self.engine.dtype
+        if self.model is not None:
+            kwargs["model"] = self.checkpoint()
         if self.controls is not None:
             kwargs["controls"] = self.controls.as_dict()
         if self.rank is not None or "rank" in self.expect:
             kwargs["rank"] = (self.rank or RankSpec()).as_kwargs()
         return kwargs
-
-
-# ----- pydantic errors → one line each ---------------------------------------------------
-
-_EXPECTED = {
-    "string_type": "a string",
-    "float_type": "a number",
-    "int_type": "an integer",
-    "bool_type": "true or false",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "int_from_float": "an integer",
-    "finite_number": "a finite number",
-}
-
-
-def _key_text(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out or "<document>"
-
-
-def _model_at(loc: Loc) -> type[BaseModel] | None:
-    """The model class whose keys live at ``loc`` (for 'expected one of ...')."""
-    model: type[BaseModel] = ProbeSpec
-    for part in loc:
-        info = model.model_fields.get(str(part))
-        if info is None:
-            return None
-        annotation = info.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        if not nested:
-            return None
-        model = nested[0]
-    return model
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    kind = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            list: "a list", dict: "a mapping", type(None): "null"}.get(type(value),
-                                                                        type(value).__name__)
-    return f"got {text} ({kind})" if value is not None else "got null"
-
-
-def _error_line(doc: Document, err: Mapping[str, Any]) -> tuple[int, str]:
-    """``(line, "key 'x': what is wrong; expected ...")`` of one pydantic error."""
-    loc: Loc = tuple(p for p in err["loc"] if p != "[key]")
-    kind = err["type"]
-    key = _key_text(loc)
-    if kind == "extra_forbidden":
-        parent = loc[:-1]
-        model = _model_at(parent)
-        allowed = list(model.model_fields) if model else []
-        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        text = f"unknown key{hint}; expected one of {', '.join(allowed)}"
-    elif kind == "missing":
-        model = _model_at(loc[:-1])
-        info = model.model_fields.get(str(loc[-1])) if model else None
-        what = info.description if info and info.description else "a value"
-        text = f"required key is missing; expected {what}"
-    elif kind == "value_error":
-        text = str(err.get("ctx", {}).get("error", err["msg"]))
-        if "; expected" not in text:
-            text += f"; expected {RANGE_FORMS}" if loc[:1] == ("expect",) else ""
-    elif kind in ("greater_than_equal", "less_than_equal"):
-        bound = err.get("ctx", {}).get("ge" if kind == "greater_than_equal" else "le")
-        sign = ">=" if kind == "greater_than_equal" else "<="
-        text = f"{_describe(err['input'])}; expected a number {sign} {bound}"
-    elif kind == "too_short":
-        text = f"{_describe(err['input'])}; expected at least 1 item"
-    elif kind in _EXPECTED:
-        text = f"{_describe(err['input'])}; expected {_EXPECTED[kind]}"
-    else:
-        text = f"{err['msg']}"
-    return doc.line_of(loc), f"key {key!r}: {text}"
-
-
-def parse_document(doc: Document, *, root: str | os.PathLike[str] | None = None) -> ProbeSpec:
-    """Validate one document into a :class:`ProbeSpec`.
-
-    Raises:
-        ProbeSpecError: every problem of the document (its YAML's, such as
-            duplicate keys, and its schema's), one ``FILE:LINE: key ...`` line
-            each, in line order. With ``root``, a ``baseline.file`` or
-            ``inputs.file`` that resolves outside it is one of them.
-
-    Example:
-        >>> [spec.title for spec in map(parse_document, load_documents(p))]  # doctest: +SKIP
-        ['demo head tracks its neuron']
-    """
-    problems = list(doc.problems)
-    if not doc.parsed:
-        raise ProbeSpecError("\n".join(doc.problem_lines()))
-    if not isinstance(doc.data, Mapping):
-        problems.append((doc.line, f"the document: {_describe(doc.data)}; expected a mapping of "
-                                   f"probe keys ({', '.join(ProbeSpec.model_fields)})"))
-        raise ProbeSpecError(_joined(doc, problems))
-    bad_keys = [k for k in doc.data if not isinstance(k, str)]
-    if bad_keys:
-        problems.append((doc.line, f"key {bad_keys[0]!r} is not a string; expected one of "
-                                   f"{', '.join(ProbeSpec.model_fields)}"))
-        raise ProbeSpecError(_joined(doc, problems))
-    try:
-        spec = ProbeSpec.model_validate(doc.data, context={"base_dir": doc.path.parent, "root": root})
-    except ValidationError as e:
-        problems += [_error_line(doc, err) for err in e.errors(include_url=False)]
-        raise ProbeSpecError(_joined(doc, problems)) from None
-    if problems:
-        raise ProbeSpecError(_joined(doc, problems))
-    spec._doc = doc
-    return spec
-
-
-def _joined(doc: Document, problems: list[tuple[int, str]]) -> str:
-    return "\n".join(f"{doc.display}:{line}: {text}" for line, text in sorted(set(problems)))
-
-
-def iter_probe_file(
-    path: str | os.PathLike[str], *, display: str | None = None,
-    root: str | os.PathLike[str] | None = None,
-) -> Iterator[tuple[Document, ProbeSpec | ProbeSpecError]]:
-    """Each document with its spec, or the error that document has (the others still parse).
-
-    Raises:
-        ProbeSpecError: the file as a whole cannot be read.
-
-    Example:
-        >>> for doc, spec in iter_probe_file("probes/demo.probe.yaml"):   # doctest: +SKIP
-        ...     print(doc.name_guess(), isinstance(spec, ProbeSpec))
-    """
-    names: dict[str, str] = {}
-    for doc in load_documents(path, display=display):
-        try:
-            spec = parse_document(doc, root=root)
-        except ProbeSpecError as e:
-            yield doc, e
-            continue
-        if spec.title in names:
-            yield doc, ProbeSpecError(
-                f"{spec.where('name')}: key 'name': {spec.title!r} is already the name of the "
-                f"probe at {names[spec.title]}; expected a unique name per file"
-            )
-            continue
-        names[spec.title] = spec.where()
-        yield doc, spec
-
-
-def load_probe_file(path: str | os.PathLike[str], *, display: str | None = None) -> list[ProbeSpec]:
-    """Parse every probe of a file; the first broken document raises.
-
-    Raises:
-        ProbeSpecError: one-line-per-problem message naming file, line and key.
-
-    Example:
-        >>> [s.title for s in load_probe_file("probes/demo.probe.yaml")]   # doctest: +SKIP
-        ['demo head tracks its neuron']
-    """
-    specs = []
-    for _, spec in iter_probe_file(path, display=display):
-        if isinstance(spec, ProbeSpecError):
-            raise spec
-        specs.append(spec)
-    return specs

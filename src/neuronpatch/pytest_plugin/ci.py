@@ -28,15 +28,14 @@ knows nothing of items; what it finds goes to :mod:`.report` as a record.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from neuronpatch.names import PROBE_SUFFIXES, safe_filename
 from neuronpatch.pytest_plugin.report import flag, outside_message
 
 if TYPE_CHECKING:
@@ -46,8 +45,6 @@ if TYPE_CHECKING:
 MISSING_MODES = ("fail", "skip")
 OWNERS_KEY = pytest.StashKey[dict[str, str]]()  # baseline path (rootdir-relative) -> node id
 SCANNED_KEY = pytest.StashKey[set[Path]]()  # baselines/<stem> directories of collected files
-PROBE_SUFFIXES = (".probe.yaml", ".probe.yml")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 100
 
 
@@ -112,10 +109,7 @@ def baseline_name(name: str) -> str:
         >>> baseline_name("tracks[demo_causal]")
         'tracks_demo_causal'
     """
-    safe = _UNSAFE.sub("_", name).strip("._") or "probe"
-    if len(safe) > _MAX_NAME:
-        safe = f"{safe[:_MAX_NAME]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-    return safe
+    return safe_filename(name, limit=_MAX_NAME)
 
 
 def probe_stem(path: Path) -> str:
@@ -315,7 +309,8 @@ def check_baseline(config: pytest.Config, spec: ProbeSpec, name: str, head_dir: 
             return BaselineCheck("not-updated", shown, f"expectations failed ({why_not})"
                                  if why_not else "expectations failed")
         baselines.check_place(path)
-        base = baselines.make_baseline(name, metrics, head_dir=head_dir, extra={"node": node_id})
+        extra = {"node": node_id, **({"model": spec.checkpoint()} if spec.model is not None else {})}
+        base = baselines.make_baseline(name, metrics, head_dir=head_dir, extra=extra)
         return BaselineCheck("updated", shown, f"baseline written: {shown}", content=base.to_json())
     base_or_none = baselines.read_baseline(path)
     if base_or_none is None:
@@ -326,7 +321,8 @@ def check_baseline(config: pytest.Config, spec: ProbeSpec, name: str, head_dir: 
     rows = [d.__dict__ for d in drifts]
     if all(d.ok for d in drifts):
         return BaselineCheck("ok", shown, drifts=rows)
-    text = baselines.explain(drifts, base_or_none, head_dir=head_dir, baseline_path=shown)
+    text = baselines.explain(drifts, base_or_none, head_dir=head_dir, baseline_path=shown,
+                             model=spec.checkpoint())
     return BaselineCheck("drifted", shown, f"probe {name!r}: {text}", rows)
 
 

@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from neuronpatch.errors import ControlsError, NeuronpatchError, ProbeSpecError
-from neuronpatch.probes.schema import MarkSpec, ProbeSpec, iter_probe_file, probe_stem
+from neuronpatch.probes.load import iter_probe_file
+from neuronpatch.probes.schema import MarkSpec, ProbeSpec, probe_stem
 from neuronpatch.pytest_plugin import ci
 from neuronpatch.pytest_plugin.report import (
     INVALID_KEY,
@@ -231,7 +232,7 @@ class ProbeItem(_OurFailures):
         runner = get_runner(self.config)
         if self.spec.fuzz is None and runner.is_cached(self.head_dir, self.spec.run_kwargs()):
             return None
-        return runner.model_of(self.head_dir)
+        return self.spec.checkpoint() or runner.model_of(self.head_dir)
 
     @property
     def head_text(self) -> str:

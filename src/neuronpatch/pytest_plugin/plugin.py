@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from neuronpatch.names import PROBE_SUFFIXES
 from neuronpatch.pytest_plugin import ci, report
 from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, ModelLoading, settings_from_config
 
 if TYPE_CHECKING:
     from neuronpatch.pytest_plugin.runner import ExpectFixture, Runner
 
-# Same as neuronpatch.probes.documents.PROBE_SUFFIXES, repeated so that loading the plugin
-# does not import the probes package.
-PROBE_SUFFIXES = (".probe.yaml", ".probe.yml")
+Header = str | list[str]  # what one plugin's pytest_report_header returns
+
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -96,9 +96,38 @@ def pytest_configure_node(node: Any) -> None:
     }
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    """One line saying how probes will run: device, dtype, artifacts, baselines, fuzz settings."""
+@pytest.hookimpl(wrapper=True)
+def pytest_report_header(config: pytest.Config) -> Generator[None, list[Header], list[Header]]:
+    """One line saying how probes will run: device, dtype, artifacts, baselines, fuzz settings.
+
+    Hypothesis's own header line (``hypothesis profile 'default'``, under ``-v``) names the
+    profile its ``@given`` tests use, not the one fuzz probes use; it is folded into this
+    line, so the header names both profiles once, each with what it applies to.
+    """
     from neuronpatch.pytest_plugin.fuzz import fuzz_settings  # standard library only
+
+    lines = yield
+    ours = _header_line(config)
+    fuzz = fuzz_settings(config)
+    # Hypothesis names a profile laid over with --hypothesis-verbosity "<profile>-with-<v>-verbosity"
+    same_as_fuzz = {f"profile {name!r}"
+                    for name in (fuzz.profile, f"{fuzz.profile}-with-{fuzz.verbosity}-verbosity")}
+    kept: list[Header] = []
+    for entry in lines:
+        group = [entry] if isinstance(entry, str) else list(entry)
+        for line in [x for x in group if x.startswith("hypothesis profile ")]:
+            theirs = line.removeprefix("hypothesis ")
+            same = theirs.split(" -> ", 1)[0] in same_as_fuzz
+            ours += (" (the same for Hypothesis @given tests)" if same
+                     else f" (Hypothesis @given tests: {theirs})")
+            group.remove(line)
+        if group:
+            kept.append(group)
+    return [*kept, [ours]]
+
+
+def _header_line(config: pytest.Config) -> str:
+    from neuronpatch.pytest_plugin.fuzz import fuzz_settings
 
     s = config.stash[SETTINGS_KEY]
     baselines = ("update" if report.flag(config, "update_baselines")
@@ -108,8 +137,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     except ValueError:
         artifacts = s.artifacts
     cache = "" if s.cache is None else f", cache {report.user_path(config, s.cache)}"
-    return [f"neuronpatch: device {s.device}, dtype {s.dtype}, artifacts {artifacts}, "
-            f"baselines {baselines}, fuzz profile {fuzz_settings(config).describe()}{cache}"]
+    return (f"neuronpatch: device {s.device}, dtype {s.dtype}, artifacts {artifacts}, "
+            f"baselines {baselines}, fuzz profile {fuzz_settings(config).describe()}{cache}")
 
 
 def pytest_collect_file(file_path: Path, parent: pytest.Collector) -> pytest.Collector | None:

@@ -33,7 +33,6 @@ A failed probe reads like this (no traceback; every line says where to look)::
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import math
 import os
@@ -46,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from neuronpatch.errors import NeuronpatchError
+from neuronpatch.names import FIGURES, safe_filename
 
 if TYPE_CHECKING:
     from _pytest._code.code import ExceptionChainRepr
@@ -70,18 +70,14 @@ INVALID_KEY = pytest.StashKey[list[str]]()
 OUTBOX_KEY = pytest.StashKey[list[dict[str, Any]]]()
 # What the controller tells its xdist workers (``workerinput``): where files go, where pytest started.
 WORKER_INPUT = "neuronpatch"
-# The figure files a test may carry (neuronpatch.plots.FIGURES; repeated to keep this module light).
-FIGURE_FILES: tuple[str, ...] = (
-    "baseline_correlation.png", "scaling_experiment.png", "pred_vs_act_change_all.png",
-    "pred_vs_act_regression.png", "per_input_sensitivity.png",
-)
+# The figure files a test may carry.
+FIGURE_FILES: tuple[str, ...] = FIGURES
 
 # pytest's categories, failures first (the order of the HTML report).
 OUTCOMES: tuple[str, ...] = ("error", "failed", "xpassed", "skipped", "xfailed", "passed")
 # The order of pytest's own summary line.
 _SUMMARY_ORDER: tuple[str, ...] = ("failed", "passed", "skipped", "xfailed", "xpassed", "error")
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_NAME = 120
 
 
@@ -250,11 +246,7 @@ def artifact_name(node_id: str) -> str:
         >>> artifact_name("plain-id")
         'plain-id'
     """
-    safe = _UNSAFE.sub("_", node_id).strip("._") or "probe"
-    if safe == node_id and len(safe) <= _MAX_NAME:
-        return safe
-    digest = hashlib.sha1(node_id.encode("utf-8")).hexdigest()[:8]
-    return f"{safe[:_MAX_NAME]}-{digest}"
+    return safe_filename(node_id, limit=_MAX_NAME, mark_changed=True)
 
 
 # ----- what the runner hands over ------------------------------------------------------------
@@ -282,6 +274,7 @@ class Verdict:
         metrics: ``ExperimentResult.metrics()``.
         reasons: why a metric is undefined or trivial, by metric.
         controls: the negative controls (labels, slopes, R², intervals, specificity), or None.
+        rounding: how far the run's dtype can move the fit, in words (reduced precision), or None.
     """
 
     outcomes: Sequence[Outcome]
@@ -289,6 +282,7 @@ class Verdict:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     reasons: Mapping[str, str] = field(default_factory=dict)
     controls: Mapping[str, Any] | None = None  # ControlResults.to_dict(): each control's fit
+    rounding: str | None = None  # ExperimentResult.rounding_reading()
 
     @property
     def passed(self) -> bool:
@@ -570,6 +564,8 @@ def make_record(
                           ("slope", "intercept", "r_squared", "slope_ci95", "r_squared_ci95",
                            "baseline_correlation", "weight_cosine") if k in verdict.metrics}
         rec["reasons"] = dict(verdict.reasons)
+        if verdict.rounding:
+            rec["rounding"] = verdict.rounding
         rec["expectations"] = [
             {"metric": o.metric, "measured": o.measured_text, "expected": o.expected,
              "passed": o.passed, "where": o.source, "details": list(o.details), "status": o.status,
