@@ -23,12 +23,12 @@ from neuronpatch.models import load_model
 from neuronpatch.probes.expectations import Measurements, check
 from neuronpatch.stats import rounding_bounds
 from neuronpatch.testing import tiny_model, write_head
+from tests.engine.test_architectures import ARCHS
 from tests.hf_oracle import Oracle, head_predict
-from tests.test_architectures import ARCHS
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCALES = (0.0, 0.5, 1.5, 2.0, 3.0, 5.0, -1.0, 10.0)
 # Head kinds of the matrix: the final state, right after the unit's block, a residual unit
 # read by an MLP head, and a token head on the LM's logits.
