@@ -291,8 +291,12 @@ def _show(v: Any) -> str:
 
 
 def explain(drifts: Sequence[Drift], baseline: Baseline, *, head_dir: str | Path,
-            baseline_path: str | Path) -> str:
-    """A drift report: the table, the likely cause, and how to accept the new values."""
+            baseline_path: str | Path, model: str | None = None) -> str:
+    """A drift report: the table, the likely cause, and how to accept the new values.
+
+    ``model``: the checkpoint this run used when the probe names one (``model:``); a baseline
+    records it, so a change of checkpoint is named as a cause.
+    """
     bad = [d for d in drifts if not d.ok]
     rows = [("metric", "baseline", "now", "difference", "tolerance", "")]
     for d in drifts:
@@ -306,6 +310,10 @@ def explain(drifts: Sequence[Drift], baseline: Baseline, *, head_dir: str | Path
     causes = []
     if baseline.head_hash and baseline.head_hash != now_hash:
         causes.append("the head changed (its config/weights hash differs from the baseline's)")
+    then = baseline.extra.get("model")
+    if then != model:
+        causes.append(f"the model changed (the baseline ran {then or 'the base model'}, this run "
+                      f"{model or 'the base model'})")
     changed = [f"{k} {baseline.versions.get(k)} → {v}" for k, v in now_versions.items()
                if baseline.versions.get(k) not in (None, v)]
     if changed:

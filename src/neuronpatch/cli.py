@@ -187,7 +187,8 @@ def _config_int(config: Any, *keys: str) -> int | None:
     return None
 
 
-def _precheck_run(head: Head, texts: list[str] | None, position: str | int | None) -> None:
+def _precheck_run(head: Head, texts: list[str] | None, position: str | int | None,
+                  checkpoint: str | None = None) -> None:
     """Refuse, before a model loads, what its config.json and tokenizer already rule out.
 
     A head whose ``target_layer`` or ``feature_layer`` the model does not have, a
@@ -199,7 +200,7 @@ def _precheck_run(head: Head, texts: list[str] | None, position: str | int | Non
     from neuronpatch.heads import check_layers
 
     cfg = head.config
-    found = _model_config(cfg.base_model_name)
+    found = _model_config(checkpoint or cfg.base_model_name)
     if found is None:
         return
     path, config = found
@@ -240,8 +241,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from neuronpatch.heads import load_head
 
     # ... and what the model's config.json and tokenizer can tell, before its weights load.
-    head = load_head(args.head_dir)
-    _precheck_run(head, texts, position)
+    head = load_head(args.head_dir, checkpoint=args.model)
+    _precheck_run(head, texts, position, args.model)
 
     from neuronpatch.artifacts import write_artifacts
     from neuronpatch.engine import run_experiment
@@ -250,7 +251,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         head, texts, scale=args.scale, set=args.set, add=args.add, zero=args.zero,
         mean=args.mean, position=position,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, method=args.route,
-        progress=True,
+        progress=True, model=args.model,
     )
     print(format_report(res))
     with _quiet_missing_glyphs():
@@ -314,6 +315,7 @@ def _cmd_rank(args: argparse.Namespace) -> int:
         args.head_dir, texts, layer=args.layer, layer_type=args.layer_type, top=args.top,
         scale=args.scale, set=args.set, add=args.add, zero=args.zero, mean=args.mean,
         device=args.device, dtype=args.dtype, batch_size=args.batch_size, screen=args.screen,
+        model=args.model,
     )
     print(format_ranking(res, str(args.head_dir)))
     ensure_directory(args.out, "--out")
@@ -404,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model dtype (default float32)")
     run.add_argument("--route", default="auto", choices=("auto", "upstream", "linear", "kv", "full"),
                      help="force an engine route (default: the cheapest exact one)")
+    run.add_argument("--model", default=None, metavar="CHECKPOINT",
+                     help="run against this checkpoint (directory or model name) instead of the head's "
+                          "base_model_name; its shapes must fit the head")
     run.set_defaults(func=_cmd_run, subparser=run)
 
     rk = sub.add_parser("rank", help="rank every unit of a layer by how strongly the head reads it")
@@ -431,6 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--device", default="auto", help="auto (CUDA when available, default), cpu, cuda:N")
     rk.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                     help="model dtype (default float32)")
+    rk.add_argument("--model", default=None, metavar="CHECKPOINT",
+                    help="run against this checkpoint (directory or model name) instead of the head's "
+                          "base_model_name; its shapes must fit the head")
     rk.set_defaults(func=_cmd_rank, subparser=rk)
 
     th = sub.add_parser("train-head", help="train a prediction head (seed artifact format)")

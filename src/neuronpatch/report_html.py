@@ -151,6 +151,8 @@ def _details(rec: Mapping[str, Any], i: int, base: Path | None) -> str:
                        f"<td>{_e(x.get('where'))}</td></tr>")
         out.append("</table>")
     out.append(_controls_table(rec))
+    if rec.get("rounding"):
+        out.append(f'<p class="rounding">numerical error: {html.escape(str(rec["rounding"]))}</p>')
     reasons = rec.get("reasons") or {}
     if reasons:
         items = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(str(v))}</li>"

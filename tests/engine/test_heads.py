@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -256,3 +257,47 @@ def test_a_head_path_one_typo_off_gets_a_suggestion(tmp_path, probe_heads):
     with pytest.raises(HeadConfigError) as info:
         load_head(tmp_path / "something_else")
     assert str(info.value) == f"{tmp_path / 'something_else'}: head directory not found"
+
+
+def test_a_probe_file_and_the_cli_name_another_checkpoint(tmp_path, probe_heads, pytester, capsys):
+    """`model:` in a probe file and `--model` on the CLI run a head against a second checkpoint;
+    the summary, the cache key and the baseline record which one ran."""
+    from neuronpatch.cli import main
+
+    tuned = _fine_tuned(probe_heads, pytester.path / "tuned")
+    head = _pipeline_run(pytester.path, probe_heads, {"strategy": "after_target", "unfrozen_params": 100})
+    assert main(["run", str(head), "--model", str(tuned), "--set", "0", "1", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["slope"] == pytest.approx(2 * probe_heads.causal_slope, rel=1e-4)
+    assert summary["base_model"] == str(tuned)
+    capsys.readouterr()
+
+    rel = head.relative_to(pytester.path)
+    pytester.makefile(".probe.yaml", p=textwrap.dedent(f"""
+        name: tuned
+        head: {rel}
+        model: tuned
+        interventions: {{set: [0, 1, 2]}}
+        expect: {{slope: [{2 * probe_heads.causal_slope - 1e-3}, {2 * probe_heads.causal_slope + 1e-3}]}}
+        baseline: {{file: base.json}}
+        """))
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\nneuronpatch_figures = "none"\n'
+                                         'neuronpatch_device = "cpu"\n')
+    result = pytester.runpytest("-p", "no:cacheprovider", "--neuronpatch-update-baselines",
+                                "--neuronpatch-cache", "cache")
+    result.assert_outcomes(passed=1)
+    assert json.loads((pytester.path / "base.json").read_text())["model"] == str(tuned.resolve())
+    # Warm: the cache key is the tuned checkpoint's, so the result is read back, not re-measured.
+    again = pytester.runpytest("-p", "no:cacheprovider", "--neuronpatch-cache", "cache")
+    again.assert_outcomes(passed=1)
+    again.stdout.fnmatch_lines(["*cache cache: 1 hit, 0 misses*"])
+    # Another checkpoint is another key: measured again, and the baseline names the change.
+    _fine_tuned(probe_heads, pytester.path / "tuned3", factor=3.0)
+    probe = (pytester.path / "p.probe.yaml").read_text().replace("model: tuned", "model: tuned3")
+    (pytester.path / "p.probe.yaml").write_text(probe)
+    other = pytester.runpytest("-p", "no:cacheprovider", "--neuronpatch-cache", "cache")
+    other.assert_outcomes(failed=1)
+    other.stdout.fnmatch_lines(["*cache cache: 0 hits, 1 miss*"])
+    other.stdout.fnmatch_lines([f"*the model changed (the baseline ran {tuned.resolve()}, this run "
+                                f"{(pytester.path / 'tuned3').resolve()})*"])

@@ -30,6 +30,10 @@ pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCALES = (0.0, 0.5, 1.5, 2.0, 3.0, 5.0, -1.0, 10.0)
+# The matrix runs the seed notebook's first four inputs and six of the factors (the HF reference
+# runs input by input: this keeps the fixture near 20 s on two cores).
+MATRIX_INPUTS = DEFAULT_INPUTS[:4]
+MATRIX_SCALES = SCALES[:6]
 # Head kinds of the matrix: the final state, right after the unit's block, a residual unit
 # read by an MLP head, and a token head on the LM's logits.
 HEADS = {
@@ -82,11 +86,11 @@ def _reference_fit(oracle: Oracle, head: Path, cfg: dict) -> dict[str, float]:
     full = {"head_type": "regression", "target_neuron": 5, **cfg}
     digits = oracle.digit_ids() if full["head_type"] == "token" else None
     xs, ys = [], []
-    for text in DEFAULT_INPUTS:
+    for text in MATRIX_INPUTS:
         read = len(oracle.ids(text)) - 1
         clean_a, _, clean_f = oracle.run(text, cfg=full, patch=([read], 1.0, 0.0))
         clean_p = head_predict(head, clean_f, digits)
-        for s in SCALES:
+        for s in MATRIX_SCALES:
             _, a, f = oracle.run(text, cfg=full, patch=([read], s, 0.0))
             assert a is not None
             xs.append(a - clean_a)
@@ -112,7 +116,8 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
             want = _reference_fit(oracle, head, {**cfg, **{k: v for k, v in kw.items()
                                                             if k == "head_type"}})
             for dtype in ("bfloat16", "float16"):
-                res = run_experiment(head, scale=list(SCALES), device="cpu", dtype=dtype)
+                res = run_experiment(head, list(MATRIX_INPUTS), scale=list(MATRIX_SCALES), device="cpu",
+                                     dtype=dtype)
                 cells.append({"cell": f"{arch} {name} {dtype}", "result": res, "float32": want})
     return cells
 
@@ -128,14 +133,15 @@ def _missed(matrix: list[dict], metric: str) -> list[str]:
 
 def test_the_float32_fit_lies_within_the_reported_error(matrix: list[dict]) -> None:
     """Nearly every cell: the bound covers the dtype's arithmetic, not the rounding of a float32
-    checkpoint's weights to bfloat16, which makes a slightly different model (when this was
-    written, 111 of 112 slopes, 112 of 112 intercepts and 110 of 112 R² were covered)."""
+    checkpoint's weights to bfloat16, which makes a slightly different model. On these four
+    inputs and six factors, when this was written: 109 of 112 slopes, 111 of 112 intercepts and
+    110 of 112 R² (benchmarks/bench_precision.py reports the count on eight inputs)."""
     assert len(matrix) == len(ARCHS) * len(HEADS) * 2
     for metric in ("slope", "intercept", "r_squared"):
         missed = _missed(matrix, metric)
         print(f"float32 {metric} within the reported error in {len(matrix) - len(missed)} of "
               f"{len(matrix)} cells; outside: {missed}")
-        assert len(missed) <= 3, (metric, missed)
+        assert len(missed) <= 4, (metric, missed)
 
 
 def test_the_error_is_honest_not_everything(matrix: list[dict]) -> None:
@@ -227,8 +233,10 @@ def test_pytest_reports_a_bfloat16_claim_inside_its_error_as_inconclusive(pytest
     (pytester.path / "claims.probe.yaml").write_text(
         "---\n".join([probe("near", "{max: 0.9}"), probe("far", "{max: 1.2}"), probe("wrong", "{min: 1.2}")]))
     pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\nneuronpatch_figures = "none"\n')
-    result = pytester.runpytest("-p", "no:cacheprovider", "-v")
+    result = pytester.runpytest("-p", "no:cacheprovider", "-v", "--neuronpatch-report", "report.html")
     result.assert_outcomes(passed=1, failed=2)
+    page = (pytester.path / "report.html").read_text()
+    assert page.count("numerical error: slope 0.867 ± 0.057, R² 0.998 ± 0.0059 from bfloat16 rounding") == 3
     result.stdout.fnmatch_lines_random([
         "*INCONCLUSIVE  slope  = 0.866* ± 0.0*  expected ≤ 0.9*",
         "*bfloat16 rounding moves the slope by up to 0.0*, across the expected range's edge; "

@@ -170,7 +170,7 @@ def test_a_broken_probe_file_never_stops_the_others(project):
         f"  broken.probe.yaml:{line_of(broken, 'slope')}: key 'expect.slope': range [1, 0] is "
         "inverted (lo > hi); expected lo < hi",
         f"  broken.probe.yaml:{line_of(broken, 'colour')}: key 'colour': unknown key; expected "
-        "one of name, head, inputs, interventions, position, engine, expect, marks, baseline, fuzz, "
+        "one of name, head, inputs, interventions, position, engine, model, expect, marks, baseline, fuzz, "
         "controls, rank, on_inconclusive",
         "*ERROR at setup of invalid probe: syntax*",
         "  syntax.probe.yaml:3: invalid YAML: *",

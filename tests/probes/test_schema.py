@@ -115,7 +115,7 @@ def test_head_glob_lists_each_head_directory(probe_dir):
          "expected one of slope, intercept, r_squared,"),
         ("head: heads/causal\ncolour: red\n",
          "p.probe.yaml:2: key 'colour': unknown key; expected one of name, head, inputs, "
-         "interventions, position, engine, expect, marks"),
+         "interventions, position, engine, model, expect, marks"),
         ("head: heads/causal\nexpects: {}\n",
          "p.probe.yaml:2: key 'expects': unknown key (did you mean 'expect'?); expected one of"),
         ("head: heads/causal\ninterventions:\n  scale: [0, 1]\n  zeros: true\n",

@@ -464,6 +464,9 @@ class ProbeSpec(_Strict):
     interventions: Interventions | None = None
     position: Annotated[str | int | None, BeforeValidator(_check_position)] = None
     engine: EngineSpec | None = None
+    model: Annotated[str | None, Field(
+        min_length=1, description="run the head against this checkpoint instead of its base_model_name: "
+                                  "a model directory (relative to this file) or a model name")] = None
     expect: Expectations = Field(default_factory=dict)
     marks: list[MarkSpec] = Field(default_factory=list)
     baseline: BaselineSpec | None = None
@@ -540,6 +543,14 @@ class ProbeSpec(_Strict):
             raise ProbeSpecError("this ProbeSpec was not built by parse_document()")
         return list(self._heads)
 
+    def checkpoint(self) -> str | None:
+        """``model:`` as the engine takes it: a directory beside this file as its absolute path,
+        anything else (a model name) as written; None without ``model:``."""
+        if self.model is None:
+            return None
+        local = self.path.parent / self.model
+        return str(local.resolve()) if local.is_dir() else self.model
+
     def run_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``run_experiment`` (inputs, interventions, position)."""
         kwargs: dict[str, Any] = {}
@@ -556,6 +567,8 @@ class ProbeSpec(_Strict):
                 kwargs["device"] = self.engine.device
             if self.engine.dtype is not None:
                 kwargs["dtype"] = self.engine.dtype
+        if self.model is not None:
+            kwargs["model"] = self.checkpoint()
         if self.controls is not None:
             kwargs["controls"] = self.controls.as_dict()
         if self.rank is not None or "rank" in self.expect:

@@ -257,7 +257,8 @@ def check_baseline(config: pytest.Config, spec: ProbeSpec, name: str, head_dir: 
             return BaselineCheck("not-updated", shown, f"expectations failed ({why_not})"
                                  if why_not else "expectations failed")
         baselines.check_place(path)
-        base = baselines.make_baseline(name, metrics, head_dir=head_dir, extra={"node": node_id})
+        extra = {"node": node_id, **({"model": spec.checkpoint()} if spec.model is not None else {})}
+        base = baselines.make_baseline(name, metrics, head_dir=head_dir, extra=extra)
         return BaselineCheck("updated", shown, f"baseline written: {shown}", content=base.to_json())
     base_or_none = baselines.read_baseline(path)
     if base_or_none is None:
@@ -268,7 +269,8 @@ def check_baseline(config: pytest.Config, spec: ProbeSpec, name: str, head_dir: 
     rows = [d.__dict__ for d in drifts]
     if all(d.ok for d in drifts):
         return BaselineCheck("ok", shown, drifts=rows)
-    text = baselines.explain(drifts, base_or_none, head_dir=head_dir, baseline_path=shown)
+    text = baselines.explain(drifts, base_or_none, head_dir=head_dir, baseline_path=shown,
+                             model=spec.checkpoint())
     return BaselineCheck("drifted", shown, f"probe {name!r}: {text}", rows)
 
 

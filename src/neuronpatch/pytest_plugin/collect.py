@@ -231,7 +231,7 @@ class ProbeItem(_OurFailures):
         runner = get_runner(self.config)
         if self.spec.fuzz is None and runner.is_cached(self.head_dir, self.spec.run_kwargs()):
             return None
-        return runner.model_of(self.head_dir)
+        return self.spec.checkpoint() or runner.model_of(self.head_dir)
 
     @property
     def head_text(self) -> str:

@@ -135,12 +135,12 @@ def run_fuzz(runner: Runner, head_dir: Path, spec: FuzzSpec, run_kwargs: dict[st
     from neuronpatch.strategies import register_profiles
 
     register_profiles()
-    head = runner.load_head(head_dir)
-    model = load_model(head.config.base_model_name,
+    head = runner.load_head(head_dir, run_kwargs.get("model"))
+    model = load_model(run_kwargs.get("model") or head.config.base_model_name,
                        device=run_kwargs.get("device", runner.settings.device),
                        dtype=run_kwargs.get("dtype", runner.settings.dtype))
     # A ranking is the whole probe's claim, not one generated input's.
-    kwargs = {k: v for k, v in run_kwargs.items() if k not in ("inputs", "rank")}
+    kwargs = {k: v for k, v in run_kwargs.items() if k not in ("inputs", "rank", "model")}
     checks: dict[str, Range] = dict(spec.expect)
     seen = [0]
 

@@ -117,6 +117,7 @@ class Verdict:
         metrics: ``ExperimentResult.metrics()``.
         reasons: why a metric is undefined or trivial, by metric.
         controls: the negative controls (labels, slopes, R², intervals, specificity), or None.
+        rounding: how far the run's dtype can move the fit, in words (reduced precision), or None.
     """
 
     outcomes: Sequence[Outcome]
@@ -124,6 +125,7 @@ class Verdict:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     reasons: Mapping[str, str] = field(default_factory=dict)
     controls: Mapping[str, Any] | None = None  # ControlResults.to_dict(): each control's fit
+    rounding: str | None = None  # ExperimentResult.rounding_reading()
 
     @property
     def passed(self) -> bool:
@@ -179,6 +181,8 @@ def make_record(
                           ("slope", "intercept", "r_squared", "slope_ci95", "r_squared_ci95",
                            "baseline_correlation", "weight_cosine") if k in verdict.metrics}
         rec["reasons"] = dict(verdict.reasons)
+        if verdict.rounding:
+            rec["rounding"] = verdict.rounding
         rec["expectations"] = [
             {"metric": o.metric, "measured": o.measured_text, "expected": o.expected,
              "passed": o.passed, "where": o.source, "details": list(o.details), "status": o.status,

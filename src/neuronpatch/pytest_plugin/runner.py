@@ -95,7 +95,7 @@ class Runner:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._heads: dict[Path, Head] = {}
+        self._heads: dict[tuple[Path, str | Path | None], Head] = {}
         # Artifact directories made on an xdist worker, for the controller to write.
         self.outbox: list[dict[str, Any]] = []
         # Models this process loaded for the session: {"model", "seconds", "device", "dtype"}.
@@ -121,9 +121,15 @@ class Runner:
         from neuronpatch.cache import Uncachable
 
         model = kwargs.get("model")
+        model_dir: Path | None
         try:
-            return str(self.cache.key(head_dir, inputs=inputs, options=kwargs,
-                                      model_dir=getattr(model, "path", None)))
+            if isinstance(model, (str, Path)):  # a checkpoint named by the probe (``model:``)
+                from neuronpatch.models import resolve_model_path
+
+                model_dir = resolve_model_path(model)
+            else:
+                model_dir = getattr(model, "path", None)
+            return str(self.cache.key(head_dir, inputs=inputs, options=kwargs, model_dir=model_dir))
         except (Uncachable, NeuronpatchError, OSError):
             return None  # it just runs (a head that cannot load says so there)
 
@@ -143,17 +149,18 @@ class Runner:
         key = self._cache_key((self.settings.root / head_dir).resolve(), inputs, kwargs)
         return key is not None and self.cache.path(key).is_file()
 
-    def load_head(self, path: str | Path) -> Head:
+    def load_head(self, path: str | Path, checkpoint: str | Path | None = None) -> Head:
         """Load a head directory once per session (errors are the engine's one-liners).
 
-        A relative path is relative to pytest's rootdir (``Settings.root``).
+        A relative path is relative to pytest's rootdir (``Settings.root``); ``checkpoint``
+        is the model the head runs against when a probe names one (``model:``).
         """
         key = (self.settings.root / path).resolve()
-        if key not in self._heads:
+        if (key, checkpoint) not in self._heads:
             from neuronpatch.heads import load_head
 
-            self._heads[key] = load_head(key)
-        return self._heads[key]
+            self._heads[key, checkpoint] = load_head(key, checkpoint=checkpoint)
+        return self._heads[key, checkpoint]
 
     def model_of(self, head_dir: str | Path) -> str | None:
         """The base model a head directory's config.json names (read as JSON, no torch); None
@@ -232,7 +239,7 @@ class Runner:
         from neuronpatch import rank_units
 
         if isinstance(head, (str, Path)):
-            head = self.load_head(head)
+            head = self.load_head(head, _named(kwargs))
         common = {k: kwargs[k] for k in ("model", "device", "dtype", "batch_size") if k in kwargs}
         ranking = rank_units(head, inputs, **common, **dict(rank))
         return dataclasses.replace(result, ranking=ranking, notes=(*result.notes, ranking.describe()))
@@ -251,7 +258,7 @@ class Runner:
         from neuronpatch.engine import run_experiment
 
         if isinstance(head, (str, Path)):
-            head = self.load_head(head)
+            head = self.load_head(head, _named(kwargs))
         result = run_experiment(head, inputs, **kwargs)
         if key is not None:
             try:
@@ -292,7 +299,8 @@ class Runner:
         )
         controls = result.controls.to_dict() if result.controls is not None else None
         return Verdict(outcomes=outcomes, artifacts=artifacts, metrics=measured.values,
-                       reasons=dict(measured.reasons), controls=controls)
+                       reasons=dict(measured.reasons), controls=controls,
+                       rounding=result.rounding_reading())
 
     def wants_figures(self, passed: bool) -> bool:
         """Whether this test's figures are drawn (drawing dominates a probe's time).
@@ -434,3 +442,9 @@ class ExpectFixture:
             raise ProbeFailed(probe_failure(title, verdict, head=head, result=result, base=base),
                               crash=crash, path=where, line=number)
         return list(verdict.outcomes)
+
+
+def _named(kwargs: Mapping[str, Any]) -> str | Path | None:
+    """The checkpoint a probe names (``model:`` as a name or path), or None."""
+    model = kwargs.get("model")
+    return model if isinstance(model, (str, Path)) else None
