@@ -23,8 +23,9 @@ test: $(PY)
 # one process at torch's default thread count (every core): matrix kernels split work by
 # thread count, so floats computed in another batch shape round differently, and every such
 # comparison must hold either way.
-THREAD_SENSITIVE := tests/test_engine.py tests/test_architectures.py tests/test_rank.py \
-	tests/test_controls.py tests/test_patch_check.py tests/test_moe.py tests/test_hybrid.py
+THREAD_SENSITIVE := tests/engine/test_engine.py tests/engine/test_architectures.py tests/engine/test_rank.py \
+	tests/engine/test_controls.py tests/engine/test_patch_check.py tests/engine/test_moe.py \
+	tests/engine/test_hybrid.py
 test-threads: $(PY)
 	$(PY) -m pytest -p no:xdist -p no:randomly --durations=5 $(THREAD_SENSITIVE)
 

@@ -3,7 +3,7 @@
     python tools/cli_reference.py            # rewrite docs/cli.md
     python tools/cli_reference.py --check    # exit 1 when docs/cli.md differs from the parser
 
-The page is generated, never edited by hand: ``tests/test_cli_reference.py`` fails when
+The page is generated, never edited by hand: ``tests/docs/test_cli_reference.py`` fails when
 the checked-in page and the parser disagree.
 """
 

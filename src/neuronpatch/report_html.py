@@ -11,7 +11,7 @@ be archived together). ``embed=True`` puts the figures into the page instead
 
 Outcomes are pytest's own: ``error``, ``failed``, ``xpassed``, ``skipped``,
 ``xfailed``, ``passed``. A record is a JSON-able dict (see
-:func:`neuronpatch.pytest_plugin.report.make_record`) with ``nodeid`` and
+:func:`neuronpatch.pytest_plugin.outcomes.make_record`) with ``nodeid`` and
 ``outcome`` added by the run.
 """
 

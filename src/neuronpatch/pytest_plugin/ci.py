@@ -22,7 +22,7 @@ the process that holds the session (the xdist controller, or the one pytest
 process) writes it, atomically, relative to its own rootdir.
 
 This step takes plain values (the probe's spec, name, head and metrics), so it
-knows nothing of items; what it finds goes to :mod:`.report` as a record.
+knows nothing of items; what it finds goes into the test's record (:mod:`.outcomes`).
 """
 
 from __future__ import annotations
@@ -36,68 +36,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from neuronpatch.names import PROBE_SUFFIXES, safe_filename
-from neuronpatch.pytest_plugin.report import flag, outside_message
+from neuronpatch.pytest_plugin.channel import from_workers, record_of, send_at_end
+from neuronpatch.pytest_plugin.options import flag, outside_message
 
 if TYPE_CHECKING:
     from neuronpatch.probes.schema import ProbeSpec
     from neuronpatch.result import ExperimentResult
 
-MISSING_MODES = ("fail", "skip")
 OWNERS_KEY = pytest.StashKey[dict[str, str]]()  # baseline path (rootdir-relative) -> node id
 SCANNED_KEY = pytest.StashKey[set[Path]]()  # baselines/<stem> directories of collected files
 _MAX_NAME = 100
-
-
-def add_options(group: Any, parser: pytest.Parser) -> None:
-    """The CI-mode command-line flags and ini keys (every flag has a typed ini key)."""
-    for name, text in FLAGS:
-        group.addoption(f"--neuronpatch-{name}", action="store_true", default=None, help=text)
-        parser.addini(f"neuronpatch_{name.replace('-', '_')}", type="bool", default=False, help=text)
-    group.addoption("--neuronpatch-missing-baseline", metavar="fail|skip", default=None,
-                    help="what a probe without a baseline file does (default fail)")
-    parser.addini("neuronpatch_missing_baseline", default="fail",
-                  help="fail or skip a probe that has no baseline file")
-    report_help = ("write one HTML page: an overview table of every probe and test that uses "
-                   "neuronpatch_expect, then details, figures linked from the artifacts")
-    group.addoption("--neuronpatch-report", metavar="FILE.html", default=None, help=report_help)
-    parser.addini("neuronpatch_report", default="", help=report_help + " (relative to the rootdir)")
-
-
-# Boolean flags; each has an ini key of type bool (--neuronpatch-x-y: neuronpatch_x_y).
-FLAGS: list[tuple[str, str]] = [
-    ("update-baselines",
-     "write the measured metrics of each probe whose expectations hold to its baseline file"),
-    ("update-all-baselines",
-     "with updates: also write baselines of probes whose expectations fail"),
-    ("remove-stale-baselines",
-     "delete baseline files that no collected probe maps to (they are always listed)"),
-    ("baselines", "compare every probe with its baseline (not only those with baseline:)"),
-    ("report-embed", "embed the figures in the HTML page instead of linking them"),
-    ("suggest-tolerances", "print baseline tolerances suggested by each probe's input noise"),
-    ("allow-outside-rootdir",
-     "let baseline.file and inputs.file of probe files point outside the rootdir, and the files "
-     "the plugin writes (baselines, artifacts, cache, HTML report) resolve outside it"),
-]
-
-
-def missing_mode(config: pytest.Config) -> str:
-    """``fail`` or ``skip``: what a probe without a baseline file does."""
-    value = config.getoption("neuronpatch_missing_baseline")
-    where = "--neuronpatch-missing-baseline"
-    if not value:
-        value, where = config.getini("neuronpatch_missing_baseline") or "fail", \
-            "ini key neuronpatch_missing_baseline"
-    if value not in MISSING_MODES:
-        raise pytest.UsageError(f"{where} = {value!r} is invalid; "
-                                f"expected one of {', '.join(MISSING_MODES)}")
-    return str(value)
-
-
-def check_options(config: pytest.Config) -> None:
-    """Fail the session once, up front, on a bad CI-mode option."""
-    missing_mode(config)
-    for name, _ in FLAGS:
-        flag(config, name.replace("-", "_"))
 
 
 def baseline_name(name: str) -> str:
@@ -399,7 +347,7 @@ class BaselineSession:
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.worker or report.when != "call":
             return
-        base = (getattr(report, "neuronpatch", None) or {}).get("baseline") or {}
+        base = (record_of(report) or {}).get("baseline") or {}
         if base.get("status") == "updated" and base.get("content") is not None:
             error = write_update(self.config, base)
             if error is None:
@@ -407,18 +355,16 @@ class BaselineSession:
             else:
                 self.errors.append(error)
         elif base.get("status") == "not-updated":
-            nodeid = (getattr(report, "neuronpatch", None) or {}).get("nodeid") or report.nodeid
+            nodeid = (record_of(report) or {}).get("nodeid") or report.nodeid
             self.not_updated.append((nodeid, str(base.get("why", ""))))
-
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        """xdist: a worker finished; take its list of stale baselines."""
-        self.stale.update(getattr(node, "workeroutput", {}).get("neuronpatch_stale", []))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.worker:
-            self.config.workeroutput["neuronpatch_stale"] = sorted(self.stale)  # type: ignore[attr-defined]
-        elif self.stale and flag(self.config, "remove_stale_baselines"):
+            send_at_end(self.config, "stale", sorted(self.stale))
+            return
+        for stale in from_workers(self.config, "stale").values():  # each worker's list
+            self.stale.update(stale if isinstance(stale, list) else [])
+        if self.stale and flag(self.config, "remove_stale_baselines"):
             self.removed = remove_stale(self.config, sorted(self.stale), self.errors)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:

@@ -34,23 +34,22 @@ from neuronpatch.errors import ControlsError, NeuronpatchError, ProbeSpecError
 from neuronpatch.probes.load import iter_probe_file
 from neuronpatch.probes.schema import MarkSpec, ProbeSpec, probe_stem
 from neuronpatch.pytest_plugin import ci
-from neuronpatch.pytest_plugin.report import (
+from neuronpatch.pytest_plugin.options import flag, inconclusive_mode, missing_mode, start_dir, user_path
+from neuronpatch.pytest_plugin.outcomes import (
     INVALID_KEY,
     RECORD_KEY,
+    Verdict,
+    make_record,
+    record_metrics,
+    stable_id,
+)
+from neuronpatch.pytest_plugin.report import (
     ProbeError,
     ProbeFailed,
-    Verdict,
     crash_line,
     engine_error,
     failure_repr,
-    flag,
-    inconclusive_mode,
-    make_record,
     probe_failure,
-    record_metrics,
-    stable_id,
-    start_dir,
-    user_path,
 )
 from neuronpatch.pytest_plugin.runner import get_runner
 
@@ -303,7 +302,7 @@ class ProbeItem(_OurFailures):
         if check.status == "drifted":
             return _Baseline(check, failure=check.message)
         if check.status == "missing":
-            if ci.missing_mode(self.config) == "fail":
+            if missing_mode(self.config) == "fail":
                 return _Baseline(check, failure=check.message)
             return _Baseline(check, skip=check.message)
         return _Baseline(check)

@@ -2,27 +2,31 @@
 
 The plugin is the first step of one way through: ``plugin`` → ``collect``
 (probe files → items) → ``runner`` (engine, expectations, artifacts) → ``ci``
-(baselines) → ``report`` (failure text, JUnit, summary line, HTML). No module
-imports one before it.
+(baselines) → ``report`` (the failure text); ``session`` loads the models before
+the tests and tells the run's outcomes at the end (summary line, HTML report).
+What they share lies below them: ``options`` (every flag and ini key, the typed
+settings, paths), ``channel`` (the one way xdist workers send the controller what
+they made) and ``outcomes`` (verdicts, artifacts, records, JUnit, stash keys).
+Imports go one way, down this list: ``plugin``, ``session``, ``collect``,
+``runner``, ``ci``, ``report``, ``options``, ``channel``, ``outcomes``.
 
-Loading this module imports nothing but pytest, the standard library and the
-light ``runner``/``ci``/``report`` steps, and it changes nothing for suites
-without probe files: probe files are parsed by ``collect`` (pydantic, yaml)
-only when pytest meets one, and the engine (torch) only when a probe or
-fixture runs.
+Loading this module imports nothing but pytest, the standard library and those
+light modules, and it changes nothing for suites without probe files: probe
+files are parsed by ``collect`` (pydantic, yaml) only when pytest meets one,
+and the engine (torch) only when a probe or fixture runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 from neuronpatch.names import PROBE_SUFFIXES
-from neuronpatch.pytest_plugin import ci, report
-from neuronpatch.pytest_plugin.runner import SETTINGS_KEY, ModelLoading, settings_from_config
+from neuronpatch.pytest_plugin import channel, ci, options, report, session
+from neuronpatch.pytest_plugin.options import SETTINGS_KEY, settings_from_config
 
 if TYPE_CHECKING:
     from neuronpatch.pytest_plugin.runner import ExpectFixture, Runner
@@ -30,39 +34,8 @@ if TYPE_CHECKING:
 Header = str | list[str]  # what one plugin's pytest_report_header returns
 
 
-
 def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("neuronpatch", "neuronpatch: causal probes of prediction heads")
-    options = [
-        ("artifacts", "DIR",
-         "where each probe's summary.json and figures go, one directory per test "
-         "(default .neuronpatch/artifacts under the rootdir)"),
-        ("device", "DEVICE", "torch device for the models: auto (CUDA when available), cpu, cuda:N "
-                             "(default cpu)"),
-        ("dtype", "float32|bfloat16|float16", "dtype of the models (default float32)"),
-        ("batch-size", "N", "rows per forward pass in the engine (default 64)"),
-        ("figures", "auto|all|failed|none",
-         "which tests draw the five figures (default auto: failed tests, and every test "
-         "when an HTML report is written)"),
-    ]
-    for name, metavar, text in options:
-        group.addoption(f"--neuronpatch-{name}", metavar=metavar, default=None, help=text)
-        if name == "batch-size":
-            parser.addini("neuronpatch_batch_size", help=text, type="int", default=None)
-        else:
-            parser.addini(f"neuronpatch_{name.replace('-', '_')}", help=text, default="")
-    cache_help = ("reuse results of experiments whose model, head, inputs, options and library "
-                  "versions are unchanged, from DIR (default .neuronpatch/cache under the rootdir; "
-                  "write --neuronpatch-cache=DIR with '=')")
-    group.addoption("--neuronpatch-cache", metavar="DIR", nargs="?", const="", default=None,
-                    help=cache_help)
-    parser.addini("neuronpatch_cache", default="",
-                  help=cache_help + "; in the ini file: a directory (relative to the rootdir), "
-                       "true for the default, or false")
-    ci.add_options(group, parser)
-    parser.addini("neuronpatch_on_inconclusive", default="fail",
-                  help="pytest outcome of a probe whose only misses are inconclusive "
-                       "(confidence: an interval straddling the range): fail, skip or xfail")
+    options.add_options(parser)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -76,24 +49,15 @@ def pytest_configure(config: pytest.Config) -> None:
         register_profiles()
     # Validate options up front so a typo fails the session once, not every probe.
     config.stash[SETTINGS_KEY] = settings_from_config(config)
-    ci.check_options(config)
+    options.check_options(config)
+    # What xdist workers send reaches the controller through one channel.
+    config.pluginmanager.register(channel.Channel(config, config.stash[SETTINGS_KEY].artifacts),
+                                  "neuronpatch-channel")
     # Outcomes, the summary line and the HTML report live on a per-session object.
-    config.pluginmanager.register(report.RunState(config, config.stash[SETTINGS_KEY].artifacts),
-                                  "neuronpatch-run-state")
+    config.pluginmanager.register(session.RunState(config), "neuronpatch-run-state")
     config.pluginmanager.register(ci.BaselineSession(config), "neuronpatch-baselines")
-    config.pluginmanager.register(ModelLoading(config), "neuronpatch-model-loading")
+    config.pluginmanager.register(session.ModelLoading(config), "neuronpatch-model-loading")
     config.addinivalue_line("markers", "neuronpatch: a causal probe from a *.probe.yaml file")
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node: Any) -> None:
-    """xdist controller: tell each worker where files go (the worker writes none itself)."""
-    config = node.config
-    node.workerinput[report.WORKER_INPUT] = {
-        "artifacts": str(config.stash[SETTINGS_KEY].artifacts),
-        "rootdir": str(config.rootpath),
-        "invocation_dir": str(config.invocation_params.dir),
-    }
 
 
 @pytest.hookimpl(wrapper=True)
@@ -130,13 +94,13 @@ def _header_line(config: pytest.Config) -> str:
     from neuronpatch.pytest_plugin.fuzz import fuzz_settings
 
     s = config.stash[SETTINGS_KEY]
-    baselines = ("update" if report.flag(config, "update_baselines")
-                 or report.flag(config, "update_all_baselines") else "compare where present")
+    baselines = ("update" if options.flag(config, "update_baselines")
+                 or options.flag(config, "update_all_baselines") else "compare where present")
     try:
         artifacts = s.artifacts.relative_to(config.rootpath)
     except ValueError:
         artifacts = s.artifacts
-    cache = "" if s.cache is None else f", cache {report.user_path(config, s.cache)}"
+    cache = "" if s.cache is None else f", cache {options.user_path(config, s.cache)}"
     return (f"neuronpatch: device {s.device}, dtype {s.dtype}, artifacts {artifacts}, "
             f"baselines {baselines}, fuzz profile {fuzz_settings(config).describe()}{cache}")
 
@@ -155,7 +119,8 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     rep = yield
-    report.on_makereport(item, call, rep)
+    report.shorten_crash(item, call, rep)  # the one-line crash line of a failed probe
+    channel.send(item, rep)  # the record and files the test made travel with its report
     return rep
 
 

@@ -21,7 +21,7 @@ Artifacts go to ``<artifacts root>/<sanitized node id>/``: ``summary.json``
 and the five figures of :mod:`neuronpatch.plots`. Distinct node ids map to
 distinct directories. An xdist worker writes none of them: its artifacts root is
 the controller's, and what it would write goes into the test report for the
-controller to write (:func:`.report.write_shipments`), so workers in another
+controller to write (:func:`.channel.write_shipments`), so workers in another
 directory or on another machine leave nothing behind and lose nothing.
 """
 
@@ -29,193 +29,44 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from neuronpatch._io import ensure_directory, is_temporary
+from neuronpatch._io import ensure_directory
 from neuronpatch.errors import NeuronpatchError
-from neuronpatch.names import ALL_FIGURES, CACHE_MARKER
-from neuronpatch.pytest_plugin.report import (
-    OUTBOX_KEY,
-    RECORD_KEY,
-    Artifacts,
-    ProbeFailed,
-    Verdict,
-    artifact_name,
-    crash_line,
+from neuronpatch.names import ALL_FIGURES
+from neuronpatch.pytest_plugin.channel import OUTBOX_KEY, shipment
+from neuronpatch.pytest_plugin.options import (
+    SETTINGS_KEY,
+    Settings,
     flag,
-    make_record,
-    outside_message,
-    probe_failure,
-    record_metrics,
-    report_target,
-    shipment,
-    stable_id,
+    settings_from_config,
     start_dir,
     user_path,
 )
-from neuronpatch.pytest_plugin.report import (
-    controller as controller_info,
+from neuronpatch.pytest_plugin.outcomes import (
+    RECORD_KEY,
+    Artifacts,
+    Verdict,
+    artifact_name,
+    make_record,
+    record_metrics,
+    stable_id,
 )
-from neuronpatch.pytest_plugin.report import (
-    ini as read_ini,
-)
+from neuronpatch.pytest_plugin.report import ProbeFailed, crash_line, probe_failure
 
 if TYPE_CHECKING:
     from neuronpatch.heads import Head
     from neuronpatch.probes.expectations import Expectation, Outcome
     from neuronpatch.result import ExperimentResult
 
-FigureMode = Literal["auto", "all", "failed", "none"]
-FIGURE_MODES: tuple[str, ...] = ("auto", "all", "failed", "none")
-DEFAULT_ARTIFACTS = ".neuronpatch/artifacts"
-
 # The notebook's five figures, and the controls figure of a probe with controls, as
 # neuronpatch.plots writes them (stale copies are removed).
 FIGURE_NAMES: tuple[str, ...] = ALL_FIGURES
 
-SETTINGS_KEY = pytest.StashKey["Settings"]()
 RUNNER_KEY = pytest.StashKey["Runner"]()
-
-
-@dataclass(frozen=True)
-class Settings:
-    """Session options (``--neuronpatch-*`` flags or ``neuronpatch_*`` ini keys).
-
-    Example:
-        >>> Settings(artifacts=Path(".neuronpatch/artifacts")).figures
-        'auto'
-    """
-
-    artifacts: Path
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 64
-    figures: FigureMode = "auto"
-    root: Path = Path()
-    report: bool = False  # an HTML report (ours or pytest-html's) will show the figures
-    ship: bool = False  # an xdist worker: files under ``artifacts`` go to the controller
-    cache: Path | None = None  # --neuronpatch-cache: results of unchanged experiments are reused
-
-
-def settings_from_config(config: pytest.Config) -> Settings:
-    """Read the options: command line first, then the ini key, then the default.
-
-    A relative ``--neuronpatch-artifacts`` is relative to where pytest was started;
-    a relative ``neuronpatch_artifacts`` ini value to the rootdir.
-
-    Raises:
-        pytest.UsageError: a bad batch size or figures mode (names the option).
-
-    Example:
-        >>> settings_from_config(config).device     # doctest: +SKIP
-        'cpu'
-    """
-
-    def option(flag: str, ini: str) -> tuple[str | None, str]:
-        value = config.getoption(flag.lstrip("-").replace("-", "_"))
-        if value is not None:
-            return value, flag
-        raw = read_ini(config, ini, "a positive integer" if ini.endswith("batch_size") else "a string")
-        ini_value = "" if raw is None else str(raw).strip()
-        return (ini_value or None), f"ini key {ini}"
-
-    artifacts, artifacts_where = option("--neuronpatch-artifacts", "neuronpatch_artifacts")
-    if artifacts is None:
-        root = config.rootpath / DEFAULT_ARTIFACTS
-    elif artifacts_where.startswith("--"):
-        root = config.invocation_params.dir / artifacts
-    else:
-        root = config.rootpath / artifacts
-    device = option("--neuronpatch-device", "neuronpatch_device")[0] or "cpu"
-    dtype, where = option("--neuronpatch-dtype", "neuronpatch_dtype")
-    dtype = dtype or "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise pytest.UsageError(f"{where} = {dtype!r} is invalid; expected float32, bfloat16 or float16")
-    raw_batch, where = option("--neuronpatch-batch-size", "neuronpatch_batch_size")
-    batch_size = 64
-    if raw_batch is not None:
-        try:
-            batch_size = int(raw_batch)
-        except ValueError:
-            batch_size = 0
-        if batch_size < 1:
-            raise pytest.UsageError(
-                f"{where} = {raw_batch!r} is invalid; expected a positive integer (rows per "
-                "forward pass)"
-            )
-    figures, where = option("--neuronpatch-figures", "neuronpatch_figures")
-    figures = figures or "auto"
-    if figures not in FIGURE_MODES:
-        raise pytest.UsageError(
-            f"{where} = {figures!r} is invalid; expected one of {', '.join(FIGURE_MODES)}"
-        )
-    cache = cache_dir(config)
-    info = controller_info(config)
-    if info:  # an xdist worker: the controller's directory, written by the controller
-        root = Path(info["artifacts"])
-    elif not artifacts_where.startswith("--"):  # a path the command line names is the user's to choose
-        _refuse_outside(config, root, "the artifacts directory" if artifacts is None
-                        else "the artifacts directory (ini key neuronpatch_artifacts)",
-                        "name it with --neuronpatch-artifacts DIR")
-    target = report_target(config)
-    if target is not None and not config.getoption("neuronpatch_report", None) and not info:
-        _refuse_outside(config, target, "the HTML report (ini key neuronpatch_report)",
-                        "name it with --neuronpatch-report FILE.html")
-    return Settings(artifacts=root, device=device, dtype=dtype, batch_size=batch_size,
-                    figures=cast(FigureMode, figures), root=config.rootpath,
-                    report=bool(target is not None or getattr(config.option, "htmlpath", None)),
-                    ship=info is not None, cache=cache)
-
-
-def _refuse_outside(config: pytest.Config, path: Path, what: str, also: str) -> None:
-    """A usage error when ``path``, which this process would write, resolves outside the rootdir."""
-    message = outside_message(config, path, what, also)
-    if message is not None:
-        raise pytest.UsageError(message)
-
-
-DEFAULT_CACHE = ".neuronpatch/cache"
-_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
-
-
-def cache_dir(config: pytest.Config) -> Path | None:
-    """``--neuronpatch-cache[=DIR]`` or the ini key ``neuronpatch_cache``: the cache directory.
-
-    The flag alone (or ``true`` in the ini file) means ``.neuronpatch/cache`` under
-    the rootdir; a relative DIR is relative to where pytest was started (the ini
-    key's to the rootdir); ``false`` or an empty ini value means no cache.
-
-    Raises:
-        pytest.UsageError: the directory is a file, or holds files that are not a cache's.
-    """
-    value = config.getoption("neuronpatch_cache", None)
-    if value is not None:
-        where, base = "--neuronpatch-cache", config.invocation_params.dir
-    else:
-        value = str(read_ini(config, "neuronpatch_cache", "a directory, true or false") or "").strip()
-        where, base = "ini key neuronpatch_cache", config.rootpath
-    if value.lower() in _FALSE or (not value and where.startswith("ini")):
-        return None
-    default = not value or value.lower() in _TRUE
-    path = config.rootpath / DEFAULT_CACHE if default else base / value
-    if default or where.startswith("ini"):  # a DIR the command line names is the user's to choose
-        _refuse_outside(config, path, "the result cache" if default
-                        else "the result cache (ini key neuronpatch_cache)",
-                        "name it with --neuronpatch-cache=DIR")
-    if path.exists() and not path.is_dir():
-        raise pytest.UsageError(f"{where} = {str(path)!r} is a file; expected a directory for the "
-                                "result cache (or a path that does not exist yet)")
-    if path.is_dir() and not (path / CACHE_MARKER).is_file() and any(
-            not is_temporary(p) for p in path.iterdir()):  # a killed first write's leftover is not
-        raise pytest.UsageError(
-            f"{where} = {str(path)!r} is a directory of other files (no {CACHE_MARKER}); expected an "
-            "empty or new directory for the result cache (write --neuronpatch-cache=DIR, with '=', "
-            "so that a test path after it is not taken for DIR)")
-    return path
 
 
 def get_runner(config: pytest.Config) -> Runner:
@@ -251,6 +102,10 @@ class Runner:
         self.loads: list[dict[str, Any]] = []
         self.warnings: list[str] = []  # one line each, shown at the end of the run
         self._cache: Any = None  # neuronpatch.cache.ResultCache, made on first use
+
+    def cache_counts(self) -> list[int] | None:
+        """``[hits, misses]`` of the result cache this session used; None when it used none."""
+        return None if self._cache is None else [self._cache.hits, self._cache.misses]
 
     @property
     def cache(self) -> Any:
@@ -587,123 +442,6 @@ class ExpectFixture:
             raise ProbeFailed(probe_failure(title, verdict, head=head, result=result, base=base),
                               crash=crash, path=where, line=number)
         return list(verdict.outcomes)
-
-
-class ModelLoading:
-    """Models load in a step of their own, before the tests that need them, saying so.
-
-    A model's load is not part of any test: it would be charged to the first
-    probe that uses the model (its setup time, ``--durations``, a
-    ``--timeout``). In the process that runs the tests itself, every model the
-    collected probes need is loaded before the first test, one line each::
-
-        neuronpatch: loading model neuronpatch-demo (cpu, float32) … done in 1.2 s
-
-    A probe whose result the cache holds needs no model. An xdist worker learns
-    its tests one by one, so it loads a model just before the first test that
-    needs it, outside that test (before pytest's runtest protocol, and so before
-    pytest-timeout's timer, starts). The end of the run lists what each process
-    loaded, the cache's hits and misses, and warnings (workers send theirs to
-    the controller)::
-
-        neuronpatch: models loaded: gw0: neuronpatch-demo (1.2 s); gw1: ...
-        neuronpatch: cache .neuronpatch/cache: 9 hits, 2 misses
-    """
-
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
-        self.worker = hasattr(config, "workerinput")
-        self.by_worker: dict[str, dict[str, Any]] = {}
-
-    @staticmethod
-    def _needs(item: pytest.Item) -> str | None:
-        need = getattr(item, "needs_model", None)
-        if not callable(need) or item.get_closest_marker("skip") is not None:
-            return None
-        name = need()
-        return name if isinstance(name, str) else None
-
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtestloop(self, session: pytest.Session) -> Any:
-        if not self.worker and not self.config.option.collectonly:
-            names = dict.fromkeys(n for n in map(self._needs, session.items) if n is not None)
-            if names:
-                runner = get_runner(self.config)
-                tr = self.config.pluginmanager.get_plugin("terminalreporter")
-                for name in names:
-                    runner.ensure_model(name, announce=self._announce(tr), done=self._done(tr))
-        return (yield)
-
-    def _announce(self, tr: Any) -> Any:
-        settings = get_runner(self.config).settings
-
-        def announce(name: str) -> None:
-            if tr is not None and tr.verbosity >= 0:
-                tr.ensure_newline()
-                tr.write(f"neuronpatch: loading model {name} ({settings.device}, {settings.dtype}) … ",
-                         flush=True)
-        return announce
-
-    @staticmethod
-    def _done(tr: Any) -> Any:
-        def done(text: str) -> None:
-            if tr is not None and tr.verbosity >= 0:
-                tr.line(text)
-        return done
-
-    # Outermost: before pytest's protocol (setup, call, teardown) and any timer around it.
-    @pytest.hookimpl(wrapper=True, tryfirst=True)
-    def pytest_runtest_protocol(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-        name = self._needs(item)
-        if name is not None:
-            get_runner(self.config).ensure_model(name)
-        return (yield)
-
-    def _mine(self) -> dict[str, Any]:
-        runner = self.config.stash.get(RUNNER_KEY, None)
-        if runner is None:
-            return {}
-        cache = runner._cache
-        return {"loads": list(runner.loads), "warnings": list(runner.warnings),
-                "cache": None if cache is None else [cache.hits, cache.misses]}
-
-    def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.worker:
-            self.config.workeroutput["neuronpatch_steps"] = self._mine()  # type: ignore[attr-defined]
-        else:
-            self.by_worker["-"] = self._mine()
-
-    @pytest.hookimpl(optionalhook=True)
-    def pytest_testnodedown(self, node: Any, error: Any) -> None:
-        """xdist: a worker finished; keep what it loaded, counted and warned about."""
-        mine = getattr(node, "workeroutput", {}).get("neuronpatch_steps")
-        if isinstance(mine, dict):
-            self.by_worker[str(node.gateway.id)] = mine
-
-    def lines(self) -> list[str]:
-        """The end-of-run lines (printed in the ``neuronpatch`` section of the summary)."""
-        if self.worker:
-            return []
-        out, parts = [], []
-        hits = misses = 0
-        counted = False
-        for worker, mine in sorted(self.by_worker.items()):
-            loads = mine.get("loads") or []
-            if loads:
-                text = ", ".join(f"{x['model']} ({x['seconds']:.1f} s)" for x in loads)
-                parts.append(text if worker == "-" else f"{worker}: {text}")
-            if mine.get("cache") is not None:
-                counted = True
-                hits, misses = hits + mine["cache"][0], misses + mine["cache"][1]
-        if parts:
-            out.append("neuronpatch: models loaded: " + "; ".join(parts))
-        cache = get_runner(self.config).settings.cache
-        if cache is not None and counted:
-            out.append(f"neuronpatch: cache {user_path(self.config, cache)}: {hits} hit"
-                       f"{'s' if hits != 1 else ''}, {misses} miss{'es' if misses != 1 else ''}")
-        for mine in self.by_worker.values():
-            out += list(mine.get("warnings") or [])
-        return out
 
 
 def _named(kwargs: Mapping[str, Any]) -> str | Path | None:

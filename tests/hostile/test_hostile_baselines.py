@@ -1,7 +1,7 @@
 """Hostile catalogue, baselines: a broken baseline is one line naming the file and the fix.
 
 Each case breaks a baseline (or the place it lives) and reads or writes it in
-a child process bounded in time and memory (``tests/hostile.py``).
+a child process bounded in time and memory (``tests/hostile/__init__.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="bounds are measured with /proc and RLIMIT_AS")
 
 READ = "neuronpatch.baselines:read_baseline"
-WRITE = "tests.test_hostile_baselines:write_one"
+WRITE = "tests.hostile.test_hostile_baselines:write_one"
 FIX = "delete it and regenerate it with --neuronpatch-update-baselines"
 GOOD = {"format": 1, "probe": "p", "head_hash": "sha256:0", "versions": {"torch": "2.13.0"},
         "metrics": {"slope": 0.9, "per_input_slope": [0.8, None]}}
@@ -187,7 +187,7 @@ CASES: list[Callable[[Path], Case]] = [
 @pytest.mark.parametrize("build", CASES, ids=[c.__name__ for c in CASES])
 def test_broken_baseline_is_one_line(build: Callable[[Path], Case], tmp_path: Path) -> None:
     case = build(tmp_path)
-    outcome = run_bounded(case.call, str(case.path), cwd=Path(__file__).resolve().parents[1])
+    outcome = run_bounded(case.call, str(case.path), cwd=Path(__file__).resolve().parents[2])
     assert_refused(outcome, "BaselineError", case.message)
 
 

@@ -12,7 +12,7 @@ from neuronpatch.cli import main
 from neuronpatch.testing import tiny_gpt2
 from neuronpatch.training import train_head
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_INPUTS = (ROOT / "probes" / "inputs" / "demo.txt").read_text().splitlines()
 SET_VALUES = [-0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
 CORPUS = "\n\n".join(

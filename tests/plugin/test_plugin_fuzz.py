@@ -92,7 +92,7 @@ def test_fuzzing_finds_what_the_eight_sentences_miss(pytester):
     from neuronpatch import run_experiment
     from neuronpatch.engine import DEFAULT_INPUTS
 
-    head = Path(__file__).resolve().parents[1] / "probes" / "heads" / "demo_causal"
+    head = Path(__file__).resolve().parents[2] / "probes" / "heads" / "demo_causal"
     seed = run_experiment(head, list(DEFAULT_INPUTS), set=[0, 3])
     assert seed.clean_activation.min() >= 1.5  # the eight sentences never break the claim
     (pytester.path / "fires.probe.yaml").write_text(textwrap.dedent(f"""

@@ -1,7 +1,7 @@
 """Hostile catalogue, the command line: every mistake is ``neuronpatch: error: ...`` and exit 2.
 
 Each case runs ``neuronpatch.cli.main`` in a child process bounded in time and
-memory (``tests/hostile.py``) and asserts exit status 2, exactly one stderr line,
+memory (``tests/hostile/__init__.py``) and asserts exit status 2, exactly one stderr line,
 no traceback, and that torch was never imported: paths are checked before any work.
 """
 
@@ -245,7 +245,7 @@ def test_cjk_and_emoji_inputs_print_no_glyph_warnings(tmp_path: Path) -> None:
 def test_limits_are_documented_in_the_readme_and_the_docs() -> None:
     from neuronpatch.limits import LIMITS
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text(encoding="utf-8")
     assert "## Safety and limits" in readme
     assert "(docs/safety.md)" in readme.split("## Safety and limits", 1)[1].split("\n## ", 1)[0]

@@ -17,7 +17,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FOUR = ["The cat sat on the mat.", "Open the file before you read from it.",
         "This module provides access to the operating system.",
         "The result is a new list; the original is unchanged."]

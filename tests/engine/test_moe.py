@@ -22,7 +22,7 @@ from neuronpatch.errors import ModelLoadError
 from neuronpatch.interventions import Intervention
 from neuronpatch.testing import tiny_model, write_head
 from tests.hf_oracle import ROUTERS, Oracle
-from tests.test_architectures import IVS, TEXTS, _reference
+from tests.engine.test_architectures import IVS, TEXTS, _reference
 
 MOE = ["mixtral", "qwen2_moe", "olmoe"]
 

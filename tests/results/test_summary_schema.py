@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 
 from neuronpatch.artifacts import summary_schema, write_artifacts
-from tests.test_plots import linear_case
+from tests.results.test_plots import linear_case
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_the_schema_rejects_the_old_shapes(tmp_path, validator, broken):
 
 
 def test_controls_are_in_the_summary_with_their_fits_and_validate(tmp_path, validator):
-    from tests.test_plots import controls_case
+    from tests.results.test_plots import controls_case
 
     res = controls_case()
     summary = json.loads(write_artifacts(res, tmp_path, figures=False).summary.read_text())
@@ -68,7 +68,7 @@ def test_controls_are_in_the_summary_with_their_fits_and_validate(tmp_path, vali
     {"label": None},
 ])
 def test_the_schema_rejects_malformed_controls(tmp_path, validator, broken):
-    from tests.test_plots import controls_case
+    from tests.results.test_plots import controls_case
 
     summary = json.loads(write_artifacts(controls_case(), tmp_path, figures=False).summary.read_text())
     summary["controls"]["controls"][0].update(broken)

@@ -1,6 +1,6 @@
 """Run one hostile case in a fresh interpreter, bounded in time and memory.
 
-Every case of the hostile catalogue (``tests/test_hostile_*.py``) calls one
+Every case of the hostile catalogue (``tests/hostile/test_hostile_*.py``) calls one
 function of neuronpatch in a child process that has imported that function's
 module, then caps its own address space at what it uses plus
 :data:`MEMORY_MB` (``RLIMIT_AS``) before the call. A regression that reads

@@ -1,7 +1,7 @@
 """Hostile catalogue, bounded readers: every bad file is one line, fast and small.
 
 Each case builds a hostile file, calls one reader of :mod:`neuronpatch.limits`
-in a child process capped at 500 MB above its baseline (``tests/hostile.py``),
+in a child process capped at 500 MB above its baseline (``tests/hostile/__init__.py``),
 and asserts the exact one-line message: the file, the line where one is
 meaningful, and what is allowed.
 """
@@ -371,7 +371,7 @@ def test_bom_and_blank_lines_are_kept_in_their_place(tmp_path: Path) -> None:
 def test_a_real_probe_file_passes_the_yaml_checks() -> None:
     from neuronpatch.limits import check_yaml_text
 
-    root = Path(__file__).resolve().parents[1] / "probes"
+    root = Path(__file__).resolve().parents[2] / "probes"
     files = sorted(root.rglob("*.probe.yaml"))
     assert files
     for f in files:

@@ -227,7 +227,7 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method)
     assert res.method == method
     assert (max(seen[0]) == len(texts)) is grows
     assert max(seen[1]) == rows
-    # The same rows with every row through every block (tests/test_architectures.py holds the
+    # The same rows with every row through every block (tests/engine/test_architectures.py holds the
     # grown routes against the HF reference on 14 architectures).
     plain = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method,
                            grow_rows=False)

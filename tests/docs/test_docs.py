@@ -10,7 +10,7 @@
 Blocks are found by a plain Markdown fence scan; a block marked
 ``<!-- not run: reason -->`` on the line above is skipped with that reason, and a probe
 marked ``<!-- fails: reason -->`` is an example of a failure: it runs and must fail (the
-output printed under it is checked against a run by tests/test_demo_readme.py).
+output printed under it is checked against a run by tests/docs/test_demo_readme.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").rglob("*.md"))]
 _FENCE = re.compile(r"^(?:<!-- (?P<mark>not run|fails): (?P<why>[^>]*) -->\n)?```(?P<lang>\w+)\n"
                     r"(?P<body>.*?)^```$", re.MULTILINE | re.DOTALL)

@@ -16,7 +16,7 @@ import pytest
 
 from neuronpatch.interventions import Intervention
 from neuronpatch.probes import check
-from tests.test_plots import SCALES, make_result
+from tests.results.test_plots import SCALES, make_result
 
 SETS = [Intervention("set", v) for v in (0.0, 1.0, 2.0, 3.0)]
 

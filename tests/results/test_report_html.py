@@ -11,7 +11,7 @@ import pytest
 
 from neuronpatch.plots import write_figures
 from neuronpatch.report_html import render_report, write_report
-from tests.test_plots import linear_case
+from tests.results.test_plots import linear_case
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

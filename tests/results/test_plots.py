@@ -257,7 +257,7 @@ def test_every_figure_keeps_its_text_on_the_canvas(head):
 
     from neuronpatch import plots, run_experiment
 
-    root = Path(__file__).resolve().parents[1] / "probes"
+    root = Path(__file__).resolve().parents[2] / "probes"
     texts = (root / "inputs" / "demo.txt").read_text().splitlines()
     res = run_experiment(root / "heads" / head, texts, set=[-0.5, 0, 0.5, 1, 1.5, 2, 2.5, 3],
                          controls={"units": {"random": 3, "seed": 0}}, device="cpu")

@@ -6,7 +6,7 @@ beside the place a symlink leads to (``elsewhere/``), and assert one error
 line, the exit status, no traceback, nothing written under ``elsewhere/``,
 and a bound on time and memory; refused before a model loads, torch is never
 imported. The command-line cases run ``neuronpatch.cli.main`` through
-``tests/hostile.py`` and check that no model was loaded.
+``tests/hostile/__init__.py`` and check that no model was loaded.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from tests.hostile import MEMORY_MB, run_bounded
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="bounds are measured with /proc and RLIMIT_AS")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PYTEST_SECONDS = 20.0  # a pytest child that refuses at configure or collection, on a busy machine
 ALLOW = "--neuronpatch-allow-outside-rootdir"
 INI = '[tool.pytest.ini_options]\nneuronpatch_figures = "none"\n'
@@ -349,7 +349,7 @@ def test_a_cache_lookup_removes_dead_writers_entries_and_reads_none(tmp_path: Pa
 
 # ----- 3. refusals that need no model load -------------------------------------------------------
 
-MAIN = "tests.test_hostile_residue:cli_without_loading"
+MAIN = "tests.hostile.test_hostile_residue:cli_without_loading"
 CLI_SECONDS = 15.0  # the tokenizer and torch's import on a busy machine; a model load is what is out
 
 

@@ -16,7 +16,7 @@ import torch
 from neuronpatch import run_experiment
 from neuronpatch.engine import KV_CACHE_BYTES, kv_cache_budget
 from neuronpatch.testing import tiny_model, write_head
-from tests.test_architectures import ARCHS
+from tests.engine.test_architectures import ARCHS
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA device on this machine (torch.cuda.is_available() is False)")

@@ -23,12 +23,12 @@ from neuronpatch.models import load_model
 from neuronpatch.probes.expectations import Measurements, check
 from neuronpatch.stats import rounding_bounds
 from neuronpatch.testing import tiny_model, write_head
+from tests.engine.test_architectures import ARCHS
 from tests.hf_oracle import Oracle, head_predict
-from tests.test_architectures import ARCHS
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCALES = (0.0, 0.5, 1.5, 2.0, 3.0, 5.0, -1.0, 10.0)
 # The matrix runs the seed notebook's first four inputs and six of the factors (the HF reference
 # runs input by input: this keeps the fixture near 20 s on two cores).
