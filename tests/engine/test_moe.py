@@ -21,8 +21,8 @@ from neuronpatch import run_experiment
 from neuronpatch.errors import ModelLoadError
 from neuronpatch.interventions import Intervention
 from neuronpatch.testing import tiny_model, write_head
-from tests.hf_oracle import ROUTERS, Oracle
 from tests.engine.test_architectures import IVS, TEXTS, _reference
+from tests.hf_oracle import ROUTERS, Oracle
 
 MOE = ["mixtral", "qwen2_moe", "olmoe"]
 
