@@ -210,16 +210,16 @@ def _rows_after(text: str, heading: str) -> list[list[str]]:
 
 def test_bench_precision_writes_its_tables(bench, tmp_path):
     out = tmp_path / "precision.md"
-    bench("bench_precision").main(["--tiny", "--archs", "gpt2", "llama", "--repeats", "1", "--out", str(out)])
+    bench("bench_precision").main(["--tiny", "--archs", "llama", "--repeats", "1", "--out", str(out)])
     text = out.read_text()
     assert text.startswith("# bench_precision\n")
     assert "Produced by `python benchmarks/bench_precision.py " in text
     matrix = _rows_after(text, "## Slope errors over the architecture matrix")
-    assert [r[0] for r in matrix[:2]] == ["gpt2", "llama"]
-    for r in matrix[:2]:
+    assert [r[0] for r in matrix[:1]] == ["llama"]
+    for r in matrix[:1]:
         assert all(c.endswith("%") for c in (r[2], r[3], r[5], r[6])), r
         assert r[4].endswith("/4") and r[7].endswith("/4"), r
-    assert "bfloat16 " in text and " of 8." in text  # the coverage sentence counts the cells
+    assert "bfloat16 " in text and " of 4." in text  # the coverage sentence counts the cells
     cost = _rows_after(text, "## Cost of measuring it")
     assert [r[0] for r in cost] == ["bfloat16", "float16"]
     for r in cost:
@@ -229,11 +229,11 @@ def test_bench_precision_writes_its_tables(bench, tmp_path):
 
 def test_bench_device_runs_on_the_cpu_as_a_smoke_test(bench, tmp_path):
     out = tmp_path / "device.md"
-    bench("bench_device").main(["--device", "cpu", "--tiny", "--archs", "gpt2", "llama", "--repeats", "1",
+    bench("bench_device").main(["--device", "cpu", "--tiny", "--archs", "gpt2", "--repeats", "1",
                                 "--out", str(out)])
     text = out.read_text()
     numbers = _rows_after(text, "## Numbers on CPU")
-    assert [r[0] for r in numbers] == ["gpt2", "llama"]
+    assert [r[0] for r in numbers] == ["gpt2"]
     assert all(float(r[1]) <= 1e-4 and r[5] == "yes" for r in numbers), numbers
     speed = _rows_after(text, "## Speed on CPU")
     assert len(speed) == 4 and all(r[5] in ("kv", "linear", "full") for r in speed), speed
