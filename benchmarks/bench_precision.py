@@ -38,6 +38,7 @@ from bench_engine import FACTORS, SIZES, head_for, inputs, make
 from benchreport import Report, add_out
 
 from neuronpatch import load_model, run_experiment
+from neuronpatch.engine import weights_in
 from neuronpatch.errors import PatchError
 from neuronpatch.models import clear_cache
 from neuronpatch.testing import tiny_model, write_head
@@ -58,17 +59,11 @@ LOW = ("bfloat16", "float16")
 def _float64(model, head: Path):  # type: ignore[no-untyped-def]
     """The same run with the float32 weights and buffers cast to float64 (restored after);
     None where the model's own code gives NaN in float64 (bloom and gemma2 in transformers 5)."""
-    tensors = [t for t in (*model.hf.parameters(), *model.hf.buffers()) if t.is_floating_point()]
-    saved = [t.data for t in tensors]
     try:
-        for t in tensors:
-            t.data = t.data.double()
-        return run_experiment(head, model=model)
+        with weights_in(model, torch.float64):
+            return run_experiment(head, model=model)
     except PatchError:  # NaN from the model's own float64 forward: the patch check refuses it
         return None
-    finally:
-        for t, data in zip(tensors, saved, strict=True):
-            t.data = data
 
 
 def matrix(report: Report, archs: list[str], root: Path) -> None:

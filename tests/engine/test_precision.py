@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from neuronpatch import run_experiment
-from neuronpatch.engine import DEFAULT_INPUTS, float32_weights
+from neuronpatch.engine import DEFAULT_INPUTS, float32_weights, weights_in
 from neuronpatch.models import load_model
 from neuronpatch.probes.expectations import Measurements, check
 from neuronpatch.stats import rounding_bounds
@@ -159,15 +159,8 @@ def test_float32_rows_stay_within_the_float32_bound(tmp_path: Path) -> None:
         head = write_head(tmp_path / f"{arch}-head", model_dir, target_neuron=5, target_layer=1)
         model = load_model(model_dir, device="cpu")
         res = run_experiment(head, model=model, scale=list(SCALES))
-        with torch.no_grad():
-            saved = [p.data for p in model.hf.parameters()]
-            for p in model.hf.parameters():
-                p.data = p.data.double()
-            try:
-                ref = run_experiment(head, model=model, scale=list(SCALES))
-            finally:
-                for p, d in zip(model.hf.parameters(), saved, strict=True):
-                    p.data = d
+        with weights_in(model, torch.float64):
+            ref = run_experiment(head, model=model, scale=list(SCALES))
         gap = float(np.abs(res.prediction_change - ref.prediction_change).max())
         assert res.rounding is not None
         assert gap <= res.rounding.row_error, (arch, gap, res.rounding.row_error)

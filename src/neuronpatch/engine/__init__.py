@@ -98,7 +98,13 @@ from neuronpatch.engine._inputs import (
     short,
     tokenize,
 )
-from neuronpatch.engine._precision import INPUTS_PER_RERUN, dtype_name, float32_weights, measure_rounding
+from neuronpatch.engine._precision import (
+    INPUTS_PER_RERUN,
+    dtype_name,
+    float32_weights,
+    measure_rounding,
+    weights_in,
+)
 from neuronpatch.engine._routes import (
     KV_CACHE_BYTES,
     METHODS,
@@ -165,5 +171,6 @@ __all__ = [
     "run_rows",
     "short",
     "tokenize",
+    "weights_in",
     "write_directions",
 ]

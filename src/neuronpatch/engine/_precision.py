@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from torch import Tensor
 
@@ -41,18 +42,23 @@ def dtype_name(model: LoadedModel) -> str:
     return str(next(model.hf.parameters()).dtype).removeprefix("torch.")
 
 
-@contextmanager
-def float32_weights(model: LoadedModel) -> Iterator[None]:
+def float32_weights(model: LoadedModel) -> AbstractContextManager[None]:
     """The model's own weights and buffers cast to float32 inside the block, restored after.
 
     Casting bfloat16 or float16 to float32 is exact, so the block runs the same model with
     float32 arithmetic; the original tensors are put back untouched.
     """
+    return weights_in(model, torch.float32)
+
+
+@contextmanager
+def weights_in(model: LoadedModel, dtype: torch.dtype) -> Iterator[None]:
+    """The model's floating weights and buffers cast to ``dtype`` inside the block, restored after."""
     tensors = [t for t in (*model.hf.parameters(), *model.hf.buffers()) if t.is_floating_point()]
     saved = [t.data for t in tensors]
     try:
         for t in tensors:
-            t.data = t.data.float()
+            t.data = t.data.to(dtype)
         yield
     finally:
         for t, data in zip(tensors, saved, strict=True):
