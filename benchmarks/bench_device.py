@@ -41,10 +41,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from neuronpatch import load_model, rank_units, run_experiment
 from neuronpatch.models import clear_cache
-from neuronpatch.testing import tiny_model, tiny_tokenizer, write_head
+from neuronpatch.testing import ARCHITECTURES, tiny_model, tiny_tokenizer, write_head
 
-ARCHS = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "gptj",
-         "phi", "phi3", "bloom", "gpt_bigcode"]
+ARCHS = list(ARCHITECTURES)
 SHAPES = {  # name: (model_type, config sizes, dtype)
     "gpt2-small": ("gpt2", dict(n_embd=768, n_layer=12, n_head=12, n_positions=1024), "float32"),
     "llama-1B": ("llama", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,

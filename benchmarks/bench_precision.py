@@ -41,18 +41,10 @@ from neuronpatch import load_model, run_experiment
 from neuronpatch.engine import weights_in
 from neuronpatch.errors import PatchError
 from neuronpatch.models import clear_cache
-from neuronpatch.testing import tiny_model, write_head
+from neuronpatch.testing import ARCHITECTURES, PRECISION_HEADS, tiny_model, write_head
 
-ARCHS = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "gptj",
-         "phi", "phi3", "bloom", "gpt_bigcode"]
-HEADS = {
-    "final-post": dict(target_layer=1, layer_type="post", feature_layer=-1),
-    "after-post": dict(target_layer=1, layer_type="post", feature_layer=1),
-    "resid-silu": dict(target_layer=0, layer_type="resid_post", feature_layer=-1, hidden_dim=5,
-                       head_config={"activation": "silu"}),
-    "token": dict(target_layer=1, layer_type="post", head_type="token", activation_mean=0.3,
-                  activation_std=0.8),
-}
+ARCHS = list(ARCHITECTURES)
+HEADS = PRECISION_HEADS
 LOW = ("bfloat16", "float16")
 
 

@@ -28,6 +28,22 @@ _TOKENIZER_TEXT = (
 )
 
 
+# The architecture matrix: every family the engine is checked on against plain HF hooks
+# (tests/engine/test_architectures.py) and measured on in reduced precision and on a GPU.
+ARCHITECTURES: tuple[str, ...] = ("gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma",
+                                  "gemma2", "opt", "gptj", "phi", "phi3", "bloom", "gpt_bigcode")
+# Head kinds whose rounding error is measured over the matrix (write_head keyword arguments):
+# the final state, right after the unit's block, an MLP head on a residual unit, a token head.
+PRECISION_HEADS: dict[str, dict[str, Any]] = {
+    "final-post": dict(target_layer=1, layer_type="post", feature_layer=-1),
+    "after-post": dict(target_layer=1, layer_type="post", feature_layer=1),
+    "resid-silu": dict(target_layer=0, layer_type="resid_post", feature_layer=-1, hidden_dim=5,
+                       head_config={"activation": "silu"}),
+    "token": dict(target_layer=1, layer_type="post", head_type="token", activation_mean=0.3,
+                  activation_std=0.8),
+}
+
+
 def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
     """A deterministic byte-level BPE tokenizer (digits are single tokens).
 

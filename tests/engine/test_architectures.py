@@ -16,11 +16,10 @@ import pytest
 from neuronpatch import run_experiment
 from neuronpatch.errors import InputError
 from neuronpatch.interventions import Intervention
-from neuronpatch.testing import tiny_model, write_head
+from neuronpatch.testing import ARCHITECTURES, tiny_model, write_head
 from tests.hf_oracle import Oracle, head_predict
 
-ARCHS = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "opt", "gptj",
-         "phi", "phi3", "bloom", "gpt_bigcode"]
+ARCHS = list(ARCHITECTURES)
 TEXTS = ["The cat sat on the mat today.", "Numbers 3 4 5 and more", "A quick one",
          "Transformers use attention mechanisms to process long sequences."]
 # Architectures whose MLP output passes through a norm before the residual add.

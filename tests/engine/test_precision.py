@@ -22,7 +22,7 @@ from neuronpatch.engine import DEFAULT_INPUTS, float32_weights, weights_in
 from neuronpatch.models import load_model
 from neuronpatch.probes.expectations import Measurements, check
 from neuronpatch.stats import rounding_bounds
-from neuronpatch.testing import tiny_model, write_head
+from neuronpatch.testing import PRECISION_HEADS, tiny_model, write_head
 from tests.engine.test_architectures import ARCHS
 from tests.hf_oracle import Oracle, head_predict
 
@@ -34,16 +34,7 @@ SCALES = (0.0, 0.5, 1.5, 2.0, 3.0, 5.0, -1.0, 10.0)
 # runs input by input: this keeps the fixture near 20 s on two cores).
 MATRIX_INPUTS = DEFAULT_INPUTS[:4]
 MATRIX_SCALES = SCALES[:6]
-# Head kinds of the matrix: the final state, right after the unit's block, a residual unit
-# read by an MLP head, and a token head on the LM's logits.
-HEADS = {
-    "final-post": dict(target_layer=1, layer_type="post", feature_layer=-1),
-    "after-post": dict(target_layer=1, layer_type="post", feature_layer=1),
-    "resid-silu": dict(target_layer=0, layer_type="resid_post", feature_layer=-1, hidden_dim=5,
-                       head_config={"activation": "silu"}),
-    "token": dict(target_layer=1, layer_type="post", head_type="token", activation_mean=0.3,
-                  activation_std=0.8),
-}
+HEADS = PRECISION_HEADS
 
 
 # ----- the bounds themselves ---------------------------------------------------------
