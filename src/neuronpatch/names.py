@@ -34,6 +34,11 @@ ALL_FIGURES: Final[tuple[str, ...]] = (*FIGURES, CONTROLS_FIGURE)
 # The file that says a directory is a neuronpatch result cache.
 CACHE_MARKER: Final = "neuronpatch-cache.json"
 
+# Dtypes whose rounding the engine bounds by a measured constant (stats.FLOAT32_ROW_RTOL);
+# the others (bfloat16, float16) are reduced precisions, measured by a float32 re-run, whose
+# error every reading states.
+FULL_PRECISION: Final[tuple[str, ...]] = ("float32", "float64")
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 
 from neuronpatch import stats
 from neuronpatch.interventions import Intervention
+from neuronpatch.names import FULL_PRECISION
 
 # Bootstrap settings are part of the result's identity: same data, same intervals.
 BOOTSTRAP_RESAMPLES = 1000
@@ -279,7 +280,7 @@ class ExperimentResult:
             return None
         slope_err = err.get("slope", math.nan)
         small = math.isfinite(slope_err) and slope_err < 0.01 * abs(self.slope)
-        if r.dtype in ("float32", "float64") and small:
+        if r.dtype in FULL_PRECISION and small:
             return None
         parts = [f"slope {self.slope:.3g} ± {slope_err:.2g}"]
         if math.isfinite(self.r_squared):

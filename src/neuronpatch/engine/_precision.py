@@ -28,6 +28,7 @@ from torch import Tensor
 from neuronpatch.coordinates import Plan
 from neuronpatch.engine._inputs import Encoded
 from neuronpatch.engine._routes import Budget, Route, measure
+from neuronpatch.names import FULL_PRECISION
 from neuronpatch.stats import FLOAT32_ROW_RTOL, Rounding
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ def measure_rounding(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, 
     if route.method == "upstream":
         return Rounding(dtype, 0.0, "none: the head reads before the unit, so every prediction "
                                     "change is exactly 0")
-    if dtype in ("float32", "float64"):
+    if dtype in FULL_PRECISION:
         return Rounding(dtype, FLOAT32_ROW_RTOL * prediction_scale,
                         f"{FLOAT32_ROW_RTOL:g} of the prediction scale: the largest float32 − float64 "
                         "difference over the architecture matrix, rounded up")

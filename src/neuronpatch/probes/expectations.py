@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neuronpatch.errors import NeuronpatchError, ProbeSpecError
+from neuronpatch.names import FULL_PRECISION
 from neuronpatch.probes.metrics import CONFIDENCE_METRICS, METRICS, Metric, nan_hint, unknown_metric_message
 from neuronpatch.probes.ranges import RANGE_FORMS, Range, format_measured
 
@@ -332,7 +333,8 @@ def _check_one(m: Measurements, exp: Expectation) -> Outcome:
 def _with_rounding(m: Measurements, metric: str, text: str) -> str:
     """``text ± error`` when the run's dtype is a reduced one and the metric has an error."""
     err = m.numerical.get(metric)
-    if m.precision in (None, "float32", "float64") or err is None or not math.isfinite(err) or err == 0:
+    reduced = m.precision is not None and m.precision not in FULL_PRECISION
+    if not reduced or err is None or not math.isfinite(err) or err == 0:
         return text
     return f"{text} ± {err:.2g}"
 
@@ -346,7 +348,7 @@ def _rounding_doubt(m: Measurements, exp: Expectation, lo: float, hi: float) -> 
     if exp.range.contains_interval(*wide) or exp.range.excludes_interval(*wide):
         return None
     dtype = m.precision or "the model's dtype"
-    advice = ("run in float32 to decide" if dtype not in ("float32", "float64")
+    advice = ("run in float32 to decide" if dtype not in FULL_PRECISION
               else "this close to the edge rounding decides it: move the bound")
     return (f"inconclusive: {dtype} rounding moves the {exp.metric} by up to {err:.2g}, "
             f"across the expected range's edge; {advice}")
