@@ -78,7 +78,8 @@ class Oracle:
         }[layer_type]
 
     def run(self, text: str, *, cfg: dict[str, Any], patch: tuple[list[int], float, float] | None = None,
-            direction: torch.Tensor | None = None) -> tuple[float, float | None, torch.Tensor]:
+            direction: torch.Tensor | None = None,
+            latent: tuple[Any, torch.Tensor, bool] | None = None) -> tuple[float, float | None, torch.Tensor]:
         """(clean unit value at the measured position, patched value, features) for one input.
 
         ``patch``: (positions, alpha, beta); the unit value is measured at the first position
@@ -88,6 +89,11 @@ class Oracle:
         ``target_neuron``: the value is ``v`` dotted with the tensor (centred first in
         transformer_lens coordinates of a LayerNorm model), and the patch adds the change
         times ``v`` to the tensor. A column is the same with ``v = e_neuron``.
+
+        ``latent``: ``(encode, w, transcoder)``: the value is ``encode(x)`` (``x [n, d]``, centred
+        as above; a function ``[n, d] -> [n]``) and the patch adds the change times ``w``. With
+        ``transcoder`` the value is read from the MLP module's own input (not centred) and the
+        change is written to the site ``layer_type`` names.
         """
         coords = cfg.get("coordinates", "transformer_lens")
         layer, neuron, lt = cfg["target_layer"], cfg["target_neuron"], cfg.get("layer_type", "post")
@@ -97,17 +103,25 @@ class Oracle:
         read = n - 1 if cfg.get("token_pos", "last") == "last" else cfg["token_pos"] % n
         module, where = self._site(layer, lt)
         rec: dict[str, Any] = {}
+        transcoder = latent is not None and latent[2]
 
         def edit(t: torch.Tensor) -> torch.Tensor:
             t3 = t.reshape(1, n, -1).clone()
             x = t3[0]
-            if direction is None:
+            if latent is not None:
+                write = latent[1].to(x.dtype)
+            elif direction is None:
                 write = torch.zeros(x.shape[-1])
                 write[neuron] = 1.0
             else:
                 write = direction.to(x.dtype)
             xc = x - x.mean(-1, keepdim=True) if centre_unit else x
-            c = xc @ write
+            if transcoder:
+                c = latent[0](rec["mlp_in"])  # type: ignore[index]
+            elif latent is not None:
+                c = latent[0](xc)
+            else:
+                c = xc @ write
             rec["clean"] = c.clone()
             rec["write"] = write
             if patch is not None:
@@ -131,8 +145,16 @@ class Oracle:
                     return (edit(out[0]), *out[1:])
                 return edit(out)
             h = module.register_forward_hook(post)
+        if transcoder:
+            mlp = self.blocks[layer].get_submodule("mlp")
+            reads = mlp.register_forward_pre_hook(
+                lambda m, a: rec.__setitem__("mlp_in", a[0].reshape(n, -1).detach().clone()))
+        # The output of the block the features are read from, by a hook registered after the
+        # patch's (HF's own hidden_states of a block can be recorded before a user's output hook
+        # on that block has replaced its output).
         last_block: dict[str, torch.Tensor] = {}
-        h2 = self.blocks[-1].register_forward_hook(
+        fl_read = cfg.get("feature_layer", -1) % len(self.blocks) if coords != "hf" else len(self.blocks) - 1
+        h2 = self.blocks[fl_read].register_forward_hook(
             lambda m, a, o: last_block.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))
         try:
             with torch.no_grad():
@@ -140,6 +162,8 @@ class Oracle:
         finally:
             h.remove()
             h2.remove()
+            if transcoder:
+                reads.remove()
         if cfg["head_type"] == "token":
             feats = out.logits[0, read]
         else:
@@ -147,8 +171,7 @@ class Oracle:
             if coords == "hf":
                 feats = out.hidden_states[fl][0, read]
             else:
-                L = fl % len(self.blocks)
-                x = last_block["x"][0] if len(self.blocks) - 1 == L else out.hidden_states[L + 1][0]
+                x = last_block["x"].reshape(1, n, -1)[0]
                 feats = x[read]
                 if self.ln:
                     feats = feats - feats.mean()

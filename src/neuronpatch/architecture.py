@@ -9,6 +9,8 @@ site           tensor (``[batch, pos, width]``)
 =============  ==========================================================
 ``block_in``   the residual stream entering block L (HF ``hidden_states[L]``)
 ``attn_write`` what attention adds to the residual stream in block L
+``mlp_in``     read only: the MLP's input (its norm's output, gain and bias
+               included), the input of its first projection
 ``mlp_pre``    the MLP's pre-activation (gate projection for gated MLPs)
 ``mlp_post``   the MLP's neurons: the input of its output projection
 ``mlp_write``  what the MLP adds to the residual stream in block L
@@ -42,14 +44,16 @@ from torch import Tensor, nn
 from neuronpatch.errors import ModelLoadError
 
 SITE_KINDS: tuple[str, ...] = (
-    "block_in", "attn_write", "route", "mlp_pre", "mlp_post", "mlp_write", "block_out", "final_norm",
+    "block_in", "attn_write", "route", "mlp_in", "mlp_pre", "mlp_post", "mlp_write", "block_out",
+    "final_norm",
     "logits",
 )
 # Forward order inside a block; block_out(L) comes before block_in(L + 1).
-_TL_NAMES = {"block_in": "hook_resid_pre", "attn_write": "hook_attn_out", "mlp_pre": "mlp.hook_pre",
+_TL_NAMES = {"block_in": "hook_resid_pre", "attn_write": "hook_attn_out", "mlp_in": "mlp.hook_in",
+             "mlp_pre": "mlp.hook_pre",
              "mlp_post": "mlp.hook_post", "mlp_write": "hook_mlp_out", "block_out": "hook_resid_post"}
-_STAGE = {"block_in": 0, "attn_write": 1, "route": 2, "mlp_pre": 3, "mlp_post": 4, "mlp_write": 5,
-          "block_out": 6}
+_STAGE = {"block_in": 0, "attn_write": 1, "route": 2, "mlp_in": 3, "mlp_pre": 4, "mlp_post": 5,
+          "mlp_write": 6, "block_out": 7}
 
 
 @dataclass(frozen=True)
@@ -121,7 +125,7 @@ class Architecture:
             if not self.moe or self.moe[site.layer] is None:
                 raise ModelLoadError(f"{self.name}: block {site.layer} has no mixture of experts to route")
             return
-        table = {"mlp_post": self.mlp_out_proj, "mlp_pre": self.mlp_pre_proj,
+        table = {"mlp_post": self.mlp_out_proj, "mlp_pre": self.mlp_pre_proj, "mlp_in": self.mlp_pre_proj,
                  "mlp_write": self.mlp_write, "attn_write": self.attn_write}[site.kind]
         if table[site.layer] is None:
             raise ModelLoadError(f"{self.name}: block {site.layer} has no {site.kind} site")
@@ -299,8 +303,8 @@ def attach(arch: Architecture, site: Site, fn: Edit, batch: int) -> Any:
         if arch.final_norm is None:
             return arch.blocks[-1].register_forward_hook(out_hook)
         return arch.final_norm.register_forward_hook(out_hook)
-    if k == "mlp_post":
-        mod = arch.mlp_out_proj[L]
+    if k in ("mlp_post", "mlp_in"):
+        mod = (arch.mlp_out_proj if k == "mlp_post" else arch.mlp_pre_proj)[L]
         assert mod is not None
         return mod.register_forward_pre_hook(in_hook, with_kwargs=True)
     table = {"mlp_pre": arch.mlp_pre_proj, "mlp_write": arch.mlp_write, "attn_write": arch.attn_write}

@@ -53,6 +53,8 @@ class HeadConfig(Protocol):
     def target_layer(self) -> int: ...
     @property
     def target_neuron(self) -> int: ...
+    @property
+    def sae(self) -> str | None: ...
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
 _HOOK_SITES = {"hook_resid_pre": "block_in", "hook_resid_post": "block_out",
@@ -76,16 +78,41 @@ class Plan:
     # engine: a patched row whose ``Targets`` entry names direction ``i`` patches along
     # ``directions[i]``.
     directions: Any = field(default=None, compare=False, repr=False)
+    # A dictionary's latents (neuronpatch.dictionaries.Dictionary) when the unit is a latent:
+    # ``unit`` is where they are encoded from, ``write`` where a latent's change is added.
+    dictionary: Any = field(default=None, compare=False, repr=False)
+    write: Site | None = None
+
+    @property
+    def write_site(self) -> Site:
+        """Where a patch edits the tensor: the unit's site, or a transcoder's output."""
+        return self.write or self.unit
 
     def describe(self) -> str:
-        return f"{self.unit}:{self.neuron} → {self.feature} ({self.coordinates} coordinates)"
+        unit = f"{self.unit}:{self.neuron}"
+        if self.dictionary is not None:
+            unit = f"{self.unit} latent {self.neuron}" + (f" → {self.write}" if self.write else "")
+        return f"{unit} → {self.feature} ({self.coordinates} coordinates)"
 
     # The coordinate transforms, in one place: routes and ranking call these and never
     # centre or offset a tensor themselves. ``t`` is a site's tensor ``[..., width]``.
     def layer_values(self, t: Tensor) -> Tensor:
         """Every unit of the layer in the unit's coordinates (float32; centred where they are)."""
         row = t.float()
-        return row - row.mean(-1, keepdim=True) if self.centre_unit else row
+        row = row - row.mean(-1, keepdim=True) if self.centre_unit else row
+        return row if self.dictionary is None else self.dictionary.encode(row)
+
+    def latent_values(self, t: Tensor, cols: Tensor) -> Tensor:
+        """``[R, S]``: latent ``cols[r]`` of each row of ``t [R, S, width]`` (centred first where the
+        unit's tensor is)."""
+        row = t.float()
+        row = row - row.mean(-1, keepdim=True) if self.centre_unit else row
+        return self.dictionary.encode(row, cols)
+
+    def latent_offset(self, cols: Tensor) -> Tensor:
+        """``[R]``: what a latent's change of 1 adds to the mean of the written tensor, times
+        ``d_model`` (a column's patch: 1): the δ/d_model offset of transformer_lens coordinates."""
+        return self.dictionary.rows(cols).float().sum(-1)
 
     def unit_value(self, column: Tensor, t: Tensor) -> Tensor:
         """One column of ``t`` (already taken out, ``t[..., c]``) in the unit's coordinates."""
@@ -108,6 +135,12 @@ class Plan:
 
 
 def unit_site(cfg: HeadConfig) -> Site:
+    """The site the unit is read at (a dictionary's: where its latents are encoded from)."""
+    if cfg.layer_type == units.DICTIONARY:
+        from neuronpatch import dictionaries
+
+        assert cfg.sae is not None
+        return dictionaries.read_config(cfg.sae).read
     return Site(units.UNIT_SITES[cfg.layer_type], cfg.target_layer)
 
 
@@ -155,13 +188,24 @@ def plan(cfg: HeadConfig, model: LoadedModel, coordinates: str | None = None,
     feature = feature_site(cfg, n_layers, coords, where)
     model.arch.check(unit)
     model.arch.check(feature)
+    dictionary, write = None, None
+    if cfg.layer_type == units.DICTIONARY:
+        from neuronpatch import dictionaries
+
+        assert cfg.sae is not None
+        dictionary = dictionaries.load(cfg.sae, model.device)
+        if dictionary.cfg.transcoder:
+            write = dictionary.cfg.write
+            model.arch.check(write)
     if coords == "hf" and model.arch.hf_refused and cfg.head_type != "token" and not cfg.feature_hook:
         raise ModelLoadError(f"{model.arch.name}: hf coordinates are refused: {model.arch.hf_refused}")
     centring = coords == "transformer_lens" and model.arch.layernorm
     centre_unit = centring and unit.kind in units.RESIDUAL_SITES
     centre_features = centring and feature.kind in units.RESIDUAL_SITES
     upstream = feature.order(n_layers) < unit.order(n_layers)
+    # A patch writes off-centre where it edits a centred residual tensor (a transcoder: its output).
+    written = centring and (write or unit).kind in units.RESIDUAL_SITES
     return Plan(coordinates=coords, unit=unit, neuron=cfg.target_neuron, feature=feature,
                 centre_unit=centre_unit, centre_features=centre_features,
-                offset=centre_unit and centre_features and not upstream, upstream=upstream,
-                d_model=model.d_model)
+                offset=written and centre_features and not upstream, upstream=upstream,
+                d_model=model.d_model, dictionary=dictionary, write=write)

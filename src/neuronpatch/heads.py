@@ -53,7 +53,7 @@ _HEAD_CONFIG_KEYS = frozenset({"hidden_dim", "dropout", "activation", "output_sc
 _TOP_KEYS = frozenset({"base_model_name", "target_layer", "target_neuron", "layer_type", "feature_layer",
                        "feature_hook", "token_pos", "prepend_bos", "head_type", "head_config", "bin_edges",
                        "coordinates", "weight_processing", "activation_mean", "activation_std", "d_model",
-                       "weights"})
+                       "weights", "sae"})
 # Keys some pipelines add as records; never read, never warned about.
 _QUIET_KEYS = frozenset({"timestamp", "created_at", "description", "version", "metrics", "training",
                          "training_config", "train_config", "dataset", "notes", "git_commit", "seed",
@@ -88,6 +88,7 @@ class HeadConfig:
     input_dim: int | None = None
     num_classes: int | None = None
     weights_file: str | None = None
+    sae: str | None = None  # layer_type sae: the dictionary's directory (resolved against the head's)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -145,11 +146,11 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
     if not isinstance(name, str) or not name:
         raise config_error(where, "base_model_name", name,
                            "a model name: local directory, HF id, TransformerLens name or 'neuronpatch-demo'")
-    layer = _int(raw, "target_layer", where)
     neuron = _int(raw, "target_neuron", where)
     layer_type = raw.get("layer_type", "post")
-    if layer_type not in units.UNIT_SITES:
-        raise config_error(where, "layer_type", layer_type, "one of " + ", ".join(units.UNIT_SITES))
+    if layer_type not in units.LAYER_TYPES:
+        raise config_error(where, "layer_type", layer_type, "one of " + ", ".join(units.LAYER_TYPES))
+    sae, layer = _dictionary(raw, layer_type, where)
     feature_layer = _int(raw, "feature_layer", where, default=-1, allow_negative=True)
     feature_hook = raw.get("feature_hook")
     if feature_hook is not None and (not isinstance(feature_hook, str) or not feature_hook):
@@ -238,8 +239,31 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
         dropout=float(dropout), activation=activation, output_scale=output_scale, digit_tokens=digits,
         bin_edges=edges, coordinates=coords, coordinates_given=given, activation_mean=mean,
         activation_std=std, d_model=d_model, input_dim=input_dim, num_classes=num_classes,
-        weights_file=weights_file, extra=extra,
+        weights_file=weights_file, sae=sae, extra=extra,
     )
+
+
+def _dictionary(raw: Mapping[str, Any], layer_type: str, where: Path) -> tuple[str | None, int]:
+    """``(sae, target_layer)``: the dictionary's directory (relative to the head's) and its layer."""
+    sae = raw.get("sae")
+    if layer_type != units.DICTIONARY:
+        if sae is not None:
+            raise config_error(where, "sae", sae,
+                               f"no sae for layer_type {layer_type!r} (use layer_type: sae)")
+        return None, _int(raw, "target_layer", where)
+    if not isinstance(sae, str) or not sae:
+        raise config_error(where, "sae", sae if "sae" in raw else "<missing>",
+                           "the path of a dictionary directory (cfg.json + sae_weights.safetensors), "
+                           "relative to the head's directory")
+    path = Path(sae) if Path(sae).is_absolute() else where.parent / sae
+    from neuronpatch import dictionaries
+
+    layer = dictionaries.read_config(path).read.layer
+    given = _int(raw, "target_layer", where, default=layer)
+    if given != layer:
+        raise config_error(where, "target_layer", given, f"{layer} (the layer of the dictionary's hook) "
+                           "or no target_layer")
+    return str(path), layer
 
 
 def _coordinates(raw: Mapping[str, Any], where: Path) -> tuple[str, bool]:
@@ -392,7 +416,7 @@ class Head:
         n_layers = model.n_layers
         if not 0 <= cfg.target_layer < n_layers:
             raise config_error(where, "target_layer", cfg.target_layer, f"an int in [0, {n_layers - 1}]")
-        width = model.unit_width(cfg.layer_type in units.MLP_HIDDEN_TYPES)
+        width = unit_width(cfg, model)
         if not 0 <= cfg.target_neuron < width:
             raise config_error(where, "target_neuron", cfg.target_neuron,
                                f"an int in [0, {width - 1}] (the width of {cfg.layer_type})")
@@ -460,6 +484,27 @@ class Head:
 
 
 _ACTIVATION_FNS: dict[str, Callable[[Tensor], Tensor]] = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def unit_width(cfg: HeadConfig, model: LoadedModel) -> int:
+    """How many units the head's layer holds: neurons, residual coordinates or latents.
+
+    Raises:
+        HeadConfigError: a dictionary whose input does not fit the model.
+    """
+    if cfg.layer_type != units.DICTIONARY:
+        return model.unit_width(cfg.layer_type in units.MLP_HIDDEN_TYPES)
+    from neuronpatch import dictionaries
+
+    assert cfg.sae is not None
+    d = dictionaries.read_config(cfg.sae)
+    widths = {"d_in": (d.d_in, d.read), "d_out": (d.d_out, d.write)}
+    for key, (have, site) in widths.items():
+        want = model.unit_width(site.kind in ("mlp_post",))
+        if have != want:
+            raise config_error(d.path / dictionaries.CONFIG_FILE, key, have,
+                               f"{want} (the width of {site} in {model.name})")
+    return d.d_sae
 
 
 def load_head(path: str | Path, *, checkpoint: str | Path | None = None) -> Head:

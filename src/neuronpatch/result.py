@@ -110,9 +110,37 @@ class ExperimentResult:
         """Whether the head reads at or before the unit (the engine's ``upstream`` route)."""
         return self.method == "upstream"
 
+    @property
+    def active_inputs(self) -> int | None:
+        """On how many inputs a dictionary latent was active (non-zero) where it was measured.
+
+        None for a neuron or a residual coordinate. A latent that is zero on an input (below
+        its threshold, outside the top k) can be set there but not scaled.
+        """
+        if self.layer_type != "sae":
+            return None
+        return int(np.count_nonzero(self.clean_activation))
+
+    @property
+    def sparsity_reason(self) -> str | None:
+        """Why the slope means nothing: a scale-only run on a latent inactive on most inputs."""
+        active, n = self.active_inputs, len(self.inputs)
+        if active is None or 2 * active >= n or any(iv.kind != "scale" for iv in self.interventions):
+            return None
+        return (f"the latent is active on {active} of {n} inputs: scale patches cannot move an inactive "
+                "latent, so this run cannot tell whether the head reads it; use set or add interventions")
+
     @cached_property
     def fit(self) -> stats.Fit:
-        """Pooled OLS of prediction change on activation change (no effect below float noise)."""
+        """Pooled OLS of prediction change on activation change (no effect below float noise).
+
+        Undefined (NaN, with the reason) for a scale-only run on a latent inactive on most
+        inputs: a slope of 0 there would read as "ignores it" when nothing was moved.
+        """
+        why = self.sparsity_reason
+        if why is not None:
+            nan = math.nan
+            return stats.Fit(nan, nan, nan, nan, nan, int(self.activation_change.size), why)
         return stats.ols(self.activation_change, self.prediction_change,
                          y_scale=self.prediction_scale)
 
@@ -137,6 +165,9 @@ class ExperimentResult:
 
     @cached_property
     def _intervals(self) -> tuple[stats.Interval, stats.Interval]:
+        if self.sparsity_reason is not None:
+            why = self.sparsity_reason
+            return stats.Interval(math.nan, math.nan, why), stats.Interval(math.nan, math.nan, why)
         if self.fit.slope == 0.0 and self.fit.reason and self.fit.reason.startswith("no effect"):
             # No effect is exactly 0 in every resample; R² has nothing to explain.
             return stats.Interval(0.0, 0.0), stats.Interval(math.nan, math.nan, self.fit.reason)
@@ -315,6 +346,8 @@ class ExperimentResult:
                 "control_slope": [c.slope for c in self.controls.controls],
             }),
             **({} if self.ranking is None else {"rank": _rank_value(self.ranking)}),
+            **({} if self.active_inputs is None else {
+                "active_fraction": self.active_inputs / max(1, len(self.inputs))}),
         }
 
     def summary(self) -> dict[str, Any]:

@@ -280,3 +280,55 @@ def write_head(
     else:
         torch.save(tensors, path / "head.pt")
     return path
+
+
+def write_sae(
+    path: str | Path,
+    *,
+    hook_name: str,
+    d_in: int,
+    d_sae: int = 16,
+    architecture: str = "standard",
+    hook_name_out: str | None = None,
+    d_out: int | None = None,
+    k: int = 8,
+    apply_b_dec_to_input: bool = True,
+    seed: int = 0,
+    dead: tuple[int, ...] = (),
+    alive: tuple[int, ...] = (),
+) -> Path:
+    """Write a random dictionary in SAELens' layout (``cfg.json`` + ``sae_weights.safetensors``).
+
+    Every parameter is random (seeded). Encoder biases sit near 0 so that latents fire on
+    some inputs and not on others; ``dead`` latents get a bias far below anything the
+    inputs reach (inactive everywhere), ``alive`` ones a bias of +1 (active on most inputs).
+    A transcoder (``architecture`` ending in
+    ``transcoder``) writes at ``hook_name_out`` with ``d_out`` (default ``d_in``) wide rows.
+    """
+    from neuronpatch.dictionaries import save
+
+    g = torch.Generator().manual_seed(seed)
+    d_out = d_out or d_in
+
+    def rnd(*shape: int, s: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * s
+
+    w: dict[str, torch.Tensor] = {"W_enc": rnd(d_in, d_sae, s=d_in**-0.5), "W_dec": rnd(d_sae, d_out, s=0.5),
+                                  "b_dec": rnd(d_out, s=0.3)}
+    bias = rnd(d_sae, s=0.5)
+    bias[list(dead)] = -1e4
+    bias[list(alive)] = 1.0
+    if architecture == "gated":
+        w.update(b_gate=bias, r_mag=rnd(d_sae, s=0.3), b_mag=rnd(d_sae, s=0.5))
+    else:
+        w["b_enc"] = bias
+    if architecture.startswith("jumprelu"):
+        w["threshold"] = rnd(d_sae, s=0.3).abs()
+    cfg: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "hook_name": hook_name,
+                           "apply_b_dec_to_input": apply_b_dec_to_input, "normalize_activations": "none",
+                           "dtype": "float32", "device": "cpu"}
+    if architecture == "topk":
+        cfg["k"] = k
+    if architecture.endswith("transcoder"):
+        cfg.update(hook_name_out=hook_name_out, d_out=d_out)
+    return save(path, cfg, w)

@@ -2,7 +2,9 @@
 
 A *unit* is what gets patched: one MLP neuron (``post``, ``pre``) or one
 dimension of a tensor the residual stream carries (``mlp_out``, ``attn_out``,
-``resid_pre``, ``resid_post``). See :mod:`neuronpatch.architecture` for sites.
+``resid_pre``, ``resid_post``), or one latent of a dictionary (``sae``: a sparse
+autoencoder or transcoder, whose file names its own sites; see
+:mod:`neuronpatch.dictionaries`). See :mod:`neuronpatch.architecture` for sites.
 
 Example:
     >>> UNIT_SITES["mlp_out"], UNIT_SITES["post"]
@@ -24,6 +26,10 @@ UNIT_SITES: Final[dict[str, str]] = {
     "resid_pre": "block_in",
     "resid_post": "block_out",
 }
+# layer_type of a dictionary's latents: the dictionary (``sae: PATH``) names the sites.
+DICTIONARY: Final[str] = "sae"
+# Every layer_type a head may name.
+LAYER_TYPES: Final[tuple[str, ...]] = (*UNIT_SITES, DICTIONARY)
 # Units that live in the MLP's hidden layer (width d_mlp); the rest are d_model wide.
 MLP_HIDDEN_TYPES: Final[frozenset[str]] = frozenset({"post", "mlp_post", "pre", "mlp_pre"})
 # Sites that are residual-stream coordinates (centred in transformer_lens coordinates of

@@ -30,12 +30,11 @@ from neuronpatch.engine._routes import (
 )
 from neuronpatch.engine._rows import layer_rows
 from neuronpatch.errors import InputError
-from neuronpatch.heads import Head, load_head
+from neuronpatch.heads import Head, load_head, unit_width
 from neuronpatch.interventions import Intervention, build, normalize
 from neuronpatch.models import load_model
 from neuronpatch.result import ExperimentResult
 from neuronpatch.stats import weight_cosine
-from neuronpatch.units import MLP_HIDDEN_TYPES
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
@@ -157,7 +156,7 @@ def run_experiment(
     route = choose_route(model, p, enc, method)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
     n, k = len(texts), len(ivs)
-    width = model.unit_width(cfg.layer_type in MLP_HIDDEN_TYPES)
+    width = unit_width(cfg, model)
     cset = None
     if controls is not None:
         from neuronpatch import controls as ctl
@@ -315,6 +314,11 @@ def _notes(texts: Sequence[str], clean_act: Tensor, ivs: Sequence[Intervention],
     if route.method == "upstream" and p.upstream:
         notes.append(f"the head reads {p.feature}, before {p.unit}: no patch of the unit can reach "
                      "it, so its causal slope is exactly 0")
+    if p.dictionary is not None:
+        active = int(torch.count_nonzero(clean_act))
+        notes.append(f"sparsity: latent {p.neuron} of {p.dictionary.cfg.path} is active on {active} of "
+                     f"{len(texts)} inputs; the dictionary's reconstruction error is kept, so a patch "
+                     "changes only what this latent writes")
     silent = [i for i, a in enumerate(clean_act.tolist()) if abs(a) < SILENT]
     if silent and any(iv.kind == "scale" for iv in ivs):
         which = ", ".join(f"{i} ({short(texts[i], 24)!r})" for i in silent[:5])

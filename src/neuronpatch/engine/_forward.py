@@ -272,6 +272,78 @@ class Along:
         out[self.rows] = moved.to(out.dtype)
 
 
+class Latents:
+    """The patch of a dictionary's latents (``Plan.dictionary``): every row patches one latent.
+
+    Row ``r``'s value is latent ``cols[r]`` of the tensor at the unit's site; its patch adds
+    ``Δ · W_dec[cols[r]]`` to the tensor at the write site (the same site for an SAE, a
+    transcoder's output), keeping the reconstruction error. The patch is read back as the
+    clean value plus the change of ``t·w / |w|²`` that the write made (``w`` the decoder row).
+    """
+
+    def __init__(self, p: Plan, cols: Tensor) -> None:
+        self.p = p
+        self.cols = cols
+        self.w = p.dictionary.rows(cols).double()  # [R, d_out]
+        self.w2 = (self.w * self.w).sum(-1).clamp_min(1e-30)  # [R]
+        self.clean: Tensor | None = None  # [R, S] each row's latent, before the patch
+        self.delta: Tensor | None = None  # [R, S] the change each row asks for
+        self.base: Tensor | None = None  # [R, S] t·w/|w|² before the write
+        self.norm: Tensor | None = None  # [R, S] |t|/|w| before the write (the tolerance)
+        self.dtype = torch.float32  # the dtype the tensor is written back in
+
+    def value(self, t: Tensor) -> Tensor:
+        """``[R, S]`` float32: each row's latent."""
+        self.clean = self.p.latent_values(t, self.cols)
+        return self.clean
+
+    def project(self, t: Tensor) -> Tensor:
+        return torch.einsum("rsd,rd->rs", t.double(), self.w) / self.w2[:, None]
+
+    def add(self, t: Tensor) -> Tensor:
+        """The written tensor ``t + Δ·w`` (``delta`` set by the patch hook), in ``t``'s dtype."""
+        assert self.delta is not None
+        self.base = self.project(t)
+        self.norm = t.double().norm(dim=-1) / self.w2.sqrt()[:, None]
+        return (t.double() + self.delta.double()[..., None] * self.w[:, None, :]).to(t.dtype)
+
+    def observed(self, t: Tensor) -> Tensor:
+        """``[R, S]``: the clean latent plus what the write moved ``t·w/|w|²`` by."""
+        assert self.clean is not None and self.base is not None
+        return self.clean.double() + (self.project(t) - self.base)
+
+    def offset(self) -> Tensor:
+        """``[R]``: the δ/d_model offset factor of each row's write (see ``Plan.latent_offset``)."""
+        return self.p.latent_offset(self.cols)
+
+    def check(self, b: Batch, observed: Tensor | None) -> None:
+        """Raise unless every patched position's latent moved by what its row requested.
+
+        Writing ``t + Δ·w`` back in the tensor's dtype rounds each coordinate once, which moves
+        ``t·w/|w|²`` by at most the rounding times ``|t|/|w|``: the tolerance scales with it.
+        """
+        where = f"{self.p.write_site} (latent {_latent_names(self.cols)})"
+        if observed is None or self.delta is None or self.norm is None or self.clean is None:
+            raise PatchError(f"the patch at {where} was never read back after the hook: it cannot be "
+                             "confirmed")
+        requested = self.clean.double() + self.delta.double()
+        rtol = PATCH_RTOL.get(self.dtype, 1e-5)
+        scale = requested.abs() + observed.abs() + self.norm + 1.0
+        err = torch.where(b.patch, (requested - observed).abs() / scale, torch.zeros_like(scale))
+        worst = float(err.max()) if err.numel() else 0.0
+        if not worst <= rtol:  # NaN fails too
+            r, q = divmod(int(err.reshape(-1).argmax()), err.shape[1])
+            raise PatchError(
+                f"the patch at {self.p.write_site} of latent {int(self.cols[r])} did not take effect on row "
+                f"{r} position {q}: requested {float(requested[r, q]):.6g}, observed "
+                f"{float(observed[r, q]):.6g} after the hook; the hook did not run or its edit was discarded")
+
+
+def _latent_names(cols: Tensor) -> str:
+    names = sorted({int(c) for c in cols.tolist()})
+    return ", ".join(map(str, names[:8])) + (", ..." if len(names) > 8 else "")
+
+
 @dataclass
 class _Read:
     """What the hooks of one patched forward have seen so far (filled as the forward runs)."""
@@ -334,6 +406,9 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
     along: Along | None = None
     if p.directions is not None and b.directions is not None:
         along = Along(p, b.directions) or None
+    lat: Latents | None = None
+    if p.dictionary is not None:
+        lat = Latents(p, torch.full((R,), p.neuron, device=model.device) if b.columns is None else b.columns)
     logits = p.feature.kind == "logits"
 
     def have_all() -> bool:
@@ -345,9 +420,9 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
             return t[..., n]
         return t.gather(-1, n[:, None, None].expand(-1, t.shape[1], 1))[..., 0]
 
-    def patch(t: Tensor) -> Tensor:
-        col = column(t)
-        c = p.unit_value(col, t)
+    def patch(t: Tensor) -> Tensor | None:
+        col = column(t) if lat is None else t[..., 0]
+        c = p.unit_value(col, t) if lat is None else lat.value(t)
         target = b.alpha[:, None] * c + b.beta[:, None]
         delta = torch.where(b.patch, target - c, torch.zeros_like(c))
         clean = c[ar, b.measure]
@@ -367,9 +442,14 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
         got.delta_read = delta[ar, b.read]  # direction rows: 0, they carry no δ/d offset
         new_col = (col.float() + delta).to(t.dtype)
         got.requested = new_col
+        if lat is not None:
+            got.delta_read = got.delta_read * lat.offset()
+            lat.delta, lat.dtype = delta, t.dtype
         if have_all():
             got.early = True  # the features were read before the unit: an upstream head
             raise Stop
+        if lat is not None:  # an SAE writes here; a transcoder at its output (``write`` below)
+            return lat.add(t) if p.write is None else None
         out = t.clone()
         if b.columns is None:
             out[..., n] = new_col
@@ -379,7 +459,14 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
             along.add(out, a_delta)
         return out
 
+    def write(t: Tensor) -> Tensor:
+        assert lat is not None
+        return lat.add(t)
+
     def observe(t: Tensor) -> None:
+        if lat is not None:
+            got.observed = lat.observed(t)
+            return
         got.observed = column(t).detach().clone()
         if along is not None:
             got.along_observed = along.value(t)
@@ -399,7 +486,10 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
             raise Stop
 
     # Hooks on one module run in the order they were registered: patch, observe, capture.
-    taps: list[Tap] = [(p.unit, patch), (p.unit, observe)]
+    taps: list[Tap] = [(p.unit, patch)]
+    if lat is not None and p.write is not None:
+        taps.append((p.write, write))
+    taps.append((p.write_site, observe))
     if not logits:
         taps.append((p.feature, capture))
     if guard is not None:
@@ -417,7 +507,9 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
     if missing:
         raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
                            f"(missing {missing})")
-    if not got.early:
+    if not got.early and lat is not None:
+        lat.check(b, got.observed)
+    elif not got.early:
         _check_patch(p, b, got.observed, got.requested, skip=None if along is None else along.rows)
         if along is not None:
             assert got.along_requested is not None

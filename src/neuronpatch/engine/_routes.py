@@ -100,16 +100,21 @@ def write_directions(model: LoadedModel, p: Plan, enc: Encoded, columns: Sequenc
     """
     if p.upstream or any(pp != [r] for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True)):
         return None
-    u, f, n_layers = p.unit, p.feature, model.n_layers
+    u, f, n_layers = p.write_site, p.feature, model.n_layers
     after = ((f.kind == "block_out" and f.layer == u.layer)
              or (f.kind == "block_in" and f.layer == u.layer + 1))
     cols = torch.tensor(list(columns), dtype=torch.long)
+    # A latent writes its decoder row where a column writes its unit vector.
+    latent = None if p.dictionary is None else p.dictionary.rows(cols.to(model.device)).float()
     if u.kind == "mlp_post" and after:
         proj = model.arch.mlp_out_proj[u.layer]
         assert proj is not None  # checked when the plan was made
         w = next(proj.parameters())
         e = torch.zeros(len(cols) + 1, 1, model.unit_width(True), dtype=w.dtype, device=w.device)
-        e[torch.arange(1, len(cols) + 1), 0, cols.to(w.device)] = 1
+        if latent is None:
+            e[torch.arange(1, len(cols) + 1), 0, cols.to(w.device)] = 1
+        else:
+            e[1:, 0] = latent.to(w.dtype)
         with torch.inference_mode():
             out = proj(e)[:, 0].float()
         return p.read_features(out[1:] - out[:1])  # centred where the features are
@@ -118,7 +123,10 @@ def write_directions(model: LoadedModel, p: Plan, enc: Encoded, columns: Sequenc
         if f.kind == "final_norm" or f.layer >= n_layers:
             return None
         # A residual coordinate: centred features move by Δ·(e_c − 1/d), and the δ/d offset
-        # of transformer_lens coordinates gives the 1/d back.
+        # of transformer_lens coordinates gives the 1/d back (a latent: Δ·(w − mean w), and
+        # Δ·mean w back).
+        if latent is not None:
+            return latent
         return torch.eye(model.d_model, device=model.device)[cols.to(model.device)]
     return None
 

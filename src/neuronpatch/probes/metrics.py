@@ -74,6 +74,8 @@ METRICS: dict[str, Metric] = _metrics(
     Metric("rank", "scalar",
            "the target unit's rank among every unit of its layer by |slope| (1: the head reads it most)",
            "rank"),
+    Metric("active_fraction", "scalar",
+           "the share of inputs on which a dictionary latent is active (layer_type sae only)"),
 )
 
 # Metrics with a bootstrap interval at any level: an expectation on them may say `confidence: c`.
