@@ -343,7 +343,16 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
 
         check_regular_file(args.corpus, max_bytes=CORPUS_FILE_BYTES, what="corpus", error=InputError)
 
-    from neuronpatch.training import check_arguments, log, train_head
+    from neuronpatch.training import check_arguments, dictionary_layer, log, train_head
+
+    if args.sae is not None:
+        if args.latent is None or args.neuron is not None or args.layer_type != "post":
+            raise InputError("--sae PATH needs --latent I (and no --neuron or --layer-type)")
+        args.layer, args.neuron, args.layer_type = dictionary_layer(args.sae, args.layer), args.latent, "sae"
+    elif args.latent is not None:
+        raise InputError("--latent needs --sae PATH (a neuron is --neuron)")
+    elif args.layer is None or args.neuron is None:
+        raise InputError("train-head needs --layer L and --neuron N (or --sae PATH --latent I)")
 
     # A bad flag is refused from the arguments and the model's config.json, before it loads.
     def check(n_layers: int | None) -> None:
@@ -360,11 +369,13 @@ def _cmd_train_head(args: argparse.Namespace) -> int:
         model=args.model, layer=args.layer, neuron=args.neuron, layer_type=args.layer_type,
         feature_layer=args.feature_layer, head_type=args.type, hidden_dim=args.hidden_dim,
         bins=args.bins, intervene=args.intervene, corpus=args.corpus, windows=args.windows,
-        seed=args.seed, out=args.out, coordinates=args.coordinates, progress=True,
+        seed=args.seed, out=args.out, coordinates=args.coordinates, progress=True, sae=args.sae,
     )
     data = "interventional" if args.intervene else "natural"
+    unit = (f"latent {args.latent} of {args.sae}" if args.sae
+            else f"{args.layer_type} L{args.layer} N{args.neuron}")
     log(f"Trained a {args.type} head on {rep.n_train} {data} windows "
-        f"({rep.n_held_out} held out) for {args.layer_type} L{args.layer} N{args.neuron} "
+        f"({rep.n_held_out} held out) for {unit} "
         f"of {args.model}, reading feature_layer {args.feature_layer} ({args.coordinates} coordinates)")
     log(f"  unit activation: mean {rep.activation_mean:.4f}, sd {rep.activation_std:.4f}")
     log(f"  R²        train {rep.train_r2:.4f}   held-out {rep.held_out_r2:.4f}")
@@ -444,8 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
     th = sub.add_parser("train-head", help="train a prediction head (seed artifact format)")
     th.add_argument("--model", default="neuronpatch-demo",
                     help="model directory, cached HF id or neuronpatch-demo (default)")
-    th.add_argument("--layer", type=int, required=True, help="the unit's layer")
-    th.add_argument("--neuron", type=int, required=True, help="the unit's index")
+    th.add_argument("--layer", type=int, default=None, help="the unit's layer (with --sae: the dictionary's)")
+    th.add_argument("--neuron", type=int, default=None, help="the unit's index")
+    th.add_argument("--sae", type=Path, default=None, metavar="PATH",
+                    help="a dictionary directory (SAELens' layout: cfg.json + sae_weights.safetensors): "
+                         "the head predicts one of its latents (--latent)")
+    th.add_argument("--latent", type=int, default=None, metavar="I", help="the latent's index (with --sae)")
     th.add_argument("--layer-type", default="post", help="post (MLP neuron, default), mlp_out, ...")
     th.add_argument("--feature-layer", type=int, required=True,
                     help="where the head reads: in transformer_lens coordinates (the default) the block "

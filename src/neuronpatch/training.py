@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,9 +183,9 @@ def check_arguments(*, layer: int, feature_layer: int, layer_type: str = "post",
     """
     if head_type not in ("regression", "classification"):
         raise InputError(f"--type {head_type!r} is invalid; expected regression or classification")
-    if layer_type not in units.UNIT_SITES:
+    if layer_type not in units.LAYER_TYPES:
         raise InputError(f"--layer-type {layer_type!r} is invalid; expected one of "
-                         + ", ".join(units.UNIT_SITES))
+                         + ", ".join(units.UNIT_SITES) + " (or --sae PATH --latent I)")
     if coordinates not in ("transformer_lens", "hf"):
         raise InputError(f"--coordinates {coordinates!r} is invalid; expected transformer_lens or hf")
     if head_type == "classification" and bins < 2:
@@ -203,10 +204,25 @@ def check_arguments(*, layer: int, feature_layer: int, layer_type: str = "post",
                          f"[-{n_layers}, {n_layers - 1}] (a block whose resid_post is read)")
 
 
+def dictionary_layer(sae: Path, layer: int | None) -> int:
+    """The layer of a dictionary's hook; ``layer``, when given, must be it.
+
+    Raises:
+        InputError: ``layer`` is another layer; HeadConfigError: not a dictionary.
+    """
+    from neuronpatch import dictionaries
+
+    own = dictionaries.read_config(sae).read.layer
+    if layer is not None and layer != own:
+        raise InputError(f"--layer {layer} is invalid with --sae {sae}: the dictionary reads block {own} "
+                         "(drop --layer)")
+    return own
+
+
 def train_head(
     *,
     model: str,
-    layer: int,
+    layer: int | None,
     neuron: int,
     feature_layer: int,
     out: Path,
@@ -223,8 +239,12 @@ def train_head(
     texts: Sequence[str] | None = None,
     coordinates: str = "transformer_lens",
     progress: bool = False,
+    sae: Path | None = None,
 ) -> TrainReport:
     """Collect training pairs, fit a head, write ``config.json`` + ``head.pt`` to ``out``.
+
+    ``sae``: a dictionary directory (SAELens' layout): the head predicts latent ``neuron`` of
+    it (``layer_type`` sae; ``layer`` is the dictionary's).
 
     Raises:
         InputError: a flag out of range for the model, or an empty corpus.
@@ -234,19 +254,31 @@ def train_head(
         ...                  feature_layer=2, out=Path("heads/mine"), intervene=True)
         >>> round(rep.held_out_r2, 2)                                        # doctest: +SKIP
     """
+    if sae is not None:
+        layer, layer_type = dictionary_layer(sae, layer), units.DICTIONARY
+    if layer is None:
+        raise InputError("train_head needs a layer (or a dictionary: sae)")
+    block: int = layer
+
     def check(n_layers: int | None) -> None:
-        check_arguments(layer=layer, feature_layer=feature_layer, layer_type=layer_type,
+        check_arguments(layer=block, feature_layer=feature_layer, layer_type=layer_type,
                         head_type=head_type, bins=bins, windows=None if texts is not None else windows,
                         coordinates=coordinates, n_layers=n_layers)
 
     check(None)  # what needs no model, before it loads
     bridge = load_model(model)
     n_layers = bridge.n_layers
-    width = bridge.unit_width(layer_type in units.MLP_HIDDEN_TYPES)
+    from neuronpatch.heads import HeadConfig, unit_width
+
+    unit = HeadConfig(base_model_name=model, target_layer=layer, target_neuron=neuron, layer_type=layer_type,
+                      sae=None if sae is None else str(sae))
+    width = unit_width(unit, bridge)
     check(n_layers)
     if not 0 <= neuron < width:
-        raise InputError(f"--neuron {neuron} is invalid; expected an int in [0, {width - 1}] "
-                         f"(the width of {layer_type} in {model})")
+        flag, what = (("--latent", f"the latents of {sae}") if sae
+                      else ("--neuron", f"the width of {layer_type}"))
+        raise InputError(f"{flag} {neuron} is invalid; expected an int in [0, {width - 1}] "
+                         f"({what} in {model})")
     data = list(texts) if texts is not None else corpus_windows(corpus, n=windows, seed=seed)
     # Windows of symbol-heavy text can outgrow the context; they are dropped, not truncated,
     # so every target is the activation at the window's own last token.
@@ -256,7 +288,7 @@ def train_head(
         raise InputError("no training texts fit the model's context")
 
     kw = dict(layer=layer, neuron=neuron, layer_type=layer_type, feature_layer=feature_layer,
-              coordinates_=coordinates, progress=progress)
+              coordinates_=coordinates, progress=progress, sae=unit.sae)
     natural_x, natural_y = collect(bridge, data, **kw)  # type: ignore[arg-type]
     if intervene:
         # Values drawn independently of the text, over the unit's natural range widened by
@@ -282,6 +314,8 @@ def train_head(
         "coordinates": coordinates, "head_type": head_type,
         "head_config": {"hidden_dim": hidden_dim, "dropout": 0.0},
     }
+    if sae is not None:  # relative to the head's directory, as the head reads it
+        config["sae"] = os.path.relpath(Path(sae).resolve(), Path(out).resolve())
     acc_train = acc_held = None
     if head_type == "regression":
         if hidden_dim:

@@ -77,6 +77,33 @@ def test_classification_head_gets_quantile_bin_edges(tmp_path, model_dir):
     assert load_head(rep.out_dir).config.bin_edges == tuple(edges)
 
 
+def test_train_head_for_a_latent(tmp_path, model_dir, capsys):
+    """--sae PATH --latent I: the head predicts the latent, and the head's config names the dictionary."""
+    from neuronpatch.testing import write_sae
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(CORPUS)
+    sae = write_sae(tmp_path / "sae", hook_name="blocks.0.hook_resid_post", d_in=32, alive=(2,))
+    out = tmp_path / "head"
+    args = ["train-head", "--model", str(model_dir), "--sae", str(sae), "--latent", "2", "--feature-layer", "1",
+            "--corpus", str(corpus), "--windows", "200", "--intervene", "--out", str(out)]
+    assert main(args) == 0
+    assert f"latent 2 of {sae}" in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["layer_type"] == "sae" and cfg["sae"] == "../sae" and cfg["target_layer"] == 0
+    assert cfg["training"]["held_out_r2"] > 0.5
+    res = run_experiment(out, ["the cat sat on mat number 3", "word5 the cat"], set=[0.0, 1.0, 2.0])
+    assert res.layer_type == "sae" and res.active_inputs is not None
+    assert 0.5 < res.slope < 1.5
+    # Flags that do not go together are refused in one line.
+    assert main(["train-head", "--sae", str(sae), "--neuron", "3", "--feature-layer", "1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--sae PATH needs --latent I" in capsys.readouterr().err
+    assert main(["train-head", "--model", str(model_dir), "--sae", str(sae), "--latent", "2", "--layer", "1",
+                 "--feature-layer", "1", "--out", str(tmp_path / "y")]) == 2
+    assert "the dictionary reads block 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -340,13 +340,15 @@ def collect(
     set_values: Sequence[float] | None = None,
     batch_size: int = 128,
     progress: bool = False,
+    sae: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Features at the last token and the unit's activation there, for each text.
 
     This is what a head is trained on. With ``set_values``, text ``i`` is run
     with the unit *set* to ``set_values[i]`` at its last token (interventional
     data: the unit's value is independent of its causes), through the same
-    exact routes as :func:`run_experiment`.
+    exact routes as :func:`run_experiment`. ``sae``: a dictionary directory (``layer_type``
+    sae; ``neuron`` the latent).
 
     Returns:
         ``(features [n, d_model], activations [n])``.
@@ -359,7 +361,7 @@ def collect(
 
     cfg = HeadConfig(base_model_name="<collect>", target_layer=layer, target_neuron=neuron,
                      layer_type=layer_type, feature_layer=feature_layer, coordinates=coordinates_,
-                     coordinates_given=True)
+                     coordinates_given=True, sae=sae)
     enc = encode(model, texts, prepend_bos=None, token_pos="last", position="last")
     p = coordinates.plan(cfg, model)
     if set_values is not None and len(set_values) != len(texts):
