@@ -10,7 +10,9 @@ interval that resamples inputs jointly for target and controls.
 Two kinds of control, in this order in every result:
 
 ``units``       other columns of the unit's layer: ``{random: k, seed: s}`` or a list
-                of indices (labels ``unit17``, ...).
+                of indices (labels ``unit17``, ...). For a dictionary latent, other
+                latents of the same dictionary; ``random`` draws first from the latents
+                active on the inputs (a latent that never fires cannot be scaled).
 ``directions``  ``{random: k, seed: s}``: k random directions of the residual space
                 (labels ``dir0``, ``dir1``, ...), for residual-stream units only
                 (``resid_post``, ``resid_pre``, ``mlp_out``, ``attn_out``).
@@ -73,8 +75,11 @@ def _random_pick(spec: Any, key: str, top: int) -> tuple[int, int]:
     return k, seed
 
 
-def resolve_units(spec: Any, *, target: int, width: int) -> list[int]:
+def resolve_units(spec: Any, *, target: int, width: int, prefer: Sequence[int] | None = None) -> list[int]:
     """``{units: {random: k, seed: s}}``, ``{units: [..]}`` or a list → control columns.
+
+    ``prefer``: units a random draw takes first (a dictionary's latents active on the inputs);
+    the rest of the draw, if it needs more, comes from the other units.
 
     Raises:
         ControlsError: a unit outside ``[0, width)``, the target itself, or a bad form.
@@ -87,8 +92,11 @@ def resolve_units(spec: Any, *, target: int, width: int) -> list[int]:
     if isinstance(units, Mapping):
         k, seed = _random_pick(units, "units", width - 1)
         rng = np.random.default_rng(seed)
-        pool = np.array([u for u in range(width) if u != target])
-        return sorted(int(u) for u in rng.choice(pool, size=k, replace=False))
+        first = sorted({int(u) for u in prefer or () if u != target and 0 <= u < width})
+        if len(first) >= k:
+            return sorted(int(u) for u in rng.choice(np.array(first), size=k, replace=False))
+        pool = np.array([u for u in range(width) if u != target and u not in set(first)])
+        return sorted([*first, *(int(u) for u in rng.choice(pool, size=k - len(first), replace=False))])
     if isinstance(units, Sequence) and not isinstance(units, str):
         out = []
         for u in units:
@@ -135,8 +143,10 @@ class ControlSet:
 
 
 def resolve(spec: Any, *, target: int, width: int, d_model: int, layer_type: str,
-            config: str | Path = "config.json") -> ControlSet:
+            config: str | Path = "config.json", prefer: Sequence[int] | None = None) -> ControlSet:
     """A ``controls`` value (as in probe files, or a list of indices) → the controls to patch.
+
+    ``prefer``: see :func:`resolve_units`.
 
     Raises:
         ControlsError: a bad form or value, or directions for an MLP neuron (one line each).
@@ -148,22 +158,24 @@ def resolve(spec: Any, *, target: int, width: int, d_model: int, layer_type: str
         (('dir0', 'dir1'), (2, 16))
     """
     if not isinstance(spec, Mapping):
-        return ControlSet(units=tuple(resolve_units(spec, target=target, width=width)))
+        return ControlSet(units=tuple(resolve_units(spec, target=target, width=width, prefer=prefer)))
     extra = sorted(map(str, set(spec) - {"units", "directions"}))
     if extra or not spec:
         what = f"{extra[0]!r} is not a controls key" if extra else "nothing to patch"
         raise ControlsError(f"controls: {what}; expected {_FORMS}")
     units: tuple[int, ...] = ()
     if spec.get("units") is not None:
-        units = tuple(resolve_units({"units": spec["units"]}, target=target, width=width))
+        units = tuple(resolve_units({"units": spec["units"]}, target=target, width=width, prefer=prefer))
     if spec.get("directions") is None:
         if not units:
             raise ControlsError(f"controls: nothing to patch; expected {_FORMS}")
         return ControlSet(units=units)
     if layer_type not in RESIDUAL_TYPES:
+        what, whats = (("an MLP neuron", "MLP neurons") if layer_type in MLP_HIDDEN_TYPES
+                       else ("a dictionary latent", "dictionary latents"))
         raise ControlsError(
             f"controls.directions needs a residual-stream unit, but {config} has layer_type "
-            f"{layer_type!r} (an MLP neuron); expected controls.units for MLP neurons, or a head whose "
+            f"{layer_type!r} ({what}); expected controls.units for {whats}, or a head whose "
             f"layer_type is one of {', '.join(RESIDUAL_TYPES)}")
     k, seed = _random_pick(spec["directions"], "directions", d_model - 1)
     return ControlSet(units=units, directions=random_directions(k, seed, d_model), seed=seed)

@@ -303,12 +303,19 @@ def rank_units(
         model = load_model(model or cfg.base_model_name, device=device, dtype=dtype)
     head.check_model(model)
     lt = cfg.layer_type if layer_type is None else layer_type
-    if lt not in units.UNIT_SITES:
-        raise InputError(f"layer type {lt!r} is unknown; expected one of {', '.join(units.UNIT_SITES)}")
+    if lt not in units.LAYER_TYPES:
+        raise InputError(f"layer type {lt!r} is unknown; expected one of {', '.join(units.LAYER_TYPES)}")
     L = cfg.target_layer if layer is None else layer
     if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < model.n_layers:
         raise InputError(f"layer {L!r} is invalid; expected an int in [0, {model.n_layers - 1}]")
-    own = cfg.target_layer == L and units.UNIT_SITES[lt] == units.UNIT_SITES[cfg.layer_type]
+    if units.DICTIONARY in (lt, cfg.layer_type) and (lt, L) != (cfg.layer_type, cfg.target_layer):
+        # A dictionary's latents are ranked over the head's own dictionary, and nothing else.
+        raise InputError(f"layer {L} {lt} cannot be ranked for {head.config_path}: latents are ranked over "
+                         "the head's own dictionary (layer_type sae, its layer), neurons over a layer of "
+                         "the model")
+    own = cfg.target_layer == L and (lt == cfg.layer_type == units.DICTIONARY or (
+        units.DICTIONARY not in (lt, cfg.layer_type)
+        and units.UNIT_SITES[lt] == units.UNIT_SITES[cfg.layer_type]))
     target = cfg.target_neuron if own else None
     rcfg = dataclasses.replace(cfg, target_layer=L, layer_type=lt, target_neuron=target or 0)
     p = coordinates.plan(rcfg, model, where=head.config_path)
@@ -717,8 +724,13 @@ def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int]
         got.unit_row = p.layer_values(t[:, -1].detach())
         if got.features is not None:
             raise engine.Stop  # the head read before the unit (upstream): all there is to see
-        if not grad:
+        if not grad or p.write is not None:
             return None
+        return perturb(t)
+
+    def perturb(t: Tensor) -> Tensor:
+        # A zero added where the unit writes (a transcoder: its output); its gradient is the
+        # prediction's per unit of each column there (a latent's: that times its decoder row).
         z = torch.zeros(B, t.shape[-1], dtype=t.dtype, device=t.device, requires_grad=True)
         got.z = z
         return torch.cat([t[:, :-1], (t[:, -1] + z)[:, None]], dim=1)
@@ -730,6 +742,8 @@ def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int]
             raise engine.Stop  # nothing later in the forward can change what was read
 
     taps: list[engine.Tap] = [(p.unit, unit)]
+    if grad and p.write is not None:
+        taps.append((p.write, perturb))
     if p.feature.kind != "logits":
         taps.append((p.feature, capture))
     with _frozen(model.hf) if grad else contextlib.nullcontext():
@@ -748,6 +762,8 @@ def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int]
             else:
                 (g,) = torch.autograd.grad(pred.sum(), got.z)
                 g = g.float()
+                if p.dictionary is not None:  # ∂prediction/∂latent = ∂prediction/∂tensor · W_dec[i]
+                    g = g @ p.dictionary.W_dec.T
     return got.features.detach().cpu(), got.unit_row.cpu(), None if g is None else g.cpu(), kept
 
 

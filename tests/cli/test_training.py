@@ -85,7 +85,8 @@ def test_train_head_for_a_latent(tmp_path, model_dir, capsys):
     corpus.write_text(CORPUS)
     sae = write_sae(tmp_path / "sae", hook_name="blocks.0.hook_resid_post", d_in=32, alive=(2,))
     out = tmp_path / "head"
-    args = ["train-head", "--model", str(model_dir), "--sae", str(sae), "--latent", "2", "--feature-layer", "1",
+    args = ["train-head", "--model", str(model_dir), "--sae", str(sae), "--latent", "2",
+            "--feature-layer", "1",
             "--corpus", str(corpus), "--windows", "200", "--intervene", "--out", str(out)]
     assert main(args) == 0
     assert f"latent 2 of {sae}" in capsys.readouterr().out

@@ -105,15 +105,14 @@ def arch(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return path, Oracle(path)
 
 
-def _dims(model_dir: Path) -> tuple[int, int]:
+def _d_model(model_dir: Path) -> int:
     m = json.loads((model_dir / "config.json").read_text())
-    d = int(m.get("n_embd") or m.get("hidden_size"))
-    return d, d
+    return int(m.get("n_embd") or m.get("hidden_size"))
 
 
 def _setup(tmp: Path, model_dir: Path, case: str) -> tuple[Path, Path, dict]:
     sae_arch, hook, lt, head_cfg, _ = CASES[case]
-    d, _ = _dims(model_dir)
+    d = _d_model(model_dir)
     layer = int(hook.split(".")[1])
     out = f"blocks.{layer}.hook_mlp_out" if "transcoder" in sae_arch else None
     sae = write_sae(tmp / "sae", hook_name=hook, d_in=d, architecture=sae_arch, hook_name_out=out, seed=7,
@@ -197,3 +196,66 @@ def test_bad_dictionaries_are_refused_by_name(tmp_path: Path) -> None:
         h = write_head(tmp_path / "head2", model_dir, target_layer=0, target_neuron=1, layer_type="sae",
                        sae=str(sae))
         run_experiment(h, TEXTS[:1], set=[1.0], device="cpu")
+
+
+def _oracle_slope(oracle: Oracle, head: Path, sae: Path, ocfg: dict, latent: int, ivs: tuple) -> float:
+    w = load_file(str(sae / "sae_weights.safetensors"))["W_dec"][latent]
+    transcoder = "transcoder" in json.loads((sae / "cfg.json").read_text())["architecture"]
+    spec = (encoder(sae, latent), w, transcoder)
+    xs, ys = [], []
+    for text in TEXTS:
+        read = len(oracle.ids(text)) - 1
+        c, _, f = oracle.run(text, cfg=ocfg, patch=([read], 1.0, 0.0), latent=spec)
+        p0 = head_predict(head, f)
+        for iv in ivs:
+            alpha, beta = iv.affine()
+            _, pa, pf = oracle.run(text, cfg=ocfg, patch=([read], alpha, beta), latent=spec)
+            xs.append(pa - c)
+            ys.append(head_predict(head, pf) - p0)
+    x, y = np.array(xs), np.array(ys)
+    x0 = x - x.mean()
+    return float(x0 @ (y - y.mean()) / (x0 @ x0))
+
+
+@pytest.mark.parametrize("case", ["jumprelu-resid_post-linear", "transcoder-mlp"])
+def test_rank_over_latents_matches_patching_each(case: str, tmp_path: Path) -> None:
+    """Every latent's slope in the ranking is the slope of patching it alone (the HF reference)."""
+    from neuronpatch.rank import rank_units
+
+    model_dir = tiny_model(tmp_path / "model", "gpt2")
+    oracle = Oracle(model_dir)
+    sae, head, ocfg = _setup(tmp_path, model_dir, case)
+    ivs = (Intervention("set", 0.0), Intervention("set", 2.0))
+    res = rank_units(head, TEXTS, interventions=ivs, top=16, device="cpu")
+    assert res.method == ("exact" if case.endswith("linear") else "screen")
+    assert res.target == LATENT and len(res.exact_slope) == 16 and bool(res.patched.all())
+    for i in range(16):
+        want = _oracle_slope(oracle, head, sae, ocfg, i, ivs)
+        assert abs(res.exact_slope[i] - want) <= 1e-4 * max(1.0, abs(want)), (i, res.exact_slope[i], want)
+    order = sorted(range(16), key=lambda i: -abs(res.exact_slope[i]))
+    assert res.target_rank == 1 + sum(abs(res.exact_slope[i]) > abs(res.exact_slope[LATENT]) for i in order)
+
+
+def test_controls_draw_active_latents_and_match_patching_each(tmp_path: Path) -> None:
+    model_dir = tiny_model(tmp_path / "model", "gpt2")
+    oracle = Oracle(model_dir)
+    sae, head, ocfg = _setup(tmp_path, model_dir, "standard-resid_pre")
+    ivs = (Intervention("set", 0.0), Intervention("add", 1.0))
+    res = run_experiment(head, TEXTS, interventions=ivs, controls={"units": {"random": 3, "seed": 1}},
+                         device="cpu")
+    assert res.controls is not None
+    active = set()
+    for i in range(16):
+        f = encoder(sae, i)
+        for text in TEXTS:
+            read = len(oracle.ids(text)) - 1
+            c, _, _ = oracle.run(text, cfg=ocfg, patch=([read], 1.0, 0.0), latent=(f, torch.zeros(32), False))
+            if c != 0:
+                active.add(i)
+    drawn = list(res.controls.units)
+    assert len(drawn) == 3 and LATENT not in drawn
+    assert set(drawn) <= active or active - {LATENT} <= set(drawn)
+    for c in res.controls.controls:
+        assert c.unit is not None
+        want = _oracle_slope(oracle, head, sae, ocfg, c.unit, ivs)
+        assert abs(c.slope - want) <= 1e-4 * max(1.0, abs(want)), (c.unit, c.slope, want)

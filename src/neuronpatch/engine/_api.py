@@ -161,8 +161,12 @@ def run_experiment(
     if controls is not None:
         from neuronpatch import controls as ctl
 
+        prefer = None
+        if p.dictionary is not None:  # random controls: latents active on these inputs first
+            seen = [r for idx in chunks(n, batch_size) for r in layer_rows(model, p, enc, idx)]
+            prefer = torch.cat(seen).ne(0).any(0).nonzero()[:, 0].tolist()
         cset = ctl.resolve(controls, target=p.neuron, width=width, d_model=model.d_model,
-                           layer_type=cfg.layer_type, config=head.config_path)
+                           layer_type=cfg.layer_type, config=head.config_path, prefer=prefer)
     n_dir = 0 if cset is None or cset.directions is None else len(cset.directions)
     if n_dir:
         assert cset is not None and cset.directions is not None and width == model.d_model
