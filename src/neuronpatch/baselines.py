@@ -31,6 +31,7 @@ import numpy as np
 from neuronpatch._io import atomic_write_text, is_temporary
 from neuronpatch.errors import BaselineError, OutputPathError
 from neuronpatch.limits import JSON_DEPTH, JSON_FILE_BYTES, load_json_bounded
+from neuronpatch.names import DICTIONARY_FILES
 
 FORMAT = 1
 # The metrics a baseline records and compares.
@@ -63,6 +64,9 @@ def versions() -> dict[str, str]:
 def head_hash(head_dir: str | Path) -> str:
     """SHA-256 of a head directory's config.json and weights (file names and bytes).
 
+    A head on a dictionary's latent (``layer_type: sae``) includes the dictionary's
+    ``cfg.json`` and weights: a changed dictionary is a changed head.
+
     Example:
         >>> head_hash("probes/heads/demo_causal")[:7]     # doctest: +SKIP
         'sha256:'
@@ -73,6 +77,16 @@ def head_hash(head_dir: str | Path) -> str:
         path = root / name
         if path.is_file():
             h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    try:
+        cfg = json.loads((root / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = None
+    sae = cfg.get("sae") if isinstance(cfg, dict) and cfg.get("layer_type") == "sae" else None
+    if isinstance(sae, str) and sae:
+        for name in DICTIONARY_FILES:
+            path = Path(sae) / name if Path(sae).is_absolute() else root / sae / name
+            if path.is_file():
+                h.update(b"sae/" + name.encode() + b"\0" + path.read_bytes() + b"\0")
     return "sha256:" + h.hexdigest()
 
 

@@ -38,11 +38,11 @@ from torch import Tensor
 
 from neuronpatch.architecture import Site
 from neuronpatch.errors import HeadConfigError, config_error
+from neuronpatch.names import DICTIONARY_FILES
 
 SAE_ARCHITECTURES: tuple[str, ...] = ("standard", "gated", "jumprelu", "topk")
 TRANSCODER_ARCHITECTURES: tuple[str, ...] = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
-CONFIG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE, WEIGHTS_FILE = DICTIONARY_FILES
 
 # TransformerLens hook names → sites. ``mlp.hook_in`` (the MLP's own input, its norm's gain
 # and bias included) is read only: a transcoder's input.
@@ -258,7 +258,7 @@ def load(path: str | Path, device: torch.device | str = "cpu") -> Dictionary:
     if not wfile.is_file():
         raise HeadConfigError(f"{cfg.path}: no {WEIGHTS_FILE} (SAELens' layout is {CONFIG_FILE} + "
                               f"{WEIGHTS_FILE})")
-    key = (str(wfile.resolve()), wfile.stat().st_mtime, str(device))
+    key = (str(wfile), wfile.stat().st_mtime, str(device))
     if key in _LOADED:
         return _LOADED[key]
     from safetensors.torch import load_file

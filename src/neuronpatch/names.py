@@ -16,6 +16,9 @@ import hashlib
 import re
 from typing import Final
 
+# A dictionary directory (SAELens' layout): its config, then its weights.
+DICTIONARY_FILES: Final[tuple[str, str]] = ("cfg.json", "sae_weights.safetensors")
+
 # A probe file is a file whose name ends in one of these.
 PROBE_SUFFIXES: Final[tuple[str, ...]] = (".probe.yaml", ".probe.yml")
 

@@ -70,7 +70,8 @@ def _fit(fig: Figure, text: str, fontsize: float = 12.0) -> str:
 
 def _title(res: ExperimentResult, title: str | None) -> str:
     who = title or Path(res.head_path).name
-    return f"{who} · L{res.target_layer} N{res.target_neuron} ({res.layer_type})"
+    unit = f"latent {res.target_neuron}" if res.layer_type == "sae" else f"N{res.target_neuron}"
+    return f"{who} · L{res.target_layer} {unit} ({res.layer_type})"
 
 
 def _fmt(x: float, digits: int = 3) -> str:
