@@ -43,6 +43,10 @@ from neuronpatch.names import DICTIONARY_FILES
 SAE_ARCHITECTURES: tuple[str, ...] = ("standard", "gated", "jumprelu", "topk")
 TRANSCODER_ARCHITECTURES: tuple[str, ...] = ("transcoder", "skip_transcoder", "jumprelu_transcoder")
 CONFIG_FILE, WEIGHTS_FILE = DICTIONARY_FILES
+# The dictionary shipped with the package: an SAE on neuronpatch-demo's blocks.1.hook_resid_post
+# (trained by ``python -m neuronpatch.demo.train_sae``), named so in a head's ``sae``.
+DEMO_SAE = "neuronpatch-demo-sae"
+DEMO_SAE_DIR = Path(__file__).parent / "demo" / "sae"
 
 # TransformerLens hook names → sites. ``mlp.hook_in`` (the MLP's own input, its norm's gain
 # and bias included) is read only: a transcoder's input.
@@ -111,13 +115,21 @@ def _positive(raw: dict[str, Any], key: str, where: Path) -> int:
     return v
 
 
+def resolve(sae: str | Path, relative_to: Path) -> Path:
+    """Where a head's ``sae`` value points: the shipped demo dictionary by name, an absolute
+    path, or a path relative to ``relative_to`` (the head's directory)."""
+    if str(sae) == DEMO_SAE:
+        return DEMO_SAE_DIR
+    return Path(sae) if Path(sae).is_absolute() else relative_to / sae
+
+
 def read_config(path: str | Path) -> DictionaryConfig:
     """Read and validate a dictionary directory's ``cfg.json`` (weights are not read).
 
     Raises:
         HeadConfigError: a missing file, an unknown architecture or hook, a bad value.
     """
-    path = Path(path)
+    path = DEMO_SAE_DIR if str(path) == DEMO_SAE else Path(path)
     where = path / CONFIG_FILE
     if not where.is_file():
         raise HeadConfigError(f"{path}: not a dictionary directory (no {CONFIG_FILE}; SAELens' layout "

@@ -254,10 +254,10 @@ def _dictionary(raw: Mapping[str, Any], layer_type: str, where: Path) -> tuple[s
     if not isinstance(sae, str) or not sae:
         raise config_error(where, "sae", sae if "sae" in raw else "<missing>",
                            "the path of a dictionary directory (cfg.json + sae_weights.safetensors), "
-                           "relative to the head's directory")
-    path = Path(sae) if Path(sae).is_absolute() else where.parent / sae
+                           "relative to the head's directory, or neuronpatch-demo-sae")
     from neuronpatch import dictionaries
 
+    path = dictionaries.resolve(sae, where.parent)
     layer = dictionaries.read_config(path).read.layer
     given = _int(raw, "target_layer", where, default=layer)
     if given != layer:

@@ -314,8 +314,11 @@ def train_head(
         "coordinates": coordinates, "head_type": head_type,
         "head_config": {"hidden_dim": hidden_dim, "dropout": 0.0},
     }
-    if sae is not None:  # relative to the head's directory, as the head reads it
-        config["sae"] = os.path.relpath(Path(sae).resolve(), Path(out).resolve())
+    if sae is not None:  # relative to the head's directory, as the head reads it (or the demo's name)
+        from neuronpatch.dictionaries import DEMO_SAE
+
+        config["sae"] = DEMO_SAE if str(sae) == DEMO_SAE else os.path.relpath(Path(sae).resolve(),
+                                                                            Path(out).resolve())
     acc_train = acc_held = None
     if head_type == "regression":
         if hidden_dim:
