@@ -487,7 +487,7 @@ class _Job:
             clean_feat, feat, act, before = got.clean_feat, got.feat, got.act, got.row_clean
         else:
             # As engine.measure sizes kv batches: each row runs one token (the read token).
-            per = self.budget.kv_inputs(self.model, self.p, enc, len(targets) + 1, 1)
+            per = self.budget.kv_inputs(self.model, self.p, enc, len(targets) + 1, 1, kept=True)
             parts = [_cached_rows(self.model, self.p, enc, part, affine[part.idx], targets, self.budget)
                      for c in kept for part in _split(c, per)]
             clean_feat, feat, act, before = (torch.cat([q[j] for q in parts]) for j in range(4))

@@ -203,7 +203,9 @@ def test_cache_budget_splits_batches_without_changing_a_number(tmp_path, model_d
 @pytest.mark.parametrize("method", ["kv", "full"])
 def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method):
     # Patched rows differ only from the unit's block on: below it each input runs once, and
-    # the rows multiply at the unit's block. Bloom hands its blocks an ALiBi table with heads
+    # the rows multiply at the unit's block. In kv the rows enter at the unit's block: the
+    # blocks below it run only the clean pass over whole inputs, and the rows go on folded
+    # side by side, one sequence per input. Bloom hands its blocks an ALiBi table with heads
     # folded into the batch, so the check refuses growth there and every row runs every block.
     from neuronpatch.models import load_model
 
@@ -213,10 +215,10 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method)
     texts = TEXTS[:2]
     # The first run checks, once for this model and block, that growing reproduces plain rows.
     run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method)
-    seen: dict[int, set[int]] = {0: set(), 1: set()}
-    hooks = [model.arch.blocks[i].register_forward_pre_hook(
-        lambda mod, args, kw, i=i: seen[i].add((args[0] if args else kw["hidden_states"]).shape[0]),
-        with_kwargs=True) for i in (0, 1)]
+    # What each block really computes: its MLP's input (a replayed block never reaches it).
+    seen: dict[int, set[tuple[int, int]]] = {0: set(), 1: set()}
+    hooks = [model.arch.mlp_out_proj[i].register_forward_pre_hook(
+        lambda mod, args, i=i: seen[i].add(tuple(args[0].shape[:2]))) for i in (0, 1)]
     try:
         res = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model,
                              method=method)
@@ -225,8 +227,13 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method)
             h.remove()
     rows = len(texts) * 4  # each input: a clean row and three patched ones
     assert res.method == method
-    assert (max(seen[0]) == len(texts)) is grows
-    assert max(seen[1]) == rows
+    if method == "kv" and grows:
+        longest = max(len(model.tokenizer(t)["input_ids"]) for t in texts)
+        assert seen[0] == {(len(texts), longest)}  # the clean pass, nothing more
+        assert seen[1] == {(len(texts), longest), (len(texts), 4)}  # four rows of one token, folded
+    else:
+        assert (max(b for b, _ in seen[0]) == len(texts)) is grows
+        assert max(b for b, _ in seen[1]) == rows
     # The same rows with every row through every block (tests/engine/test_architectures.py holds the
     # grown routes against the HF reference on 14 architectures).
     plain = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method,

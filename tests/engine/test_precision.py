@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -200,7 +201,7 @@ FOUR = ["The cat sat on the mat.", "Open the file before you read from it.",
 
 
 def test_pytest_reports_a_bfloat16_claim_inside_its_error_as_inconclusive(pytester: pytest.Pytester) -> None:
-    # demo_final on these four inputs in bfloat16: slope 0.867 ± 0.057 (float32: 0.869).
+    # demo_final on these four inputs in bfloat16: slope 0.865 ± 0.056 (float32: 0.869).
     run_experiment(ROOT / "probes" / "heads" / "demo_final", inputs=["warm up"], set=[0, 1])
     shutil.copytree(ROOT / "probes" / "heads" / "demo_final", pytester.path / "heads" / "demo_final")
 
@@ -220,12 +221,14 @@ def test_pytest_reports_a_bfloat16_claim_inside_its_error_as_inconclusive(pytest
     result = pytester.runpytest("-p", "no:cacheprovider", "-v", "--neuronpatch-report", "report.html")
     result.assert_outcomes(passed=1, failed=2)
     page = (pytester.path / "report.html").read_text()
-    assert page.count("numerical error: slope 0.867 ± 0.057, R² 0.998 ± 0.0059 from bfloat16 rounding") == 3
+    lines = re.findall(r"numerical error: slope 0\.86\d ± 0\.05\d, R² 0\.99\d ± 0\.00\d+ "
+                       r"from bfloat16 rounding", page)
+    assert len(lines) == 3 and len(set(lines)) == 1  # one line per probe, all the same run
     result.stdout.fnmatch_lines_random([
-        "*INCONCLUSIVE  slope  = 0.866* ± 0.0*  expected ≤ 0.9*",
+        "*INCONCLUSIVE  slope  = 0.86* ± 0.0*  expected ≤ 0.9*",
         "*bfloat16 rounding moves the slope by up to 0.0*, across the expected range's edge; "
         "run in float32 to decide*",
-        "*FAIL  slope  = 0.866* ± 0.0*  expected ≥ 1.2*",
+        "*FAIL  slope  = 0.86* ± 0.0*  expected ≥ 1.2*",
     ])
     summaries = [json.loads(p.read_text()) for p in
                  (pytester.path / ".neuronpatch" / "artifacts").glob("*/summary.json")]

@@ -195,8 +195,9 @@ def test_screen_confirmation_in_pieces_or_without_the_kept_cache(tmp_path, budge
     # The screen keeps its prefix caches for the confirmation's rows. With a cache budget that
     # holds the prefixes but not their repeated rows, the kept cache is split into one piece per
     # input; with no budget at all it is not kept and engine.measure runs the prefixes again.
-    # Every number still matches the oracle. Block 0's forwards tell the two apart: a prefix
-    # runs several tokens, a confirmation piece one token of one input.
+    # Every number still matches the oracle. What block 0 computes tells the two apart: a
+    # prefix runs several tokens, a kept piece one token of one input; without a kept cache
+    # the confirmation's rows enter at the unit's block and block 0 runs only their prefixes.
     from neuronpatch.models import load_model
 
     path = tiny_model(tmp_path / "model", "gpt_neox")
@@ -208,9 +209,8 @@ def test_screen_confirmation_in_pieces_or_without_the_kept_cache(tmp_path, budge
     budget_bytes = prefixes if budget == "pieces" else 1
     rank_units(head, TEXTS, top=4, model=model, kv_cache_bytes=budget_bytes)  # the growth check runs once
     shapes: list[tuple[int, int]] = []
-    hook = model.arch.blocks[0].register_forward_pre_hook(
-        lambda mod, args, kw: shapes.append(tuple((args[0] if args else kw["hidden_states"]).shape[:2])),
-        with_kwargs=True)
+    hook = model.arch.mlp_out_proj[0].register_forward_pre_hook(
+        lambda mod, args: shapes.append(tuple(args[0].shape[:2])))
     try:
         res = rank_units(head, TEXTS, top=4, model=model, kv_cache_bytes=budget_bytes)
     finally:
@@ -218,7 +218,7 @@ def test_screen_confirmation_in_pieces_or_without_the_kept_cache(tmp_path, budge
     prefix_runs = sum(1 for _, s in shapes if s > 1)
     one_input_one_token = sum(1 for b, s in shapes if (b, s) == (1, 1))
     assert prefix_runs == (1 if budget == "pieces" else 1 + len(TEXTS))
-    assert one_input_one_token == len(TEXTS)
+    assert one_input_one_token == (len(TEXTS) if budget == "pieces" else 0)
     scale = float(np.nanmax(np.abs(res.exact_slope)))
     for u in np.flatnonzero(res.patched).tolist():
         assert _close(float(res.exact_slope[u]), oracle_slope(oracle, head, cfg, u), scale)

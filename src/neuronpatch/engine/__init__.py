@@ -35,9 +35,11 @@ patched rows changed it.
 
 In ``kv`` and ``full``, an input's rows are identical below the unit's block,
 so those blocks run once per input and the rows multiply at the unit's block
-(:class:`Growth`; the cache is repeated only from there on). Whether a model's
-blocks take a grown batch is checked once per model, block and feature site
-against ungrown rows; where it does not hold, every row runs every block.
+(:class:`Growth`; the cache is repeated only from there on). In ``kv`` the prefix
+pass runs the patched tokens too, clean, so the rows enter at the unit's block and
+the blocks below it never run for them (:class:`Entry`). Whether a model's blocks
+take a grown batch, and an entered one, is checked once per model, block and
+feature site against ungrown rows; where it does not hold, every row runs every block.
 
 The package, in the order data flows through it:
 
@@ -77,6 +79,7 @@ from neuronpatch.engine._forward import (
     Along,
     Batch,
     Capture,
+    Entry,
     Growth,
     Stop,
     Tap,
@@ -87,7 +90,7 @@ from neuronpatch.engine._forward import (
     repeat_cache,
     run_rows,
 )
-from neuronpatch.engine._growth import CHECK_RTOL, agree, growth
+from neuronpatch.engine._growth import CHECK_RTOL, agree, check_rtol, growth
 from neuronpatch.engine._inputs import (
     DEFAULT_INPUTS,
     Encoded,
@@ -119,7 +122,7 @@ from neuronpatch.engine._routes import (
     patched_rows,
     write_directions,
 )
-from neuronpatch.engine._rows import full_rows, kv_rows, layer_rows, prefix_cache
+from neuronpatch.engine._rows import entry_cache, folded_mask, full_rows, kv_rows, layer_rows, prefix_cache
 
 __all__ = [
     "CHECK_RTOL",
@@ -134,6 +137,7 @@ __all__ = [
     "Budget",
     "Capture",
     "Encoded",
+    "Entry",
     "Growth",
     "Measured",
     "Method",
@@ -143,6 +147,7 @@ __all__ = [
     "Targets",
     "agree",
     "check_batch_size",
+    "check_rtol",
     "check_shortcut",
     "choose_route",
     "chunks",
@@ -150,7 +155,9 @@ __all__ = [
     "direction_writes",
     "dtype_name",
     "encode",
+    "entry_cache",
     "float32_weights",
+    "folded_mask",
     "forward",
     "forward_kwargs",
     "full_rows",

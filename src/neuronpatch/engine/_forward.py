@@ -11,8 +11,9 @@ the unit patched in each, the patch read back and checked, and a typed
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -68,6 +69,14 @@ class Growth:
     at: int
     m: int
     names: frozenset[str | int] | None
+    # A kv batch may enter at block ``at``: the blocks below it are replayed from a clean
+    # pass over the whole input (:class:`Entry`), checked per model like the growth itself.
+    enter: bool = False
+    # An entered kv batch may also fold its rows into the sequence: one row per input whose
+    # tokens are the ``m`` rows' suffixes side by side, each attending to the shared prefix
+    # cache and to itself only (:func:`~neuronpatch.engine.folded_mask`), so the cache is
+    # never repeated. Checked per model like the rest.
+    fold: bool = False
     seen: set[str | int] = field(default_factory=set)
 
     def hook(self, n: int) -> Callable[..., Any]:
@@ -108,6 +117,47 @@ def repeat_cache(cache: Any, m: int, grow: Growth | None, n_layers: int) -> None
         layer.batch_repeat_interleave(grow.m)
 
 
+@dataclass(frozen=True)
+class Entry:
+    """What the blocks below ``at`` return for a kv batch's tokens, kept from a clean pass.
+
+    A kv batch's rows are all clean below the unit's block, and a clean forward over
+    each input's whole span (prefix and patched tokens, :func:`~neuronpatch.engine.entry_cache`)
+    has already run those blocks on the patched tokens. For the batch's own forward each
+    block below ``at`` answers with block ``at − 1``'s output kept from that pass instead
+    of computing it again: the model's own forward runs from block ``at`` on, and the
+    blocks below it cost nothing.
+    """
+
+    at: int
+    output: Any  # block at − 1's return value, cut to the batch's tokens
+
+    def replay(self, *args: Any, **kwargs: Any) -> Any:
+        return self.output
+
+    def tiled(self, m: int) -> Entry:
+        """The same output ``m`` times side by side along the tokens (for folded rows)."""
+        many = isinstance(self.output, (tuple, list))
+        t = (self.output[0] if many else self.output).repeat(1, m, 1)
+        return Entry(self.at, type(self.output)([t, *self.output[1:]]) if many else t)
+
+
+@contextlib.contextmanager
+def _entered(model: LoadedModel, entry: Entry | None) -> Iterator[None]:
+    """For one call, the blocks below ``entry.at`` answer with ``entry.output`` (an instance
+    ``forward`` shadowing the class's, removed afterwards)."""
+    blocks = model.arch.blocks[: entry.at] if entry is not None else []
+    if any("forward" in vars(blk) for blk in blocks):
+        raise RuntimeError("a block's forward is already replaced (e.g. by an offloading hook)")
+    try:
+        for blk in blocks:
+            blk.forward = entry.replay  # type: ignore[union-attr]
+        yield
+    finally:
+        for blk in blocks:
+            vars(blk).pop("forward", None)
+
+
 # --------------------------------------------------------------------------- the primitive
 Tap = tuple[Site, Callable[[Tensor], Tensor | None]]
 Mode = Literal["inference", "no_grad", "grad"]
@@ -115,7 +165,8 @@ Mode = Literal["inference", "no_grad", "grad"]
 
 def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
             taps: Sequence[Tap] = (), cache: Any = None, grow: Growth | None = None,
-            rows: int | None = None, until: Site | None = None, mode: Mode = "inference") -> Any:
+            rows: int | None = None, until: Site | None = None, mode: Mode = "inference",
+            entry: Entry | None = None, fold: int = 1) -> Any:
     """Run the model's own forward on one batch with ``taps`` attached; hooks live only for this call.
 
     Args:
@@ -129,6 +180,9 @@ def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
         until: stop after this site has run (e.g. the last block, when only the cache is needed).
         mode: ``inference`` (no autograd), ``no_grad`` (tensors a later backward may read) or
             ``grad``.
+        entry: the blocks below ``entry.at`` replay a clean pass's output (see :class:`Entry`).
+        fold: each row of ``ids`` holds ``fold`` rows side by side along the sequence; the
+            taps see them unfolded, ``[B·fold, S/fold, width]`` (see :attr:`Growth.fold`).
 
     Returns:
         The model's output, or None when a hook stopped the pass early.
@@ -139,12 +193,14 @@ def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
         hook = grow.hook(ids.shape[0])
         handles += [blk.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
                     for blk in model.arch.blocks[grow.at:]]
+    if fold > 1:
+        taps = [(site, _unfolded(fn, ids.shape[0], fold)) for site, fn in taps]
     try:
         handles += [architecture.attach(model.arch, site, fn, R) for site, fn in taps]
         if until is not None:
             handles.append(architecture.attach(model.arch, until, _stop, R))
         ctx = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
-        with ctx():
+        with ctx(), _entered(model, entry):
             try:
                 return model.hf(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=cache is not None, **forward_kwargs(model))
@@ -153,6 +209,17 @@ def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
     finally:
         for h in handles:
             h.remove()
+
+
+def _unfolded(fn: Callable[[Tensor], Tensor | None], n: int, fold: int) -> Callable[[Tensor], Tensor | None]:
+    """``fn`` seeing a folded ``[n, fold·s, width]`` tensor as ``[n·fold, s, width]`` (a view: row
+    ``k·fold + j`` is input ``k``'s ``j``-th row, as ``repeat_interleave`` lays rows out)."""
+    def unfolded(t: Tensor) -> Tensor | None:
+        if t.dim() != 3 or t.shape[0] != n:
+            return fn(t)  # already one row per row (a flattened tensor reshaped by the site)
+        new = fn(t.reshape(n * fold, t.shape[1] // fold, t.shape[2]))
+        return None if new is None else new.reshape(t.shape)
+    return unfolded
 
 
 def _stop(t: Tensor) -> None:
@@ -225,6 +292,8 @@ class Batch:
     columns: Tensor | None = None  # [R] the column each row patches; None: the plan's
     directions: Tensor | None = None  # [R] the direction control each row patches (−1: none)
     grow: Growth | None = None  # ids hold one row per input; rows multiply at the unit's block
+    entry: Entry | None = None  # the blocks below the unit's replay a clean pass (kv)
+    fold: int = 1  # each row of ids holds this many rows side by side (kv; see Growth.fold)
 
     @property
     def rows(self) -> int:
@@ -495,7 +564,8 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
     if guard is not None:
         taps.append((guard, capture_guard))
     taps += _route_taps(model, p, got)
-    out = forward(model, b.ids, b.mask, b.positions, taps=taps, cache=b.cache, grow=b.grow, rows=R)
+    out = forward(model, b.ids, b.mask, b.positions, taps=taps, cache=b.cache, grow=b.grow, rows=R,
+                  entry=b.entry, fold=b.fold)
     if logits and out is not None:
         got.features = out.logits[:, -1].float()
     if got.requested is None:

@@ -65,17 +65,22 @@ class Budget:
         layers = model.n_layers - from_layer
         return enc.longest * layers * model.d_model * 2 * model.hf.dtype.itemsize
 
-    def kv_inputs(self, model: LoadedModel, p: Plan, enc: Encoded, m: int, suffix: int) -> int:
+    def kv_inputs(self, model: LoadedModel, p: Plan, enc: Encoded, m: int, suffix: int, *,
+                  kept: bool = False) -> int:
         """Inputs per kv batch with ``m`` rows each running ``suffix`` tokens.
 
         ``batch_size`` counts rows of full length, so as many suffix rows fit as carry the
         same number of tokens; the prefix cache is repeated once per row (from the unit's
-        block on, when rows grow there), so its bytes are bounded too.
+        block on, when rows grow there; never, when they fold), so its bytes are bounded too.
+        ``kept``: the rows continue a prefix cache kept from an earlier pass, which is
+        repeated (only a batch that runs its own prefix pass folds).
         """
         per = max(1, self.batch_size * enc.longest // (m * suffix))
-        grown = self.growth(model, p, m) is not None
-        row_bytes = self.cache_bytes(model, enc, p.unit.layer if grown else 0)
-        return max(1, min(per, self.kv_cache_bytes // max(1, m * row_bytes)))
+        grown = self.growth(model, p, m)
+        folds = grown is not None and grown.fold and p.feature.kind != "logits" and not kept
+        copies = 1 if folds else m  # folded rows share their input's cache (kv_rows)
+        row_bytes = self.cache_bytes(model, enc, p.unit.layer if grown is not None and copies > 1 else 0)
+        return max(1, min(per, self.kv_cache_bytes // max(1, copies * row_bytes)))
 
     def growth(self, model: LoadedModel, p: Plan, m: int) -> Growth | None:
         """The :class:`~neuronpatch.engine.Growth` for ``m`` rows per input, or None."""

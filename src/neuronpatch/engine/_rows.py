@@ -18,6 +18,7 @@ from neuronpatch.coordinates import Plan
 from neuronpatch.engine._forward import (
     Batch,
     Capture,
+    Entry,
     Growth,
     Stop,
     Targets,
@@ -90,6 +91,56 @@ def prefix_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], *,
     return cache, mask, lengths
 
 
+def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
+                at: int) -> tuple[Any, Tensor, Tensor, Entry]:
+    """One clean forward over each input's prefix and suffix: the prefix cache and an :class:`Entry`.
+
+    Every suffix has the same length ``s``. The cache is cut back to the prefix (the
+    suffix's keys and values are the rows' to write), and block ``at − 1``'s output at
+    the suffix tokens is kept, so a kv batch over these suffixes may start at block
+    ``at``. Returns ``(cache, prefix mask, prefix lengths, entry)`` like :func:`prefix_cache`.
+
+    Raises:
+        RuntimeError: the model's cache or block outputs are not of a kind this can cut
+            (the growth check then keeps the plain kv pass for the model).
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    s = len(suffixes[0])
+    dev = model.device
+    ids, mask, pos = left_pad([[*a, *b] for a, b in zip(prefixes, suffixes, strict=True)], pad_id(model), dev)
+    kept: list[Any] = []
+
+    def keep(module: Any, args: Any, output: Any) -> None:
+        kept.append(output)
+
+    cache = DynamicCache(config=model.hf.config)
+    handle = model.arch.blocks[at - 1].register_forward_hook(keep)
+    try:
+        forward(model, ids, mask, pos, cache=cache, until=last_block(model))
+    finally:
+        handle.remove()
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        raise RuntimeError("the model's cache has layers other than plain full-attention ones")
+    cache.crop(-s)
+    lengths = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=dev)
+    return cache, mask[:, :-s], lengths, Entry(at, _suffix_of(kept[0], ids.shape, s))
+
+
+def _suffix_of(output: Any, shape: torch.Size, s: int) -> Any:
+    """A block's return value cut to its last ``s`` tokens: a ``[B, S, d]`` tensor, or one first
+    in a tuple of otherwise nothing."""
+    many = isinstance(output, (tuple, list))
+    t = output[0] if many else output
+    if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[:2] != shape:
+        raise RuntimeError("the block's output is not a [batch, tokens, width] tensor")
+    if many and any(x is not None for x in output[1:]):
+        raise RuntimeError("the block returns more than its hidden states")
+    cut = t[:, -s:]
+    return type(output)([cut, *output[1:]]) if many else cut
+
+
 def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
             guard: Site | None = None, targets: Targets | None = None,
             grow: Growth | None = None, prefix: tuple[Any, Tensor, Tensor] | None = None) -> Capture:
@@ -98,7 +149,9 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     Every input in ``idx`` has one patched position at or before its read
     position, and the same number of tokens from the patch to the read position.
     The prefix cache is repeated once per row, in every layer or (with ``grow``)
-    only in the layers from the unit's block on, where the rows differ.
+    only in the layers from the unit's block on, where the rows differ. With
+    ``grow.enter`` the prefix pass also runs the suffix clean (:func:`entry_cache`) and the
+    rows start at the unit's block: the blocks below it never run for them.
     ``prefix``: the ``(cache, mask, lengths)`` of :func:`prefix_cache` over these inputs'
     tokens before the patch, kept from an earlier pass (it is repeated in place).
     """
@@ -109,23 +162,58 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     suffixes = [enc.ids[i][q: enc.read_pos[i] + 1] for i, q in zip(idx, first, strict=True)]
     s = len(suffixes[0])
     assert all(len(x) == s for x in suffixes) and all(prefixes), "one suffix length, non-empty prefixes"
-    cache, pmask, lengths = prefix_cache(model, prefixes) if prefix is None else prefix
-    repeat_cache(cache, m, grow, model.n_layers)
+    entry = None
+    if prefix is not None:
+        cache, pmask, lengths = prefix
+    elif grow is not None and grow.enter:
+        cache, pmask, lengths, entry = entry_cache(model, prefixes, suffixes, grow.at)
+    else:
+        cache, pmask, lengths = prefix_cache(model, prefixes)
     sids = torch.tensor(suffixes, dtype=torch.long, device=dev)
     spos = lengths[:, None] + torch.arange(s, device=dev)[None, :]
-    smask = torch.cat([pmask, torch.ones(len(idx), s, dtype=pmask.dtype, device=dev)], dim=1)
-    patch = torch.zeros(len(idx) * m, s, dtype=torch.bool, device=dev)
-    patch[:, 0] = True
     R = len(idx) * m
-    rep = lambda t: t.repeat_interleave(m, 0)  # noqa: E731
-    tokens = (lambda t: t) if grow is not None else rep
+    patch = torch.zeros(R, s, dtype=torch.bool, device=dev)
+    patch[:, 0] = True
     cols, dirs = _targets(targets, len(idx), dev)
-    b = Batch(ids=tokens(sids), mask=tokens(smask), positions=tokens(spos), patch=patch,
-              measure=torch.zeros(R, dtype=torch.long, device=dev),
-              read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
-              alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev), cache=cache,
-              columns=cols, directions=dirs, grow=grow)
+    rows = dict(patch=patch, measure=torch.zeros(R, dtype=torch.long, device=dev),
+                read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
+                alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev),
+                cache=cache, columns=cols, directions=dirs)
+    if entry is not None and grow is not None and grow.fold and p.feature.kind != "logits":
+        # One row per input holding its m rows side by side: the prefix cache is shared.
+        b = Batch(ids=sids.repeat(1, m), mask=folded_mask(model, pmask, m, s), positions=spos.repeat(1, m),
+                  entry=entry.tiled(m), fold=m, **rows)
+        return run_rows(model, p, b, guard)
+    repeat_cache(cache, m, grow, model.n_layers)
+    smask = torch.cat([pmask, torch.ones(len(idx), s, dtype=pmask.dtype, device=dev)], dim=1)
+    tokens = (lambda t: t) if grow is not None else (lambda t: t.repeat_interleave(m, 0))
+    b = Batch(ids=tokens(sids), mask=tokens(smask), positions=tokens(spos), grow=grow, entry=entry, **rows)
     return run_rows(model, p, b, guard)
+
+
+def folded_mask(model: LoadedModel, pmask: Tensor, m: int, s: int) -> Tensor:
+    """The attention mask of ``m`` rows of ``s`` tokens folded side by side after a shared prefix.
+
+    ``[inputs, 1, m·s, P + m·s]``: each token sees the prefix's real tokens (``pmask``) and
+    the tokens of its own row up to itself, never another row's; in the form the model's
+    attention takes a prepared mask (boolean for ``sdpa``, additive for ``eager``).
+
+    Raises:
+        RuntimeError: the model's attention takes no prepared mask.
+    """
+    n, P = pmask.shape
+    q = torch.arange(m * s, device=pmask.device)
+    own = (q[:, None] // s == q[None, :] // s) & (q[None, :] <= q[:, None])  # [m·s, m·s]
+    seen = torch.cat([pmask.bool()[:, None, None, :].expand(n, 1, m * s, P),
+                      own.expand(n, 1, m * s, m * s)], dim=-1)
+    impl = model.hf.config._attn_implementation
+    if impl == "sdpa":
+        return seen
+    if impl == "eager":
+        dtype = model.hf.dtype
+        blocked = torch.zeros(seen.shape, dtype=dtype, device=seen.device)
+        return blocked.masked_fill(~seen, torch.finfo(dtype).min)
+    raise RuntimeError(f"attention {impl!r} takes no prepared mask")
 
 
 def layer_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int]) -> list[Tensor]:
