@@ -180,6 +180,7 @@ def test_every_metric_of_the_engine_is_known():
         "mean_abs_prediction_change", "mean_abs_activation_change",
         "control_slope", "specificity", "specificity_ci95",  # with controls (issue 17)
         "rank",  # when a probe asks for it (issue 17)
+        "active_fraction",  # for a dictionary latent (issue 22)
     }
     assert set(METRICS) == engine_keys
     assert {m.name for m in METRICS.values() if m.kind == "per_input"} == {
