@@ -324,6 +324,8 @@ def write_sae(
         w["b_enc"] = bias
     if architecture.startswith("jumprelu"):
         w["threshold"] = rnd(d_sae, s=0.3).abs()
+    if architecture == "skip_transcoder":
+        w["W_skip"] = rnd(d_out, d_in, s=d_in**-0.5)
     cfg: dict[str, Any] = {"architecture": architecture, "d_in": d_in, "d_sae": d_sae, "hook_name": hook_name,
                            "apply_b_dec_to_input": apply_b_dec_to_input, "normalize_activations": "none",
                            "dtype": "float32", "device": "cpu"}

@@ -47,6 +47,9 @@ CASES: dict[str, tuple[str, str, str, dict, tuple[str, ...]]] = {
                        ("auto", "kv", "full")),
     "transcoder-linear": ("transcoder", "blocks.1.mlp.hook_in", "mlp_out", dict(feature_layer=1),
                           ("auto", "linear", "kv")),
+    # The skip connection is part of the transcoder's reconstruction, kept with its error.
+    "skip_transcoder-mlp-mid": ("skip_transcoder", "blocks.0.mlp.hook_in", "mlp_out",
+                                dict(feature_layer=1, hidden_dim=4), ("auto", "kv", "full")),
 }
 
 
@@ -78,20 +81,21 @@ def encoder(sae: Path, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return f
 
 
-def reference(oracle: Oracle, head: Path, sae: Path, cfg: dict, ivs: tuple) -> tuple:
+def reference(oracle: Oracle, head: Path, sae: Path, cfg: dict, ivs: tuple, every: bool = False) -> tuple:
     w = load_file(str(sae / "sae_weights.safetensors"))["W_dec"][LATENT]
     transcoder = "transcoder" in json.loads((sae / "cfg.json").read_text())["architecture"]
     latent = (encoder(sae, LATENT), w, transcoder)
     clean_a, clean_p, act, pred = [], [], [], []
     for text in TEXTS:
         read = len(oracle.ids(text)) - 1
-        c, _, f = oracle.run(text, cfg=cfg, patch=([read], 1.0, 0.0), latent=latent)
+        where = list(range(read + 1)) if every else [read]
+        c, _, f = oracle.run(text, cfg=cfg, patch=(where, 1.0, 0.0), latent=latent)
         clean_a.append(c)
         clean_p.append(head_predict(head, f))
         row_a, row_p = [], []
         for iv in ivs:
             alpha, beta = iv.affine()
-            _, pa, pf = oracle.run(text, cfg=cfg, patch=([read], alpha, beta), latent=latent)
+            _, pa, pf = oracle.run(text, cfg=cfg, patch=(where, alpha, beta), latent=latent)
             row_a.append(pa)
             row_p.append(head_predict(head, pf))
         act.append(row_a)
@@ -143,6 +147,19 @@ def test_latents_match_the_hf_reference(arch: tuple[Path, Oracle], case: str, tm
             err = float(np.abs(np.asarray(g) - w).max())
             assert err <= 1e-5 * max(scale, float(np.abs(w).max())), (
                 f"{case} route {route} ({res.method}): {name} off by {err:.3g}")
+
+
+@pytest.mark.parametrize("case", ["jumprelu-mlp_out", "transcoder-mlp"])
+def test_every_position_patched(arch: tuple[Path, Oracle], case: str, tmp_path: Path) -> None:
+    model_dir, oracle = arch
+    sae, head, ocfg = _setup(tmp_path, model_dir, case)
+    want = reference(oracle, head, sae, ocfg, IVS, every=True)
+    res = run_experiment(head, TEXTS, interventions=IVS, position="all", device="cpu")
+    assert res.method == "full"
+    scale = max(1.0, float(np.abs(want[3]).max()))
+    got = (res.clean_activation, res.clean_prediction, res.patched_activation, res.patched_prediction)
+    for g, w in zip(got, want, strict=True):
+        assert float(np.abs(np.asarray(g) - w).max()) <= 1e-5 * scale
 
 
 def test_unpatched_run_is_exactly_the_models_own(arch: tuple[Path, Oracle], tmp_path: Path) -> None:
