@@ -81,7 +81,8 @@ def encoder(sae: Path, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return f
 
 
-def reference(oracle: Oracle, head: Path, sae: Path, cfg: dict, ivs: tuple, every: bool = False) -> tuple:
+def reference(oracle: Oracle, head: Path, sae: Path, cfg: dict, ivs: tuple, every: bool = False,
+              mean: float = 0.0) -> tuple:
     w = load_file(str(sae / "sae_weights.safetensors"))["W_dec"][LATENT]
     transcoder = "transcoder" in json.loads((sae / "cfg.json").read_text())["architecture"]
     latent = (encoder(sae, LATENT), w, transcoder)
@@ -94,7 +95,7 @@ def reference(oracle: Oracle, head: Path, sae: Path, cfg: dict, ivs: tuple, ever
         clean_p.append(head_predict(head, f))
         row_a, row_p = [], []
         for iv in ivs:
-            alpha, beta = iv.affine()
+            alpha, beta = iv.affine(mean)
             _, pa, pf = oracle.run(text, cfg=cfg, patch=(where, alpha, beta), latent=latent)
             row_a.append(pa)
             row_p.append(head_predict(head, pf))
@@ -156,6 +157,21 @@ def test_every_position_patched(arch: tuple[Path, Oracle], case: str, tmp_path: 
     want = reference(oracle, head, sae, ocfg, IVS, every=True)
     res = run_experiment(head, TEXTS, interventions=IVS, position="all", device="cpu")
     assert res.method == "full"
+    scale = max(1.0, float(np.abs(want[3]).max()))
+    got = (res.clean_activation, res.clean_prediction, res.patched_activation, res.patched_prediction)
+    for g, w in zip(got, want, strict=True):
+        assert float(np.abs(np.asarray(g) - w).max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("case", ["gated-resid_post-mlp-head", "topk-attn_out-hf"])
+def test_zero_and_mean_ablation(arch: tuple[Path, Oracle], case: str, tmp_path: Path) -> None:
+    """Mean ablation sets the latent to its mean over the inputs (of the clean latent, here)."""
+    model_dir, oracle = arch
+    sae, head, ocfg = _setup(tmp_path, model_dir, case)
+    ivs = (Intervention("zero"), Intervention("mean"))
+    clean = reference(oracle, head, sae, ocfg, ())[0]
+    want = reference(oracle, head, sae, ocfg, ivs, mean=float(np.mean(clean)))
+    res = run_experiment(head, TEXTS, interventions=ivs, device="cpu")
     scale = max(1.0, float(np.abs(want[3]).max()))
     got = (res.clean_activation, res.clean_prediction, res.patched_activation, res.patched_prediction)
     for g, w in zip(got, want, strict=True):

@@ -490,8 +490,8 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
         return t.gather(-1, n[:, None, None].expand(-1, t.shape[1], 1))[..., 0]
 
     def patch(t: Tensor) -> Tensor | None:
-        col = column(t) if lat is None else t[..., 0]
-        c = p.unit_value(col, t) if lat is None else lat.value(t)
+        col = column(t) if lat is None else lat.value(t)  # a latent's value is its own column
+        c = p.unit_value(col, t) if lat is None else col
         target = b.alpha[:, None] * c + b.beta[:, None]
         delta = torch.where(b.patch, target - c, torch.zeros_like(c))
         clean = c[ar, b.measure]
