@@ -200,26 +200,19 @@ class Dictionary:
     def W_dec(self) -> Tensor:
         return self.w["W_dec"]
 
-    def pre(self, x: Tensor, cols: Tensor | None = None) -> Tensor:
+    def pre(self, x: Tensor, cols: Tensor | None = None, *, gate: bool = False) -> Tensor:
         """Pre-activations ``[..., d_sae]``; with ``cols [R]`` (``x [R, S, d_in]``) only column
-        ``cols[r]`` of row ``r``: ``[R, S]``. Gated: the magnitude path (the gate is :meth:`gate`)."""
-        w, cfg = self.w, self.cfg
+        ``cols[r]`` of row ``r``: ``[R, S]``. Gated: the magnitude path, or with ``gate`` the gate."""
+        w = self.w
         x = x.float()
-        if cfg.apply_b_dec_to_input:
+        if self.cfg.apply_b_dec_to_input:
             x = x - w["b_dec"]
-        if cfg.activation == "gated":
+        if gate:
+            W, b = w["W_enc"], w["b_gate"]
+        elif self.cfg.activation == "gated":
             W, b = w["W_enc"] * torch.exp(w["r_mag"]), w["b_mag"]
         else:
             W, b = w["W_enc"], w["b_enc"]
-        if cols is None:
-            return x @ W + b
-        return torch.einsum("rsd,dr->rs", x, W[:, cols]) + b[cols][:, None]
-
-    def gate(self, x: Tensor, cols: Tensor | None = None) -> Tensor:
-        x = x.float()
-        if self.cfg.apply_b_dec_to_input:
-            x = x - self.w["b_dec"]
-        W, b = self.w["W_enc"], self.w["b_gate"]
         if cols is None:
             return x @ W + b
         return torch.einsum("rsd,dr->rs", x, W[:, cols]) + b[cols][:, None]
@@ -246,7 +239,7 @@ class Dictionary:
         if act == "jumprelu":
             th = self.w["threshold"] if cols is None else self.w["threshold"][cols][:, None]
             return pre.relu() * (pre > th)
-        return pre.relu() * (self.gate(x, cols) > 0)  # gated
+        return pre.relu() * (self.pre(x, cols, gate=True) > 0)  # gated
 
     def rows(self, cols: Tensor) -> Tensor:
         """``[R, d_out]``: the decoder row of each row's latent."""
