@@ -105,6 +105,7 @@ from neuronpatch.engine._precision import (
     INPUTS_PER_RERUN,
     dtype_name,
     float32_weights,
+    inputs_to_rerun,
     measure_rounding,
     weights_in,
 )
@@ -122,7 +123,15 @@ from neuronpatch.engine._routes import (
     patched_rows,
     write_directions,
 )
-from neuronpatch.engine._rows import entry_cache, folded_mask, full_rows, kv_rows, layer_rows, prefix_cache
+from neuronpatch.engine._rows import (
+    Prefix,
+    entry_cache,
+    folded_mask,
+    full_rows,
+    kv_rows,
+    layer_rows,
+    prefix_cache,
+)
 
 __all__ = [
     "CHECK_RTOL",
@@ -141,6 +150,7 @@ __all__ = [
     "Growth",
     "Measured",
     "Method",
+    "Prefix",
     "Route",
     "Stop",
     "Tap",
@@ -162,6 +172,7 @@ __all__ = [
     "forward_kwargs",
     "full_rows",
     "growth",
+    "inputs_to_rerun",
     "kv_cache_budget",
     "kv_rows",
     "last_block",
