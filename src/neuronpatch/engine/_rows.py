@@ -94,13 +94,14 @@ def prefix_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], *,
 
 
 def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
-                at: int) -> tuple[Any, Tensor, Tensor, Entry]:
+                at: int, last: int | None = None) -> tuple[Any, Tensor, Tensor, Entry]:
     """One clean forward over each input's prefix and suffix: the prefix cache and an :class:`Entry`.
 
     Every suffix has the same length ``s``. The cache is cut back to the prefix (the
     suffix's keys and values are the rows' to write), and block ``at − 1``'s output at
     the suffix tokens is kept, so a kv batch over these suffixes may start at block
-    ``at``. Returns ``(cache, prefix mask, prefix lengths, entry)`` like :func:`prefix_cache`.
+    ``at``. ``last``: the last block whose cache the rows read (default the model's last);
+    the pass stops there. Returns ``(cache, prefix mask, prefix lengths, entry)``.
 
     Raises:
         RuntimeError: the model's cache or block outputs are not of a kind this can cut
@@ -120,7 +121,8 @@ def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes:
     cache = DynamicCache(config=model.hf.config)
     handle = model.arch.blocks[at - 1].register_forward_hook(keep)
     try:
-        forward(model, ids, mask, pos, cache=cache, until=last_block(model))
+        forward(model, ids, mask, pos, cache=cache,
+                until=last_block(model) if last is None else Site("block_out", last))
     finally:
         handle.remove()
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
@@ -195,7 +197,7 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     if prefix is not None:
         cache, pmask, lengths, entry = prefix.cache, prefix.mask, prefix.lengths, prefix.entry
     elif grow is not None and grow.enter:
-        cache, pmask, lengths, entry = entry_cache(model, prefixes, suffixes, grow.at)
+        cache, pmask, lengths, entry = entry_cache(model, prefixes, suffixes, grow.at, _last_read(model, p))
     else:
         cache, pmask, lengths = prefix_cache(model, prefixes)
     sids = torch.tensor(suffixes, dtype=torch.long, device=dev)
@@ -222,6 +224,14 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     tokens = (lambda t: t) if grow is not None else (lambda t: t.repeat_interleave(m, 0))
     b = Batch(ids=tokens(sids), mask=tokens(smask), positions=tokens(spos), grow=grow, entry=entry, **rows)
     return run_rows(model, p, b, guard, rows_in=rows_in)
+
+
+def _last_read(model: LoadedModel, p: Plan) -> int:
+    """The last block the rows run before their features are read (whose cache they need)."""
+    f = p.feature
+    if f.kind in ("final_norm", "logits"):
+        return model.n_layers - 1
+    return max(p.unit.layer, f.layer - 1 if f.kind == "block_in" else f.layer)
 
 
 def folded_mask(model: LoadedModel, pmask: Tensor, m: int, s: int) -> Tensor:
