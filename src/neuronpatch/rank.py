@@ -798,7 +798,7 @@ def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, 
     full = torch.cat([torch.tensor([1.0, 0.0]).expand(B, 1, 2), affine], dim=1)
     every = engine.Targets.of_columns([p.neuron]) + targets  # the clean row first
     rows = engine.kv_rows(model, p, enc, kept.idx, full, targets=every, grow=budget.growth(model, p, m),
-                          prefix=(kept.cache, kept.mask, kept.lengths))
+                          prefix=engine.Prefix(kept.cache, kept.mask, kept.lengths))
     kept.cache = None  # repeated in place: no longer the prefix cache
     feats = rows.features.reshape(B, m, -1).cpu()
     clean_unit = rows.clean_unit.reshape(B, m).cpu()

@@ -199,6 +199,25 @@ def test_cache_budget_splits_batches_without_changing_a_number(tmp_path, model_d
     np.testing.assert_allclose(split.patched_prediction, whole.patched_prediction, rtol=1e-5, atol=1e-6)
 
 
+def test_a_kv_pass_runs_no_block_after_the_one_the_head_reads(tmp_path):
+    # The head reads block 1's output: no pass, prefix or rows, needs block 2 of 3.
+    from neuronpatch.models import load_model
+
+    path = tiny_model(tmp_path / "m", "gpt2")
+    head = write_head(tmp_path / "h", path, target_layer=1, target_neuron=3, feature_layer=1)
+    model = load_model(str(path), device="cpu")
+    run_experiment(load_head(head), TEXTS, scale=[0, 2], model=model, method="kv")  # the growth check
+    calls: list[int] = []
+    hook = model.arch.mlp_out_proj[2].register_forward_pre_hook(lambda mod, args: calls.append(1))
+    try:
+        kv = run_experiment(load_head(head), TEXTS, scale=[0, 2], model=model, method="kv")
+    finally:
+        hook.remove()
+    assert kv.method == "kv" and calls == []
+    full = run_experiment(load_head(head), TEXTS, scale=[0, 2], model=model, method="full")
+    np.testing.assert_allclose(kv.patched_prediction, full.patched_prediction, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(("arch", "grows"), [("gpt2", True), ("llama", True), ("bloom", False)])
 @pytest.mark.parametrize("method", ["kv", "full"])
 def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method):

@@ -93,21 +93,32 @@ def _reference_fit(oracle: Oracle, head: Path, cfg: dict) -> dict[str, float]:
             "r_squared": float(np.corrcoef(x, y)[0, 1] ** 2)}
 
 
+def _oracle_in(model_dir: Path, dtype: str) -> Oracle:
+    """HF in float32 with the checkpoint's weights rounded to ``dtype``: the model a run in
+    ``dtype`` computes with, in exact-enough arithmetic."""
+    oracle = Oracle(model_dir)
+    with torch.no_grad():
+        for t in oracle.model.parameters():
+            t.copy_(t.to(getattr(torch, dtype)).float())
+    return oracle
+
+
 @pytest.fixture(scope="module")
 def matrix(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    """Every (architecture, head, reduced dtype) cell: the result and the float32 reference."""
+    """Every (architecture, head, reduced dtype) cell: the result and the float32 reference of
+    the same (rounded) weights."""
     cells = []
     root = tmp_path_factory.mktemp("precision")
     for arch in ARCHS:
         model_dir = tiny_model(root / arch, arch)
-        oracle = Oracle(model_dir)
+        oracles = {dtype: _oracle_in(model_dir, dtype) for dtype in ("bfloat16", "float16")}
         for name, cfg in HEADS.items():
             cfg = dict(cfg)
             kw = {k: cfg.pop(k) for k in ("hidden_dim", "head_type") if k in cfg}
             head = write_head(root / f"{arch}-{name}", model_dir, target_neuron=5, **kw, **cfg)
-            want = _reference_fit(oracle, head, {**cfg, **{k: v for k, v in kw.items()
-                                                            if k == "head_type"}})
-            for dtype in ("bfloat16", "float16"):
+            for dtype, oracle in oracles.items():
+                want = _reference_fit(oracle, head, {**cfg, **{k: v for k, v in kw.items()
+                                                                if k == "head_type"}})
                 res = run_experiment(head, list(MATRIX_INPUTS), scale=list(MATRIX_SCALES), device="cpu",
                                      dtype=dtype)
                 cells.append({"cell": f"{arch} {name} {dtype}", "result": res, "float32": want})
@@ -158,13 +169,46 @@ def test_float32_rows_stay_within_the_float32_bound(tmp_path: Path) -> None:
         assert gap <= res.rounding.row_error, (arch, gap, res.rounding.row_error)
 
 
-def test_float32_weights_restores_the_model_bit_for_bit(tmp_path: Path) -> None:
+def test_float32_weights_cast_each_block_as_it_runs_and_restore_the_model_bit_for_bit(tmp_path: Path) -> None:
     model = load_model(tiny_model(tmp_path / "m", "llama"), device="cpu", dtype="bfloat16")
     before = {k: v.clone() for k, v in model.hf.state_dict().items()}
-    with float32_weights(model):
-        assert all(p.dtype == torch.float32 for p in model.hf.parameters())
+    ids = torch.tensor([[5, 9, 2, 7, 3]])
+    seen: list[tuple[set[torch.dtype], set[torch.dtype]]] = []
+    probe = model.arch.mlp_out_proj[1].register_forward_pre_hook(
+        lambda mod, args: seen.append(({p.dtype for p in model.arch.blocks[1].parameters()},
+                                       {p.dtype for p in model.arch.blocks[0].parameters()})))
+    try:
+        with float32_weights(model):
+            assert all(p.dtype == torch.bfloat16 for p in model.hf.parameters())  # nothing cast until it runs
+            with torch.inference_mode():
+                lazy = model.hf(input_ids=ids).logits
+        with weights_in(model, torch.float32), torch.inference_mode():
+            eager = model.hf(input_ids=ids).logits
+    finally:
+        probe.remove()
+    # While block 1 runs, its weights are float32 and block 0's are back in bfloat16.
+    assert seen[0] == ({torch.float32}, {torch.bfloat16}) and len(seen) == 2
+    assert lazy.dtype == torch.float32
+    torch.testing.assert_close(lazy, eager, rtol=1e-6, atol=1e-6)
     after = model.hf.state_dict()
     assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_the_rerun_reuses_the_state_the_run_kept(tmp_path: Path) -> None:
+    # In bfloat16 the rounding re-run of a folded kv batch starts from the prefix state the run
+    # kept: block 0 (below the unit) computes once per run, for the run's own prefix pass.
+    model = load_model(tiny_model(tmp_path / "m", "gpt2"), device="cpu", dtype="bfloat16")
+    head = write_head(tmp_path / "h", tmp_path / "m", target_layer=1, target_neuron=5, feature_layer=-1)
+    run_experiment(head, model=model, scale=list(SCALES))  # the growth check runs once
+    calls: list[tuple[int, ...]] = []
+    hook = model.arch.mlp_out_proj[0].register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape))
+    try:
+        res = run_experiment(head, model=model, scale=list(SCALES))
+    finally:
+        hook.remove()
+    assert res.method == "kv" and res.rounding is not None and res.rounding.inputs
+    assert "over their shared prefix state" in res.rounding.method
+    assert len(calls) == 1 and calls[0][0] == len(DEFAULT_INPUTS)  # the run's prefix pass, all inputs
 
 
 def test_bfloat16_serves_mlp_out_and_matches_float32_within_its_error(tmp_path: Path) -> None:

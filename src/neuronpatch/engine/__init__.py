@@ -18,10 +18,12 @@ with the identities of :mod:`neuronpatch.coordinates`. Routes, cheapest first:
               patched position: patched features are the clean ones plus
               ``Δa`` times the unit's write direction (checked once against a
               real patched run; on a mismatch the engine steps aside to ``kv``);
-``kv``        one forward over every input's prefix (the tokens before the
-              patch) keeps the model's own KV cache; each input's cache is
-              repeated once per intervention plus once clean, and only the
-              positions from the patch to the read position are run again;
+``kv``        one clean forward over every input keeps the model's own KV cache (cut back
+              to the tokens before the patch) and the patched tokens' hidden states below
+              the unit's block; the rows run only the positions from the patch to the
+              read position, from the unit's block on, side by side in one sequence per
+              input over its shared cache (or, where a model does not allow that, with
+              the cache repeated per row);
 ``full``      every row, every position, from the start (the reference, and
               what ``position: all`` needs).
 
@@ -105,6 +107,7 @@ from neuronpatch.engine._precision import (
     INPUTS_PER_RERUN,
     dtype_name,
     float32_weights,
+    inputs_to_rerun,
     measure_rounding,
     weights_in,
 )
@@ -122,7 +125,15 @@ from neuronpatch.engine._routes import (
     patched_rows,
     write_directions,
 )
-from neuronpatch.engine._rows import entry_cache, folded_mask, full_rows, kv_rows, layer_rows, prefix_cache
+from neuronpatch.engine._rows import (
+    Prefix,
+    entry_cache,
+    folded_mask,
+    full_rows,
+    kv_rows,
+    layer_rows,
+    prefix_cache,
+)
 
 __all__ = [
     "CHECK_RTOL",
@@ -141,6 +152,7 @@ __all__ = [
     "Growth",
     "Measured",
     "Method",
+    "Prefix",
     "Route",
     "Stop",
     "Tap",
@@ -162,6 +174,7 @@ __all__ = [
     "forward_kwargs",
     "full_rows",
     "growth",
+    "inputs_to_rerun",
     "kv_cache_budget",
     "kv_rows",
     "last_block",

@@ -17,7 +17,7 @@ from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
 from neuronpatch.engine._forward import Targets
 from neuronpatch.engine._inputs import DEFAULT_INPUTS, chunks, encode, short
-from neuronpatch.engine._precision import measure_rounding
+from neuronpatch.engine._precision import inputs_to_rerun, measure_rounding
 from neuronpatch.engine._routes import (
     Budget,
     Measured,
@@ -192,7 +192,10 @@ def run_experiment(
     guard = _guard_site(head, model, p)
 
     bar = progress_bar(n * k * len(every), progress)
-    allg = measure(model, p, enc, affine, route, budget=budget, guard=guard, progress=bar, targets=targets)
+    # The inputs the rounding measurement re-runs keep their shared state (reduced precision).
+    keep = inputs_to_rerun(model, n)
+    allg = measure(model, p, enc, affine, route, budget=budget, guard=guard, progress=bar, targets=targets,
+                   keep=keep, judged=k)
     bar.close()
     if route.method in ("upstream", "linear"):
         mismatch = check_shortcut(model, p, enc, affine, route, allg, targets, budget)
@@ -202,7 +205,8 @@ def run_experiment(
             kv = all(len(x) == 1 for x in enc.patch_pos) and not model.arch.kv_refused
             route = choose_route(model, p, enc, "kv" if kv else "full")
             route = Route(route.method, f"{mismatch}; stepped aside to {route.method}")
-            allg = measure(model, p, enc, affine, route, budget=budget, guard=guard, targets=targets)
+            allg = measure(model, p, enc, affine, route, budget=budget, guard=guard, targets=targets,
+                           keep=keep, judged=k)
     got = Measured(allg.clean_act, allg.clean_feat, allg.act[:, :k], allg.feat[:, :k], allg.guard_feat)
 
     clean_pred = head.predict(got.clean_feat, digit_ids)
@@ -216,7 +220,8 @@ def run_experiment(
     ty = (pred - clean_pred[:, None]).double().numpy()
     pred_scale = float(torch.cat([clean_pred.abs(), pred.abs().reshape(-1)]).max())
     rounding = measure_rounding(model, p, enc, affine[:, :k], route,
-                                lambda f: head.predict(f, digit_ids), tx, ty, pred_scale, budget=budget)
+                                lambda f: head.predict(f, digit_ids), tx, ty, pred_scale, budget=budget,
+                                states=allg.states)
     notes = _notes(texts, got.clean_act, ivs, p, route)
     if allg.rerouted is not None:
         changed = int(allg.rerouted[:, :k].sum())

@@ -135,6 +135,12 @@ class Entry:
     def replay(self, *args: Any, **kwargs: Any) -> Any:
         return self.output
 
+    def select(self, k: int) -> Entry:
+        """Input ``k``'s part alone."""
+        many = isinstance(self.output, (tuple, list))
+        t = (self.output[0] if many else self.output)[k: k + 1]
+        return Entry(self.at, type(self.output)([t, *self.output[1:]]) if many else t)
+
     def tiled(self, m: int) -> Entry:
         """The same output ``m`` times side by side along the tokens (for folded rows)."""
         many = isinstance(self.output, (tuple, list))
@@ -312,6 +318,7 @@ class Capture:
     # [R, S, x]: the experts every mixture-of-experts layer between the unit and the features
     # chose at each position from the row's patch on (−1 before it); None: no such layer seen.
     routes: Tensor | None = None
+    prefix: Any = None  # a folded kv batch's shared state (engine.Prefix), for a later re-run
 
 
 class Along:
@@ -460,10 +467,16 @@ def _routes(got: _Read, b: Batch) -> Tensor | None:
     return out.masked_fill(before[..., None].to(out.device), -1)
 
 
-def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -> Capture:
+# A context the patched rows' forward runs in (the rounding measurement's float32 blocks).
+RowsIn = Callable[[], contextlib.AbstractContextManager[None]]
+
+
+def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *,
+             rows_in: RowsIn | None = None) -> Capture:
     """Run the model's own forward on ``b`` with the patch and capture hooks attached.
 
     ``guard``: a second feature site to read unchanged (the coordinate guard).
+    ``rows_in``: a context the forward runs in (any prefix pass of the batch ran outside it).
     Every patch is checked: a second hook at the unit's site, after the patch,
     reads the column (or the direction's value) back; a patch that never ran, or
     left another value than the one requested, raises :class:`~neuronpatch.errors.PatchError`.
@@ -564,8 +577,9 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None) -
     if guard is not None:
         taps.append((guard, capture_guard))
     taps += _route_taps(model, p, got)
-    out = forward(model, b.ids, b.mask, b.positions, taps=taps, cache=b.cache, grow=b.grow, rows=R,
-                  entry=b.entry, fold=b.fold)
+    with rows_in() if rows_in is not None else contextlib.nullcontext():
+        out = forward(model, b.ids, b.mask, b.positions, taps=taps, cache=b.cache, grow=b.grow, rows=R,
+                      entry=b.entry, fold=b.fold)
     if logits and out is not None:
         got.features = out.logits[:, -1].float()
     if got.requested is None:

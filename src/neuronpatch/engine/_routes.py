@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,10 +11,10 @@ from torch import Tensor
 
 from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
-from neuronpatch.engine._forward import Capture, Growth, Targets
+from neuronpatch.engine._forward import Capture, Growth, RowsIn, Targets
 from neuronpatch.engine._growth import agree, growth
 from neuronpatch.engine._inputs import Encoded, chunks
-from neuronpatch.engine._rows import full_rows, kv_rows
+from neuronpatch.engine._rows import Prefix, full_rows, kv_rows
 from neuronpatch.errors import InputError
 
 if TYPE_CHECKING:
@@ -188,14 +188,15 @@ def choose_route(model: LoadedModel, p: Plan, enc: Encoded, method: str) -> Rout
 
 
 def patched_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affine: Tensor, route: str,
-                 guard: Site | None, targets: Targets | None = None, budget: Budget = Budget()) -> Capture:
+                 guard: Site | None, targets: Targets | None = None, budget: Budget = Budget(), *,
+                 rows_in: RowsIn | None = None) -> Capture:
     """Rows for inputs ``idx``: for each, a clean row then one per intervention.
 
     ``targets``: what each row of every input patches (controls); None: the plan's unit.
     """
     grow = budget.growth(model, p, affine.shape[1])
     if route == "full" or model.arch.kv_refused or any(len(enc.patch_pos[i]) != 1 for i in idx):
-        return full_rows(model, p, enc, idx, affine, guard, targets, grow)
+        return full_rows(model, p, enc, idx, affine, guard, targets, grow, rows_in=rows_in)
     # kv: group inputs by how many tokens lie from the patch to the read position.
     groups: dict[int, list[int]] = {}
     direct: list[int] = []
@@ -208,9 +209,10 @@ def patched_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: list[int], affi
     parts: list[tuple[list[int], Capture]] = []
     if direct:
         parts.append((direct, full_rows(model, p, enc, [idx[k] for k in direct], affine[direct], guard,
-                                        targets, grow)))
+                                        targets, grow, rows_in=rows_in)))
     for ks in groups.values():
-        parts.append((ks, kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard, targets, grow)))
+        parts.append((ks, kv_rows(model, p, enc, [idx[k] for k in ks], affine[ks], guard, targets, grow,
+                                  rows_in=rows_in)))
     return _merge(parts, len(idx), affine.shape[1])
 
 
@@ -259,16 +261,24 @@ class Measured:
     # between the unit and the features (at some position); None: not observed (no such
     # layer, a family whose expert indices are not handed over, or a shortcut route).
     rerouted: Tensor | None = None
+    # input → the state its rows shared (engine.Prefix), for the inputs ``measure(keep=...)``
+    # asked to keep; only folded kv batches have one.
+    states: dict[int, Prefix] = field(default_factory=dict)
 
 
 def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Route, *,
             budget: Budget = Budget(), guard: Site | None = None, progress: Any = None,
-            targets: Targets | None = None) -> Measured:
+            targets: Targets | None = None, rows_in: RowsIn | None = None, keep: int = 0,
+            judged: int | None = None) -> Measured:
     """Clean and patched activations and features for every input and intervention.
 
     ``affine[i, j]`` is ``(α, β)`` of row ``j`` on input ``i``. ``targets``: what row ``j``
     patches (control units and directions: more patched rows over the same clean row);
-    default the plan's unit.
+    default the plan's unit. ``rows_in``: a context the patched rows' forwards run in, not
+    their prefix passes (``kv`` and ``full``; see :func:`~neuronpatch.engine.run_rows`).
+    ``keep``: keep the shared state (:attr:`Measured.states`) of this many inputs, those whose
+    activation changes over their first ``judged`` rows (default all) spread widest, ties to
+    the earlier input.
     """
     n, n_rows = affine.shape[:2]
     every = Targets.of_columns([p.neuron]) + targets if targets is not None else None
@@ -285,6 +295,7 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
     directions = _linear_writes(model, p, enc, targets, n_rows) if route.method == "linear" else None
     clean_act, clean_feat, act, feat, guards, row_clean = [], [], [], [], [], []
     rerouted: list[Tensor] | None = [] if not shortcut else None
+    widest: list[tuple[float, int, Any]] = []  # (−spread, input, its state) of the inputs kept so far
     for idx in chunks(n, per_chunk):
         if shortcut:
             rows = patched_rows(model, p, enc, idx, identity[idx], "kv", guard, budget=budget)
@@ -304,7 +315,8 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             if rows.guard is not None:
                 guards.append(rows.guard.cpu())
         else:
-            rows = patched_rows(model, p, enc, idx, full_affine[idx], route.method, guard, every, budget)
+            rows = patched_rows(model, p, enc, idx, full_affine[idx], route.method, guard, every, budget,
+                                rows_in=rows_in)
             k = len(idx)
             cu = rows.clean_unit.reshape(k, m).cpu()
             row_clean.append(cu[:, 1:])
@@ -316,6 +328,14 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             feat.append(fe[:, 1:])
             if rows.guard is not None:
                 guards.append(rows.guard.reshape(k, m, -1)[:, 0].cpu())
+            if keep and rows.prefix is not None:
+                changes = (pu[:, 1: 1 + (judged or n_rows)] - cu[:, :1]).double()
+                spread = (changes.max(1).values - changes.min(1).values).tolist()
+                widest = sorted(widest + [(-spread[j], i, (rows.prefix, j)) for j, i in enumerate(idx)],
+                                key=lambda w: w[:2])[:keep]
+                # Copy out the kept inputs' state now, so the chunk's cache can go.
+                widest = [(w[0], w[1], w[2][0].select(model, w[2][1]) if isinstance(w[2], tuple) else w[2])
+                          for w in widest]
             if rows.routes is None or rerouted is None:
                 rerouted = None
             else:
@@ -325,7 +345,7 @@ def measure(model: LoadedModel, p: Plan, enc: Encoded, affine: Tensor, route: Ro
             progress.update(len(idx) * n_rows)
     return Measured(torch.cat(clean_act), torch.cat(clean_feat), torch.cat(act), torch.cat(feat),
                     torch.cat(guards) if guards else None, torch.cat(row_clean),
-                    torch.cat(rerouted) if rerouted else None)
+                    torch.cat(rerouted) if rerouted else None, {i: state for _, i, state in widest})
 
 
 def _linear_writes(model: LoadedModel, p: Plan, enc: Encoded, targets: Targets | None, n_rows: int) -> Tensor:

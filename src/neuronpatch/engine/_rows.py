@@ -8,6 +8,7 @@ layer for mean ablation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -20,6 +21,7 @@ from neuronpatch.engine._forward import (
     Capture,
     Entry,
     Growth,
+    RowsIn,
     Stop,
     Targets,
     forward,
@@ -42,7 +44,7 @@ def _targets(targets: Targets | None, n: int, device: object) -> tuple[Tensor | 
 
 def full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
               guard: Site | None = None, targets: Targets | None = None,
-              grow: Growth | None = None) -> Capture:
+              grow: Growth | None = None, *, rows_in: RowsIn | None = None) -> Capture:
     """Every row from the start: inputs × (interventions) in one left-padded batch.
 
     ``affine[k, j]`` is ``(α, β)`` of row ``j`` of input ``idx[k]``; ``targets``: what each
@@ -69,7 +71,7 @@ def full_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], aff
               measure=rep(measure).to(dev), read=rep(read).to(dev),
               alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev),
               columns=cols, directions=dirs, grow=grow)
-    return run_rows(model, p, b, guard)
+    return run_rows(model, p, b, guard, rows_in=rows_in)
 
 
 def prefix_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], *,
@@ -92,13 +94,14 @@ def prefix_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], *,
 
 
 def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
-                at: int) -> tuple[Any, Tensor, Tensor, Entry]:
+                at: int, last: int | None = None) -> tuple[Any, Tensor, Tensor, Entry]:
     """One clean forward over each input's prefix and suffix: the prefix cache and an :class:`Entry`.
 
     Every suffix has the same length ``s``. The cache is cut back to the prefix (the
     suffix's keys and values are the rows' to write), and block ``at − 1``'s output at
     the suffix tokens is kept, so a kv batch over these suffixes may start at block
-    ``at``. Returns ``(cache, prefix mask, prefix lengths, entry)`` like :func:`prefix_cache`.
+    ``at``. ``last``: the last block whose cache the rows read (default the model's last);
+    the pass stops there. Returns ``(cache, prefix mask, prefix lengths, entry)``.
 
     Raises:
         RuntimeError: the model's cache or block outputs are not of a kind this can cut
@@ -118,7 +121,8 @@ def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes:
     cache = DynamicCache(config=model.hf.config)
     handle = model.arch.blocks[at - 1].register_forward_hook(keep)
     try:
-        forward(model, ids, mask, pos, cache=cache, until=last_block(model))
+        forward(model, ids, mask, pos, cache=cache,
+                until=last_block(model) if last is None else Site("block_out", last))
     finally:
         handle.remove()
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
@@ -141,9 +145,34 @@ def _suffix_of(output: Any, shape: torch.Size, s: int) -> Any:
     return type(output)([cut, *output[1:]]) if many else cut
 
 
+@dataclass
+class Prefix:
+    """The state a kv batch's rows share: the prefix cache over left-padded inputs, its mask
+    ``[inputs, P]`` and lengths, and, where the rows enter at the unit's block, the :class:`Entry`."""
+
+    cache: Any
+    mask: Tensor
+    lengths: Tensor
+    entry: Entry | None = None
+
+    def select(self, model: LoadedModel, k: int) -> Prefix:
+        """Input ``k``'s own copy, cut back to the prefix (tokens the rows appended are dropped)."""
+        from transformers import DynamicCache
+
+        P = self.mask.shape[1]
+        cache = DynamicCache(config=model.hf.config)
+        for i, layer in enumerate(self.cache.layers):
+            if layer.is_initialized:
+                cache.update(layer.keys[k: k + 1, ..., :P, :].clone(),
+                             layer.values[k: k + 1, ..., :P, :].clone(), i)
+        entry = None if self.entry is None else self.entry.select(k)
+        return Prefix(cache, self.mask[k: k + 1], self.lengths[k: k + 1], entry)
+
+
 def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
             guard: Site | None = None, targets: Targets | None = None,
-            grow: Growth | None = None, prefix: tuple[Any, Tensor, Tensor] | None = None) -> Capture:
+            grow: Growth | None = None, prefix: Prefix | None = None, *,
+            rows_in: RowsIn | None = None) -> Capture:
     """One prefix forward keeps the model's cache; each row re-runs only patch..read.
 
     Every input in ``idx`` has one patched position at or before its read
@@ -152,8 +181,10 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     only in the layers from the unit's block on, where the rows differ. With
     ``grow.enter`` the prefix pass also runs the suffix clean (:func:`entry_cache`) and the
     rows start at the unit's block: the blocks below it never run for them.
-    ``prefix``: the ``(cache, mask, lengths)`` of :func:`prefix_cache` over these inputs'
-    tokens before the patch, kept from an earlier pass (it is repeated in place).
+    ``prefix``: the state of an earlier pass over these inputs' tokens before the patch
+    (:func:`prefix_cache`, or a folded batch's ``Capture.prefix``; it is used up).
+    ``rows_in``: a context the rows' forward runs in, not the prefix pass (:func:`run_rows`).
+    A folded batch hands its state back as ``Capture.prefix``.
     """
     m = affine.shape[1]
     dev = model.device
@@ -164,9 +195,9 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     assert all(len(x) == s for x in suffixes) and all(prefixes), "one suffix length, non-empty prefixes"
     entry = None
     if prefix is not None:
-        cache, pmask, lengths = prefix
+        cache, pmask, lengths, entry = prefix.cache, prefix.mask, prefix.lengths, prefix.entry
     elif grow is not None and grow.enter:
-        cache, pmask, lengths, entry = entry_cache(model, prefixes, suffixes, grow.at)
+        cache, pmask, lengths, entry = entry_cache(model, prefixes, suffixes, grow.at, _last_read(model, p))
     else:
         cache, pmask, lengths = prefix_cache(model, prefixes)
     sids = torch.tensor(suffixes, dtype=torch.long, device=dev)
@@ -183,12 +214,24 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
         # One row per input holding its m rows side by side: the prefix cache is shared.
         b = Batch(ids=sids.repeat(1, m), mask=folded_mask(model, pmask, m, s), positions=spos.repeat(1, m),
                   entry=entry.tiled(m), fold=m, **rows)
-        return run_rows(model, p, b, guard)
+        got = run_rows(model, p, b, guard, rows_in=rows_in)
+        got.prefix = Prefix(cache, pmask, lengths, entry)
+        return got
+    if entry is not None and grow is None:
+        raise ValueError("rows that enter at the unit's block need its Growth")
     repeat_cache(cache, m, grow, model.n_layers)
     smask = torch.cat([pmask, torch.ones(len(idx), s, dtype=pmask.dtype, device=dev)], dim=1)
     tokens = (lambda t: t) if grow is not None else (lambda t: t.repeat_interleave(m, 0))
     b = Batch(ids=tokens(sids), mask=tokens(smask), positions=tokens(spos), grow=grow, entry=entry, **rows)
-    return run_rows(model, p, b, guard)
+    return run_rows(model, p, b, guard, rows_in=rows_in)
+
+
+def _last_read(model: LoadedModel, p: Plan) -> int:
+    """The last block the rows run before their features are read (whose cache they need)."""
+    f = p.feature
+    if f.kind in ("final_norm", "logits"):
+        return model.n_layers - 1
+    return max(p.unit.layer, f.layer - 1 if f.kind == "block_in" else f.layer)
 
 
 def folded_mask(model: LoadedModel, pmask: Tensor, m: int, s: int) -> Tensor:
