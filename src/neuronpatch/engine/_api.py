@@ -121,7 +121,7 @@ def run_experiment(
             :mod:`neuronpatch.controls`). Their fits land in ``result.controls``
             (and the ``specificity``, ``control_slope`` metrics).
         kv_cache_bytes: bytes the repeated prefix cache of one kv batch may take; default
-            64 MiB on the CPU and an eighth of the free memory on a GPU (:func:`kv_cache_budget`).
+            40 MiB on the CPU and an eighth of the free memory on a GPU (:func:`kv_cache_budget`).
         grow_rows: let patched rows multiply at the unit's block (blocks below it run once
             per input) where the model allows it; False runs every row through every block.
 

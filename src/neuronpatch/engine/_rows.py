@@ -141,7 +141,7 @@ def _suffix_of(output: Any, shape: torch.Size, s: int) -> Any:
         raise RuntimeError("the block's output is not a [batch, tokens, width] tensor")
     if many and any(x is not None for x in output[1:]):
         raise RuntimeError("the block returns more than its hidden states")
-    cut = t[:, -s:]
+    cut = t[:, -s:].clone()  # (not a view: the whole output would stay alive)
     return type(output)([cut, *output[1:]]) if many else cut
 
 
