@@ -384,6 +384,9 @@ class _Kept:
     cache: Any  # the model's own DynamicCache over each input's tokens before the read position
     mask: Tensor  # [B, P] its attention mask (left-padded)
     lengths: Tensor  # [B] real prefix lengths (the read token's position)
+    # The read token's hidden states entering the unit's block (engine.Entry), where the model
+    # lets rows enter there: the confirmation's rows then start at the unit's block, folded.
+    entry: Any = None
 
 
 @dataclass
@@ -487,7 +490,8 @@ class _Job:
             clean_feat, feat, act, before = got.clean_feat, got.feat, got.act, got.row_clean
         else:
             # As engine.measure sizes kv batches: each row runs one token (the read token).
-            per = self.budget.kv_inputs(self.model, self.p, enc, len(targets) + 1, 1, kept=True)
+            per = self.budget.kv_inputs(self.model, self.p, enc, len(targets) + 1, 1,
+                                        kept=any(c.entry is None for c in kept))
             parts = [_cached_rows(self.model, self.p, enc, part, affine[part.idx], targets, self.budget)
                      for c in kept for part in _split(c, per)]
             clean_feat, feat, act, before = (torch.cat([q[j] for q in parts]) for j in range(4))
@@ -746,9 +750,22 @@ def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int]
         taps.append((p.write, perturb))
     if p.feature.kind != "logits":
         taps.append((p.feature, capture))
+    entering: list[Any] = []  # the read token's hidden states entering the unit's block
+    at = p.unit.layer
+    hook = (model.arch.blocks[at - 1].register_forward_hook(lambda mod, args, out: entering.append(out))
+            if kept is not None and at >= 1 else None)
     with _frozen(model.hf) if grad else contextlib.nullcontext():
-        out = engine.forward(model, ids, mask, pos, taps=taps, cache=cache,
-                             mode="grad" if grad else "inference")
+        try:
+            out = engine.forward(model, ids, mask, pos, taps=taps, cache=cache,
+                                 mode="grad" if grad else "inference")
+        finally:
+            if hook is not None:
+                hook.remove()
+        if kept is not None and entering:
+            try:
+                kept.entry = engine.Entry.of(at, entering[0], 1, (B, 1))
+            except RuntimeError:
+                kept.entry = None  # a block that cannot be replayed: the rows run from block 0
         if p.feature.kind == "logits" and out is not None:
             got.features = out.logits[:, -1].float()
         if got.unit_row is None or got.features is None:
@@ -778,7 +795,8 @@ def _split(kept: _Kept, per: int) -> Iterator[_Kept]:
         sel = list(range(lo, min(len(kept.idx), lo + per)))
         cache = copy.deepcopy(kept.cache)
         cache.batch_select_indices(torch.tensor(sel, device=kept.mask.device))
-        yield _Kept([kept.idx[k] for k in sel], cache, kept.mask[sel], kept.lengths[sel])
+        entry = None if kept.entry is None else kept.entry.take(sel)
+        yield _Kept([kept.idx[k] for k in sel], cache, kept.mask[sel], kept.lengths[sel], entry)
 
 
 def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, affine: Tensor,
@@ -787,9 +805,10 @@ def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, 
 
     ``affine[k, j]``: (α, β) of row ``j`` of input ``kept.idx[k]``, patching ``targets[j]``;
     a clean row comes first for each input. Where the engine allows it for this model (its
-    :class:`~neuronpatch.engine.Growth` check), the read token runs once per input through the
-    blocks below the unit and the rows multiply at the unit's block, with the cache repeated
-    only from there on; otherwise every row runs every block. Returns clean features
+    :class:`~neuronpatch.engine.Growth` check), the rows enter at the unit's block with the
+    read token's hidden states the screen kept (``kept.entry``) and run there folded side by
+    side over the shared cache, or multiply there with the cache repeated from there on;
+    otherwise every row runs every block. Returns clean features
     ``[B, width]``, patched features ``[B, M, width]``, each row's patched unit value and its
     own clean value ``[B, M]``.
     """
@@ -797,8 +816,10 @@ def _cached_rows(model: LoadedModel, p: Plan, enc: engine.Encoded, kept: _Kept, 
     m = M + 1
     full = torch.cat([torch.tensor([1.0, 0.0]).expand(B, 1, 2), affine], dim=1)
     every = engine.Targets.of_columns([p.neuron]) + targets  # the clean row first
-    rows = engine.kv_rows(model, p, enc, kept.idx, full, targets=every, grow=budget.growth(model, p, m),
-                          prefix=engine.Prefix(kept.cache, kept.mask, kept.lengths))
+    grow = budget.growth(model, p, m)
+    entry = kept.entry if grow is not None and grow.enter else None
+    rows = engine.kv_rows(model, p, enc, kept.idx, full, targets=every, grow=grow,
+                          prefix=engine.Prefix(kept.cache, kept.mask, kept.lengths, entry))
     kept.cache = None  # repeated in place: no longer the prefix cache
     feats = rows.features.reshape(B, m, -1).cpu()
     clean_unit = rows.clean_unit.reshape(B, m).cpu()

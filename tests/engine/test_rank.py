@@ -192,12 +192,12 @@ def test_screen_on_final_norm_and_token_heads(case, tmp_path):
 
 @pytest.mark.parametrize("budget", ["pieces", "none"])
 def test_screen_confirmation_in_pieces_or_without_the_kept_cache(tmp_path, budget):
-    # The screen keeps its prefix caches for the confirmation's rows. With a cache budget that
-    # holds the prefixes but not their repeated rows, the kept cache is split into one piece per
-    # input; with no budget at all it is not kept and engine.measure runs the prefixes again.
-    # Every number still matches the oracle. What block 0 computes tells the two apart: a
-    # prefix runs several tokens, a kept piece one token of one input; without a kept cache
-    # the confirmation's rows enter at the unit's block and block 0 runs only their prefixes.
+    # The screen keeps its prefix caches, and the read token's hidden states entering the unit's
+    # block, for the confirmation's rows. With a cache budget that holds the prefixes, the rows
+    # continue the kept cache, entering at the unit's block (folded side by side: nothing is
+    # repeated, so the budget needs no pieces); with no budget at all nothing is kept and
+    # engine.measure runs the prefixes again. Every number still matches the oracle. What
+    # block 0 computes tells the two apart: the screen's one prefix pass, or one more per input.
     from neuronpatch.models import load_model
 
     path = tiny_model(tmp_path / "model", "gpt_neox")
@@ -218,7 +218,9 @@ def test_screen_confirmation_in_pieces_or_without_the_kept_cache(tmp_path, budge
     prefix_runs = sum(1 for _, s in shapes if s > 1)
     one_input_one_token = sum(1 for b, s in shapes if (b, s) == (1, 1))
     assert prefix_runs == (1 if budget == "pieces" else 1 + len(TEXTS))
-    assert one_input_one_token == (len(TEXTS) if budget == "pieces" else 0)
+    # One read-token pass, the screen's over every input; no confirmation row below the unit's block.
+    assert one_input_one_token == 0 and shapes.count((len(TEXTS), 1)) == 1
+    assert len(shapes) == prefix_runs + 1
     scale = float(np.nanmax(np.abs(res.exact_slope)))
     for u in np.flatnonzero(res.patched).tolist():
         assert _close(float(res.exact_slope[u]), oracle_slope(oracle, head, cfg, u), scale)

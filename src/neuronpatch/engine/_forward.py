@@ -135,10 +135,27 @@ class Entry:
     def replay(self, *args: Any, **kwargs: Any) -> Any:
         return self.output
 
-    def select(self, k: int) -> Entry:
-        """Input ``k``'s part alone."""
+    @classmethod
+    def of(cls, at: int, output: Any, s: int, batch: tuple[int, int] | None = None) -> Entry:
+        """The entry from block ``at − 1``'s return value, cut to its last ``s`` tokens.
+
+        ``batch``: the ``[inputs, tokens]`` the output must have. Raises ``RuntimeError``
+        unless it is a ``[batch, tokens, width]`` tensor, alone or first in a tuple of
+        otherwise nothing (a block that also returns attention weights cannot be replayed).
+        """
+        many = isinstance(output, (tuple, list))
+        t = output[0] if many else output
+        if not isinstance(t, Tensor) or t.dim() != 3 or (batch is not None and tuple(t.shape[:2]) != batch):
+            raise RuntimeError("the block's output is not a [batch, tokens, width] tensor")
+        if many and any(x is not None for x in output[1:]):
+            raise RuntimeError("the block returns more than its hidden states")
+        cut = t[:, -s:].detach().clone()  # (not a view: the whole output would stay alive)
+        return cls(at, type(output)([cut, *output[1:]]) if many else cut)
+
+    def take(self, index: Sequence[int]) -> Entry:
+        """The part of inputs ``index`` alone, in that order."""
         many = isinstance(self.output, (tuple, list))
-        t = (self.output[0] if many else self.output)[k: k + 1]
+        t = (self.output[0] if many else self.output)[list(index)]
         return Entry(self.at, type(self.output)([t, *self.output[1:]]) if many else t)
 
     def tiled(self, m: int) -> Entry:

@@ -74,8 +74,8 @@ class Budget:
         ``batch_size`` counts rows of full length, so as many suffix rows fit as carry the
         same number of tokens; the prefix cache is repeated once per row (from the unit's
         block on, when rows grow there; never, when they fold), so its bytes are bounded too.
-        ``kept``: the rows continue a prefix cache kept from an earlier pass, which is
-        repeated (only a batch that runs its own prefix pass folds).
+        ``kept``: the rows continue a prefix cache kept from an earlier pass without an
+        :class:`~neuronpatch.engine.Entry`, which is repeated per row (they cannot fold).
         """
         per = max(1, self.batch_size * enc.longest // (m * suffix))
         grown = self.growth(model, p, m)

@@ -129,20 +129,7 @@ def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes:
         raise RuntimeError("the model's cache has layers other than plain full-attention ones")
     cache.crop(-s)
     lengths = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=dev)
-    return cache, mask[:, :-s], lengths, Entry(at, _suffix_of(kept[0], ids.shape, s))
-
-
-def _suffix_of(output: Any, shape: torch.Size, s: int) -> Any:
-    """A block's return value cut to its last ``s`` tokens: a ``[B, S, d]`` tensor, or one first
-    in a tuple of otherwise nothing."""
-    many = isinstance(output, (tuple, list))
-    t = output[0] if many else output
-    if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[:2] != shape:
-        raise RuntimeError("the block's output is not a [batch, tokens, width] tensor")
-    if many and any(x is not None for x in output[1:]):
-        raise RuntimeError("the block returns more than its hidden states")
-    cut = t[:, -s:].clone()  # (not a view: the whole output would stay alive)
-    return type(output)([cut, *output[1:]]) if many else cut
+    return cache, mask[:, :-s], lengths, Entry.of(at, kept[0], s, (ids.shape[0], ids.shape[1]))
 
 
 @dataclass
@@ -165,7 +152,7 @@ class Prefix:
             if layer.is_initialized:
                 cache.update(layer.keys[k: k + 1, ..., :P, :].clone(),
                              layer.values[k: k + 1, ..., :P, :].clone(), i)
-        entry = None if self.entry is None else self.entry.select(k)
+        entry = None if self.entry is None else self.entry.take([k])
         return Prefix(cache, self.mask[k: k + 1], self.lengths[k: k + 1], entry)
 
 
