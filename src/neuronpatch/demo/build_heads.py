@@ -65,11 +65,16 @@ def demo_inputs(neuron: int, *, k: int = N_DEMO_INPUTS, seed: int = 7) -> list[s
     # Targets evenly spaced over the neuron's positive range, so the inputs spread the
     # activation out instead of piling up in GELU's flat negative lobe.
     targets = torch.linspace(0.1, float(torch.quantile(a, 0.995)), k)
+    return [pool[i] for i in closest_distinct(a, targets)]
+
+
+def closest_distinct(values: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """For each target in turn, the index of the value closest to it not picked before."""
     picks: list[int] = []
     for t in targets:
-        order = (a - t).abs().argsort().tolist()
+        order = (values - t).abs().argsort().tolist()
         picks.append(next(i for i in order if i not in picks))
-    return [pool[i] for i in picks]
+    return picks
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from neuronpatch import dictionaries
+from neuronpatch.demo.build_heads import closest_distinct
 from neuronpatch.demo.corpus import split, text_windows
 from neuronpatch.engine import collect
 from neuronpatch.models import DEMO_MODEL, load_model
@@ -72,11 +73,7 @@ def sae_inputs(latent: int, *, k: int = N_INPUTS, seed: int = 7) -> list[str]:
     _, a = collect(model, pool, layer=1, neuron=latent, layer_type="sae", sae=dictionaries.DEMO_SAE,
                    feature_layer=1)
     targets = torch.linspace(float(torch.quantile(a[a > 0], 0.05)), float(torch.quantile(a, 0.995)), k)
-    picks: list[int] = []
-    for t in targets:
-        order = (a - t).abs().argsort().tolist()
-        picks.append(next(i for i in order if i not in picks))
-    return [pool[i] for i in picks]
+    return [pool[i] for i in closest_distinct(a, targets)]
 
 
 def main() -> None:

@@ -79,6 +79,11 @@ class Growth:
     fold: bool = False
     seen: set[str | int] = field(default_factory=set)
 
+    def folds(self, p: Plan) -> bool:
+        """Whether a kv batch of plan ``p`` folds its rows (a token head reads logits at the
+        last position only, so its rows cannot share one sequence)."""
+        return self.fold and p.feature.kind != "logits"
+
     def hook(self, n: int) -> Callable[..., Any]:
         """A forward pre-hook that repeats each per-input block argument ``m`` times."""
         def grows(x: Any) -> bool:

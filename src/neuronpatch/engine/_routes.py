@@ -79,7 +79,7 @@ class Budget:
         """
         per = max(1, self.batch_size * enc.longest // (m * suffix))
         grown = self.growth(model, p, m)
-        folds = grown is not None and grown.fold and p.feature.kind != "logits" and not kept
+        folds = grown is not None and grown.folds(p) and not kept
         copies = 1 if folds else m  # folded rows share their input's cache (kv_rows)
         row_bytes = self.cache_bytes(model, enc, p.unit.layer if grown is not None and copies > 1 else 0)
         return max(1, min(per, self.kv_cache_bytes // max(1, copies * row_bytes)))

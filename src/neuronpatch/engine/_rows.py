@@ -197,7 +197,7 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
                 read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
                 alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev),
                 cache=cache, columns=cols, directions=dirs)
-    if entry is not None and grow is not None and grow.fold and p.feature.kind != "logits":
+    if entry is not None and grow is not None and grow.folds(p):
         # One row per input holding its m rows side by side: the prefix cache is shared.
         b = Batch(ids=sids.repeat(1, m), mask=folded_mask(model, pmask, m, s), positions=spos.repeat(1, m),
                   entry=entry.tiled(m), fold=m, **rows)
