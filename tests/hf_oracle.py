@@ -46,6 +46,9 @@ TABLE: dict[str, tuple[str, str, str, str]] = {
 # Mixture-of-experts models: the module in each block whose forward returns
 # (router logits, routing weights, chosen experts).
 ROUTERS = {"mixtral": "mlp.gate", "qwen2_moe": "mlp.gate", "olmoe": "mlp.gate"}
+# Mixture-of-experts models: each block's fused experts module (gate_up_proj [E, 2F, d] with
+# the gate first, down_proj [E, d, F]), handed (hidden_states, top_k_index, top_k_weights).
+EXPERTS = {"mixtral": "mlp.experts", "qwen2_moe": "mlp.experts", "olmoe": "mlp.experts"}
 # LayerNorm (mean-subtracting) models; the rest use RMSNorm.
 LAYERNORM = {"gpt2", "gpt_neox", "opt", "gptj", "phi", "bloom", "gpt_bigcode"}
 
@@ -189,6 +192,109 @@ class Oracle:
 
     def digit_ids(self) -> list[int]:
         return [self.tok.encode(str(i))[-1] for i in range(10)]
+
+    def router_run(self, text: str, *, layer: int, expert: int, feature_layer: int,
+                   patch: tuple[float, float] | None = None) -> tuple[float, torch.Tensor, list[int]]:
+        """(the logit block ``layer``'s router gives ``expert`` at the last token, the last block's
+        output there, the experts the block chose there) for one input.
+
+        The router's routing is replaced, by a forward hook, with its computation written out
+        from its own logits: ``patch`` ``(alpha, beta)`` sets the expert's logit at the last
+        token to ``alpha·l + beta``, then softmax over the experts, the top k, and (Mixtral
+        always; Qwen2-MoE and OLMoE where ``norm_topk_prob``) the top k renormalised to sum 1.
+        """
+        cfg = self.model.config
+        k = cfg.num_experts_per_tok
+        renorm = self.type == "mixtral" or bool(getattr(cfg, "norm_topk_prob", False))
+        ids = torch.tensor([self.ids(text)])
+        n = ids.shape[1]
+        rec: dict[str, Any] = {}
+
+        def routing(m: Any, args: Any, out: Any) -> Any:
+            logits = out[0].clone()
+            rec["clean"] = float(logits[n - 1, expert])
+            if patch is not None:
+                logits[n - 1, expert] = patch[0] * logits[n - 1, expert] + patch[1]
+            probs = torch.softmax(logits.float(), dim=-1)
+            top, idx = torch.topk(probs, k, dim=-1)
+            if renorm:
+                top = top / top.sum(-1, keepdim=True)
+            if patch is None:  # the written-out routing is the router's own
+                assert torch.equal(idx, out[2]) and torch.allclose(top.to(out[1].dtype), out[1], atol=1e-6)
+            rec["chosen"] = sorted(int(e) for e in idx[n - 1])
+            return logits, top.to(out[1].dtype), idx
+
+        last: dict[str, torch.Tensor] = {}
+        hooks = [self.blocks[layer].get_submodule(ROUTERS[self.type]).register_forward_hook(routing),
+                 self.blocks[feature_layer % len(self.blocks)].register_forward_hook(
+                     lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))]
+        try:
+            with torch.no_grad():
+                self.model(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        return rec["clean"], last["x"].reshape(n, -1)[n - 1].float(), rec["chosen"]
+
+    def expert_run(self, text: str, *, layer: int, expert: int, neuron: int, pre: bool, feature_layer: int,
+                   patch: tuple[float, float] | None = None,
+                   routes: list[torch.Tensor] | None = None) -> tuple[float | None, torch.Tensor]:
+        """(the expert neuron's clean value at the last token, or None where the token is not
+        routed to ``expert``; the last block's output at the last token) for one input.
+
+        The block's experts module is replaced, by a forward hook, with its computation written
+        out token by token from the module's fused weights: for each token and each expert the
+        router chose (the indices and weights the block hands its experts), ``act(x·W_gate) ·
+        (x·W_up)`` through ``down_proj``, times the routing weight, summed. ``patch``
+        ``(alpha, beta)`` sets the neuron (``pre``: the gate's pre-activation) to
+        ``alpha·v + beta`` at the last token, if that token is routed to the expert.
+        ``routes``: receives the experts each later block's router chose at the last token (sorted).
+        """
+        act = {"silu": F.silu, "gelu": F.gelu}[self.model.config.hidden_act]
+        ids = torch.tensor([self.ids(text)])
+        n = ids.shape[1]
+        module = self.blocks[layer].get_submodule(EXPERTS[self.type])
+        rec: dict[str, Any] = {}
+
+        def written_out(m: Any, args: Any, kwargs: Any, out: Any) -> torch.Tensor:
+            x, idx, w = args if len(args) == 3 else (args[0], kwargs["top_k_index"], kwargs["top_k_weights"])
+            F_ = m.down_proj.shape[-1]
+            y = torch.zeros_like(out)
+            for t in range(x.shape[0]):
+                for k in range(idx.shape[1]):
+                    e = int(idx[t, k])
+                    gu = m.gate_up_proj[e] @ x[t]
+                    gate, up = gu[:F_].clone(), gu[F_:]
+                    if e == expert and t == n - 1:
+                        rec["clean"] = float(gate[neuron] if pre else act(gate[neuron]) * up[neuron])
+                        if patch is not None and pre:
+                            gate[neuron] = patch[0] * gate[neuron] + patch[1]
+                    h = act(gate) * up
+                    if e == expert and t == n - 1 and patch is not None and not pre:
+                        h[neuron] = patch[0] * h[neuron] + patch[1]
+                    y[t] += w[t, k] * (m.down_proj[e] @ h)
+            rec["own"] = out.detach().clone()
+            rec["written"] = y.detach().clone()
+            return y
+
+        last: dict[str, torch.Tensor] = {}
+        later = list(self.blocks)[layer + 1:] if routes is not None else []
+        hooks = [block.get_submodule(ROUTERS[self.type]).register_forward_hook(
+            lambda m, a, out: routes.append(out[2].reshape(n, -1)[n - 1].sort().values))  # type: ignore[union-attr]
+            for block in later]
+        hooks += [module.register_forward_hook(written_out, with_kwargs=True),
+                 self.blocks[feature_layer % len(self.blocks)].register_forward_hook(
+                     lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))]
+        try:
+            with torch.no_grad():
+                self.model(ids)
+        finally:
+            for h in hooks:
+                h.remove()
+        if patch is None:  # the written-out experts are the model's own
+            err = float((rec["own"] - rec["written"]).abs().max())
+            assert err <= 1e-5 * (float(rec["own"].abs().max()) + 1), f"written-out experts off by {err:.3g}"
+        return rec.get("clean"), last["x"].reshape(n, -1)[n - 1].float()
 
 
 def head_predict(head_dir: Path, feats: torch.Tensor, digit_ids: list[int] | None = None) -> float:

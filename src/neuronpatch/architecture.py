@@ -16,9 +16,15 @@ site           tensor (``[batch, pos, width]``)
 ``mlp_write``  what the MLP adds to the residual stream in block L
 ``block_out``  the residual stream leaving block L
 ``final_norm`` the final norm's output, gain and bias included
+``router_in``  the input of a mixture-of-experts block's router (the hidden
+               states it scores experts from; the experts get their own copy)
 ``route``      read only: the experts a mixture-of-experts block chose for
                each token (``[batch, pos, k]``, sorted), where the block
                hands its experts their indices
+``expert_in``  read only: what a mixture-of-experts block hands its fused
+               experts module: the tokens' hidden states, then each
+               expert's routing weight (NaN where the token is not routed
+               to it), ``[batch, pos, d_model + experts]``
 =============  ==========================================================
 
 Which module plays which part comes from TransformerLens's architecture
@@ -26,7 +32,8 @@ adapters (``component_mapping`` and the block's hook aliases), so every
 architecture TransformerLens knows is described once, there. A site that an
 architecture does not have as one module's tensor (the scaled residual writes
 of Granite, the neurons of a mixture-of-experts MLP, which belong to single
-experts) is refused by name. A mixture-of-experts block's output (routed
+experts: :mod:`neuronpatch.experts` serves those) is refused by name. A
+mixture-of-experts block's output (routed
 experts plus any shared expert) is its ``mlp_write``, the same write to the
 residual stream as a dense MLP's; the block runs its own routing on whatever
 reaches it, so a patch that changes a later layer's expert choice keeps it.
@@ -44,7 +51,8 @@ from torch import Tensor, nn
 from neuronpatch.errors import ModelLoadError
 
 SITE_KINDS: tuple[str, ...] = (
-    "block_in", "attn_write", "route", "mlp_in", "mlp_pre", "mlp_post", "mlp_write", "block_out",
+    "block_in", "attn_write", "router_in", "route", "mlp_in", "expert_in", "mlp_pre", "mlp_post", "mlp_write",
+    "block_out",
     "final_norm",
     "logits",
 )
@@ -52,8 +60,8 @@ SITE_KINDS: tuple[str, ...] = (
 _TL_NAMES = {"block_in": "hook_resid_pre", "attn_write": "hook_attn_out", "mlp_in": "mlp.hook_in",
              "mlp_pre": "mlp.hook_pre",
              "mlp_post": "mlp.hook_post", "mlp_write": "hook_mlp_out", "block_out": "hook_resid_post"}
-_STAGE = {"block_in": 0, "attn_write": 1, "route": 2, "mlp_in": 3, "mlp_pre": 4, "mlp_post": 5,
-          "mlp_write": 6, "block_out": 7}
+_STAGE = {"block_in": 0, "attn_write": 1, "router_in": 2, "route": 3, "mlp_in": 4, "expert_in": 5,
+          "mlp_pre": 6, "mlp_post": 7, "mlp_write": 8, "block_out": 9}
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,10 @@ class Site:
             return f"blocks.{self.layer}.{_TL_NAMES[self.kind]}"
         if self.kind == "route":
             return f"blocks.{self.layer}.mlp.gate.hook_out"
+        if self.kind == "expert_in":
+            return f"blocks.{self.layer}.mlp.experts.hook_in"
+        if self.kind == "router_in":
+            return f"blocks.{self.layer}.mlp.gate.hook_in"
         return "ln_final.hook_out" if self.kind == "final_norm" else "unembed.hook_out"
 
 
@@ -121,9 +133,11 @@ class Architecture:
             raise ModelLoadError(f"{self.name}: the {site.kind} site of block {site.layer} is refused: {why}")
         if site.kind in ("logits", "block_in", "block_out", "final_norm"):
             return
-        if site.kind == "route":
+        if site.kind in ("route", "expert_in", "router_in"):
             if not self.moe or self.moe[site.layer] is None:
-                raise ModelLoadError(f"{self.name}: block {site.layer} has no mixture of experts to route")
+                raise ModelLoadError(f"{self.name}: block {site.layer} has no mixture of experts"
+                                     + (" to route" if site.kind == "route" else " (layer_type expert_post "
+                                        "and expert_pre name an expert of a mixture-of-experts block)"))
             return
         table = {"mlp_post": self.mlp_out_proj, "mlp_pre": self.mlp_pre_proj, "mlp_in": self.mlp_pre_proj,
                  "mlp_write": self.mlp_write, "attn_write": self.attn_write}[site.kind]
@@ -213,7 +227,8 @@ def describe(hf_model: nn.Module) -> Architecture:
         if sparse is not None:
             out_p = gate_p = in_p = None
             why = (f"block {L}'s MLP is a mixture of experts: its neurons belong to single experts "
-                   "(not served); its output (layer_type mlp_out) and the residual units are")
+                   "(layer_type expert_post or expert_pre with target_expert); its output (layer_type "
+                   "mlp_out) and the residual units are served too")
             refused_at["mlp_post", L] = refused_at["mlp_pre", L] = why
         mlp_out.append(_get(block, out_p))
         mlp_pre.append(_get(block, gate_p) if gate_p else _get(block, in_p))
@@ -295,6 +310,12 @@ def attach(arch: Architecture, site: Site, fn: Edit, batch: int) -> Any:
     k, L = site.kind, site.layer
     if k == "route":
         return _attach_route(arch, L, fn, batch)
+    if k == "expert_in":
+        return _attach_experts_in(arch, L, fn, batch)
+    if k == "router_in":
+        router = router_module(arch, L)
+        assert router is not None, f"{arch.name} has no router module in block {L}"
+        return router.register_forward_pre_hook(in_hook, with_kwargs=True)
     if k == "block_in":
         return arch.blocks[L].register_forward_pre_hook(in_hook, with_kwargs=True)
     if k == "block_out":
@@ -337,8 +358,7 @@ def _attach_route(arch: Architecture, L: int, fn: Edit, batch: int) -> Any:
             fn(idx.reshape(batch, -1, idx.shape[-1]).sort(-1).values)
 
     experts = getattr(sparse, "experts", None)
-    router = next((getattr(sparse, n) for n in ("gate", "router") if isinstance(getattr(sparse, n, None),
-                                                                             nn.Module)), None)
+    router = router_module(arch, L)
 
     def on_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         seen(_choice(tuple(args[1:]) + tuple(kwargs.values())))
@@ -352,6 +372,55 @@ def _attach_route(arch: Architecture, L: int, fn: Edit, batch: int) -> Any:
     elif router is not None:
         handles.append(router.register_forward_hook(on_router))
     return _Handles(handles)
+
+
+def router_module(arch: Architecture, L: int) -> nn.Module | None:
+    """Block ``L``'s router (its ``gate`` or ``router`` module), or None where the block has none."""
+    sparse = arch.moe[L] if arch.moe and 0 <= L < len(arch.moe) else None
+    return next((getattr(sparse, n) for n in ("gate", "router")
+                 if isinstance(getattr(sparse, n, None), nn.Module)), None)
+
+
+def experts_module(arch: Architecture, L: int) -> nn.Module | None:
+    """Block ``L``'s fused experts module (the one handed ``(hidden_states, top_k_index,
+    top_k_weights)``), or None where the block has none."""
+    sparse = arch.moe[L] if arch.moe and 0 <= L < len(arch.moe) else None
+    experts = getattr(sparse, "experts", None)
+    return experts if isinstance(experts, nn.Module) else None
+
+
+def expert_call(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """``(hidden_states [T, d], top_k_index [T, k], top_k_weights [T, k])`` from a call of an
+    experts module, or None when its arguments are not that."""
+    rest = tuple(args[1:]) + tuple(v for k, v in kwargs.items() if k != "hidden_states")
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    idx = _choice(rest)
+    if not isinstance(hidden, Tensor) or idx is None:
+        return None
+    weights = next((t for t in rest if isinstance(t, Tensor) and t.is_floating_point()
+                    and t.shape == idx.shape), None)
+    return None if weights is None else (hidden, idx, weights)
+
+
+def _attach_experts_in(arch: Architecture, L: int, fn: Edit, batch: int) -> Any:
+    """Hand ``fn`` what block ``L``'s experts module receives: hidden states, then each expert's
+    routing weight (NaN where not routed), float32 ``[batch, pos, d + experts]``. Read only."""
+    experts = experts_module(arch, L)
+    assert experts is not None, f"{arch.name} has no fused experts module in block {L}"
+    n_experts = int(getattr(experts, "num_experts"))  # noqa: B009 (a module attribute mypy cannot see)
+
+    def on_experts(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        call = expert_call(args, kwargs)
+        if call is None:
+            raise RuntimeError(f"block {L}'s experts module was not handed (hidden_states, top_k_index, "
+                               "top_k_weights)")
+        hidden, idx, weights = call
+        gates = torch.full((hidden.shape[0], n_experts + 1), torch.nan, device=hidden.device)
+        # (an index of n_experts is a sentinel some implementations use for "no expert")
+        gates.scatter_(1, idx.long().clamp(0, n_experts), weights.float())
+        fn(_as_bsd(torch.cat([hidden.float(), gates[:, :n_experts]], -1), batch))
+
+    return _Handles([experts.register_forward_pre_hook(on_experts, with_kwargs=True)])
 
 
 class _Handles:

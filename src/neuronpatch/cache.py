@@ -51,7 +51,7 @@ from neuronpatch.errors import NeuronpatchError, OutputPathError
 from neuronpatch.names import CACHE_MARKER
 from neuronpatch.result import ExperimentResult
 
-FORMAT = 3
+FORMAT = 4  # 4: the mixture-of-experts fields (target_expert, unrouted_inputs, routing_changed)
 MARKER = CACHE_MARKER  # says a directory is a neuronpatch cache
 MAX_ENTRY_BYTES = 256 * 1024 * 1024  # an entry over this is not read (nor written)
 MAX_MEMBERS = 1024  # arrays in one entry (controls add two per unit)
@@ -62,8 +62,10 @@ _ARRAYS = ("clean_activation", "clean_prediction", "patched_activation", "patche
 _TEXT = ("head_path", "model_name", "head_type", "layer_type", "unit_hook", "feature_hook",
          "patch_position", "method", "created")
 _INTS = ("target_layer", "target_neuron")
-_KNOWN = {*_ARRAYS, *_TEXT, *_INTS, "token_pos", "inputs", "n_tokens", "positions", "interventions",
-          "write_direction_cosine", "notes", "controls", "ranking", "rounding"}
+_OPTIONAL_INTS = ("target_expert", "routing_changed")  # int or None
+_KNOWN = {*_ARRAYS, *_TEXT, *_INTS, *_OPTIONAL_INTS, "token_pos", "inputs", "n_tokens", "positions",
+          "interventions", "write_direction_cosine", "notes", "controls", "ranking", "rounding",
+          "unrouted_inputs"}
 # Files of this package whose code cannot move a measured number.
 _NOT_MEASURING = ("pytest_plugin", "demo", "plots.py", "report_html.py", "cli.py")
 
@@ -207,6 +209,9 @@ def to_arrays(result: ExperimentResult) -> dict[str, np.ndarray]:
                        for iv in result.interventions],
         write_direction_cosine=_floats([result.write_direction_cosine])[0],
         notes=list(result.notes),
+        unrouted_inputs=list(result.unrouted_inputs),
+        **{name: None if getattr(result, name) is None else int(getattr(result, name))
+           for name in _OPTIONAL_INTS},
         controls=None,
         rounding=None if result.rounding is None else {
             "dtype": result.rounding.dtype, "row_error": float.hex(float(result.rounding.row_error)),
@@ -257,6 +262,8 @@ def from_arrays(arrays: Mapping[str, np.ndarray]) -> ExperimentResult:
     try:
         fields: dict[str, Any] = {name: str(meta[name]) for name in _TEXT}
         fields.update({name: int(meta[name]) for name in _INTS})
+        fields.update({name: None if meta[name] is None else int(meta[name]) for name in _OPTIONAL_INTS})
+        fields["unrouted_inputs"] = tuple(str(t) for t in meta["unrouted_inputs"])
         inputs = tuple(str(t) for t in meta["inputs"])
         ivs = tuple(Intervention(kind, None if value is None else float.fromhex(value))
                     for kind, value in meta["interventions"])

@@ -172,6 +172,9 @@ def resolve(spec: Any, *, target: int, width: int, d_model: int, layer_type: str
         return ControlSet(units=units)
     if layer_type not in RESIDUAL_TYPES:
         what, whats = (("an MLP neuron", "MLP neurons") if layer_type in MLP_HIDDEN_TYPES
+                       else ("an expert neuron", "other neurons of the expert")
+                       if layer_type.startswith("expert_")
+                       else ("a router logit", "other experts' logits") if layer_type == "router"
                        else ("a dictionary latent", "dictionary latents"))
         raise ControlsError(
             f"controls.directions needs a residual-stream unit, but {config} has layer_type "

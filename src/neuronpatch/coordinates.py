@@ -55,6 +55,8 @@ class HeadConfig(Protocol):
     def target_neuron(self) -> int: ...
     @property
     def sae(self) -> str | None: ...
+    @property
+    def target_expert(self) -> int | None: ...
 
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_mlp_out|hook_attn_out)$")
 _HOOK_SITES = {"hook_resid_pre": "block_in", "hook_resid_post": "block_out",
@@ -78,8 +80,9 @@ class Plan:
     # engine: a patched row whose ``Targets`` entry names direction ``i`` patches along
     # ``directions[i]``.
     directions: Any = field(default=None, compare=False, repr=False)
-    # A dictionary's latents (neuronpatch.dictionaries.Dictionary) when the unit is a latent:
-    # ``unit`` is where they are encoded from, ``write`` where a latent's change is added.
+    # A dictionary's latents (neuronpatch.dictionaries.Dictionary) when the unit is a latent, or
+    # an expert's neurons (neuronpatch.experts.ExpertNeurons): ``unit`` is where they are
+    # encoded from, ``write`` where a change is added.
     dictionary: Any = field(default=None, compare=False, repr=False)
     write: Site | None = None
 
@@ -88,10 +91,17 @@ class Plan:
         """Where a patch edits the tensor: the unit's site, or a transcoder's output."""
         return self.write or self.unit
 
+    @property
+    def unit_hook(self) -> str:
+        """The unit's layer as TransformerLens names it (an expert's neurons:
+        ``blocks.L.mlp.experts.E.hook_post``; a router's logits: ``blocks.L.mlp.gate.hook_out``)."""
+        return str(self.unit) if self.dictionary is None else self.dictionary.hook
+
     def describe(self) -> str:
         unit = f"{self.unit}:{self.neuron}"
         if self.dictionary is not None:
-            unit = f"{self.unit} latent {self.neuron}" + (f" → {self.write}" if self.write else "")
+            unit = f"{self.unit} {self.dictionary.label(self.neuron)}"
+            unit += f" → {self.write}" if self.write else ""
         return f"{unit} → {self.feature} ({self.coordinates} coordinates)"
 
     # The coordinate transforms, in one place: routes and ranking call these and never
@@ -141,6 +151,10 @@ def unit_site(cfg: HeadConfig) -> Site:
 
         assert cfg.sae is not None
         return dictionaries.read_config(cfg.sae).read
+    if cfg.layer_type in units.EXPERT_TYPES:
+        return Site("expert_in", cfg.target_layer)
+    if cfg.layer_type == units.ROUTER:
+        return Site("router_in", cfg.target_layer)
     return Site(units.UNIT_SITES[cfg.layer_type], cfg.target_layer)
 
 
@@ -188,7 +202,8 @@ def plan(cfg: HeadConfig, model: LoadedModel, coordinates: str | None = None,
     feature = feature_site(cfg, n_layers, coords, where)
     model.arch.check(unit)
     model.arch.check(feature)
-    dictionary, write = None, None
+    dictionary: Any = None
+    write: Site | None = None
     if cfg.layer_type == units.DICTIONARY:
         from neuronpatch import dictionaries
 
@@ -197,6 +212,17 @@ def plan(cfg: HeadConfig, model: LoadedModel, coordinates: str | None = None,
         if dictionary.cfg.transcoder:
             write = dictionary.cfg.write
             model.arch.check(write)
+    elif cfg.layer_type in units.EXPERT_TYPES:
+        from neuronpatch import experts
+
+        assert cfg.target_expert is not None
+        dictionary = experts.load(model, unit.layer, cfg.target_expert, units.EXPERT_TYPES[cfg.layer_type])
+        write = dictionary.write
+        model.arch.check(write)
+    elif cfg.layer_type == units.ROUTER:
+        from neuronpatch import experts
+
+        dictionary = experts.load_router(model, unit.layer)  # read and written at the router's input
     if coords == "hf" and model.arch.hf_refused and cfg.head_type != "token" and not cfg.feature_hook:
         raise ModelLoadError(f"{model.arch.name}: hf coordinates are refused: {model.arch.hf_refused}")
     centring = coords == "transformer_lens" and model.arch.layernorm

@@ -245,6 +245,33 @@ class Dictionary:
         """``[R, d_out]``: the decoder row of each row's latent."""
         return self.W_dec[cols]
 
+    # What :class:`~neuronpatch.experts.ExpertNeurons` adds to a unit of this shape: a latent's
+    # write is the same direction at every token (the linear route may serve it), never scaled
+    # by a routing weight, and a change of its value is the change it writes.
+    linear = True
+    routed = False  # a latent exists at every token (it may be zero there)
+    sparse = True  # most latents are zero on most tokens (see ExperimentResult.active_inputs)
+
+    def label(self, i: int) -> str:
+        return f"latent {i}"
+
+    @property
+    def hook(self) -> str:
+        """The TransformerLens hook the latents are read from."""
+        return self.cfg.hook_name
+
+    def gain(self, t: Tensor, cols: Tensor | None = None) -> Tensor:
+        """``[..., S]``: what a write is scaled by at each token of ``t``: 1."""
+        return torch.ones(t.shape[:-1], device=t.device)
+
+    def write_scale(self, t: Tensor) -> Tensor:
+        """``[..., d_sae]``: what a change of 1 in each latent writes along its decoder row: 1."""
+        return torch.ones(*t.shape[:-1], self.cfg.d_sae, device=t.device)
+
+    def written(self, t: Tensor, cols: Tensor, delta: Tensor) -> Tensor:
+        """``[R, S]``: the change a latent's value change ``delta`` writes along its decoder row."""
+        return delta
+
 
 _LOADED: dict[tuple[str, float, str], Dictionary] = {}
 

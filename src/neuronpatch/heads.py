@@ -53,7 +53,7 @@ _HEAD_CONFIG_KEYS = frozenset({"hidden_dim", "dropout", "activation", "output_sc
 _TOP_KEYS = frozenset({"base_model_name", "target_layer", "target_neuron", "layer_type", "feature_layer",
                        "feature_hook", "token_pos", "prepend_bos", "head_type", "head_config", "bin_edges",
                        "coordinates", "weight_processing", "activation_mean", "activation_std", "d_model",
-                       "weights", "sae"})
+                       "weights", "sae", "target_expert"})
 # Keys some pipelines add as records; never read, never warned about.
 _QUIET_KEYS = frozenset({"timestamp", "created_at", "description", "version", "metrics", "training",
                          "training_config", "train_config", "dataset", "notes", "git_commit", "seed",
@@ -89,6 +89,7 @@ class HeadConfig:
     num_classes: int | None = None
     weights_file: str | None = None
     sae: str | None = None  # layer_type sae: the dictionary's directory (resolved against the head's)
+    target_expert: int | None = None  # layer_type expert_post / expert_pre: which expert of the block
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -151,6 +152,13 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
     if layer_type not in units.LAYER_TYPES:
         raise config_error(where, "layer_type", layer_type, "one of " + ", ".join(units.LAYER_TYPES))
     sae, layer = _dictionary(raw, layer_type, where)
+    expert = _int(raw, "target_expert", where, default=None)
+    if layer_type in units.EXPERT_TYPES and expert is None:
+        raise config_error(where, "target_expert", "<missing>",
+                           f"the index of the expert whose neuron layer_type {layer_type!r} names")
+    if layer_type not in units.EXPERT_TYPES and expert is not None:
+        raise config_error(where, "target_expert", expert, f"no target_expert for layer_type {layer_type!r} "
+                           "(it names an expert for layer_type " + " or ".join(units.EXPERT_TYPES) + ")")
     feature_layer = _int(raw, "feature_layer", where, default=-1, allow_negative=True)
     feature_hook = raw.get("feature_hook")
     if feature_hook is not None and (not isinstance(feature_hook, str) or not feature_hook):
@@ -239,7 +247,7 @@ def parse_config(raw: Mapping[str, Any], where: Path) -> HeadConfig:
         dropout=float(dropout), activation=activation, output_scale=output_scale, digit_tokens=digits,
         bin_edges=edges, coordinates=coords, coordinates_given=given, activation_mean=mean,
         activation_std=std, d_model=d_model, input_dim=input_dim, num_classes=num_classes,
-        weights_file=weights_file, sae=sae, extra=extra,
+        weights_file=weights_file, sae=sae, target_expert=expert, extra=extra,
     )
 
 
@@ -492,6 +500,16 @@ def unit_width(cfg: HeadConfig, model: LoadedModel) -> int:
     Raises:
         HeadConfigError: a dictionary whose input does not fit the model.
     """
+    if cfg.layer_type in units.EXPERT_TYPES:
+        from neuronpatch import experts
+
+        assert cfg.target_expert is not None
+        return experts.load(model, cfg.target_layer, cfg.target_expert,
+                            units.EXPERT_TYPES[cfg.layer_type]).width
+    if cfg.layer_type == units.ROUTER:
+        from neuronpatch import experts
+
+        return experts.load_router(model, cfg.target_layer).width
     if cfg.layer_type != units.DICTIONARY:
         return model.unit_width(cfg.layer_type in units.MLP_HIDDEN_TYPES)
     from neuronpatch import dictionaries

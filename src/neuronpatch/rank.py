@@ -308,14 +308,16 @@ def rank_units(
     L = cfg.target_layer if layer is None else layer
     if isinstance(L, bool) or not isinstance(L, int) or not 0 <= L < model.n_layers:
         raise InputError(f"layer {L!r} is invalid; expected an int in [0, {model.n_layers - 1}]")
-    if units.DICTIONARY in (lt, cfg.layer_type) and (lt, L) != (cfg.layer_type, cfg.target_layer):
-        # A dictionary's latents are ranked over the head's own dictionary, and nothing else.
+    own_set = units.OWN_SET_TYPES  # units ranked over the head's own set only
+    if (lt in own_set or cfg.layer_type in own_set) and (lt, L) != (cfg.layer_type, cfg.target_layer):
+        # A dictionary's latents are ranked over the head's own dictionary, an expert's neurons
+        # over the head's own expert, a router's logits over the head's own router.
         raise InputError(f"layer {L} {lt} cannot be ranked for {head.config_path}: latents are ranked over "
-                         "the head's own dictionary (layer_type sae, its layer), neurons over a layer of "
-                         "the model")
-    own = cfg.target_layer == L and (lt == cfg.layer_type == units.DICTIONARY or (
-        units.DICTIONARY not in (lt, cfg.layer_type)
-        and units.UNIT_SITES[lt] == units.UNIT_SITES[cfg.layer_type]))
+                         "the head's own dictionary (layer_type sae, its layer), an expert's neurons over "
+                         "the head's own expert, a router's logits over its own router, neurons over a "
+                         "layer of the model")
+    own = cfg.target_layer == L and (lt == cfg.layer_type if lt in own_set else (
+        cfg.layer_type not in own_set and units.UNIT_SITES[lt] == units.UNIT_SITES[cfg.layer_type]))
     target = cfg.target_neuron if own else None
     rcfg = dataclasses.replace(cfg, target_layer=L, layer_type=lt, target_neuron=target or 0)
     p = coordinates.plan(rcfg, model, where=head.config_path)
@@ -327,6 +329,11 @@ def rank_units(
     texts = list(engine.DEFAULT_INPUTS if inputs is None else inputs)
     enc = engine.encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos,
                         position=cfg.token_pos)
+    # An expert's neurons exist only where the expert is routed: the other inputs are left out.
+    texts, unrouted = engine.routed_only(model, p, enc, texts, batch_size, where=head.config_path)
+    if unrouted:
+        enc = engine.encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos,
+                            position=cfg.token_pos)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
     if kv_cache_bytes is None:
         kv_cache_bytes = engine.kv_cache_budget(model.device)
@@ -346,13 +353,17 @@ def rank_units(
     else:
         out = job.screen()
     notes = [*out.notes, *notes]
+    if unrouted:
+        notes.append(f"routing: expert {cfg.target_expert} not routed at the patched token on "
+                     f"{len(unrouted)} of {len(texts) + len(unrouted)} inputs; left out (its neurons do not "
+                     "exist there)")
     silent = int(np.sum(out.patched & np.isnan(out.exact_slope)))
     if silent:
         notes.append(f"{silent} patched unit(s) have an undefined slope (the interventions did not move "
                      "them on any input, e.g. scaling a silent unit); they rank last: use add or set")
     return RankResult(
         head_path=str(head.path), model_name=cfg.base_model_name, layer=L, layer_type=lt,
-        unit_hook=str(p.unit), feature_hook=str(p.feature), method=out.method, target=target, top=top,
+        unit_hook=p.unit_hook, feature_hook=str(p.feature), method=out.method, target=target, top=top,
         interventions=tuple(iv.label for iv in ivs), inputs=tuple(texts),
         screen_slope=out.screen, exact_slope=out.exact_slope, exact_r_squared=out.exact_r2,
         patched=out.patched, confirmed=tuple(out.confirmed), notes=tuple(notes),
@@ -699,6 +710,7 @@ class _Screened:
     unit_row: Tensor | None = None
     z: Tensor | None = None  # the zero added at the unit's site (the screen's only gradient leaf)
     features: Tensor | None = None
+    scale: Tensor | None = None  # [B, units] a dictionary unit's write per unit of change (write_scale)
 
 
 def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int], head: Head | None,
@@ -726,6 +738,8 @@ def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int]
 
     def unit(t: Tensor) -> Tensor | None:
         got.unit_row = p.layer_values(t[:, -1].detach())
+        if grad and p.dictionary is not None:  # what each unit's change writes along its row
+            got.scale = p.dictionary.write_scale(t[:, -1].detach())
         if got.features is not None:
             raise engine.Stop  # the head read before the unit (upstream): all there is to see
         if not grad or p.write is not None:
@@ -780,7 +794,8 @@ def _read_token(model: LoadedModel, p: Plan, enc: engine.Encoded, idx: list[int]
                 (g,) = torch.autograd.grad(pred.sum(), got.z)
                 g = g.float()
                 if p.dictionary is not None:  # ∂prediction/∂latent = ∂prediction/∂tensor · W_dec[i]
-                    g = g @ p.dictionary.W_dec.T
+                    assert got.scale is not None
+                    g = (g @ p.dictionary.W_dec.T) * got.scale.to(g.device)
     return got.features.detach().cpu(), got.unit_row.cpu(), None if g is None else g.cpu(), kept
 
 

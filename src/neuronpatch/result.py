@@ -84,6 +84,13 @@ class ExperimentResult:
     controls: Any = None  # neuronpatch.controls.ControlResults when the probe asked for controls
     ranking: Any = None  # neuronpatch.rank.RankResult when the probe asked for the target's rank
     rounding: stats.Rounding | None = None  # how far the dtype's rounding can move a row's Δp
+    target_expert: int | None = None  # layer_type expert_post / expert_pre: the expert
+    # Inputs left out of the fit: the expert was not routed at their patched token, so the
+    # neuron does not exist there (an expert neuron only).
+    unrouted_inputs: tuple[str, ...] = ()
+    # Patched rows whose patch changed the expert choice of a later mixture-of-experts layer
+    # (None: no such layer between the unit and the features, or not observable there).
+    routing_changed: int | None = None
     created: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
 
     # ----- derived arrays -------------------------------------------------
@@ -412,6 +419,12 @@ class ExperimentResult:
                 "seconds": self.rounding.seconds, **self.numerical_error,
             },
             "notes": list(self.notes),
+            # Mixture-of-experts models: the expert an expert neuron belongs to, the inputs left
+            # out because it was not routed at their patched token, and how many patched rows
+            # changed a later layer's expert choice (null: not an expert neuron / not observed).
+            "target_expert": self.target_expert,
+            "unrouted_inputs": list(self.unrouted_inputs),
+            "routing_changed": self.routing_changed,
             # Each control's slope, R² and intervals, and the specificity (null: no controls).
             "controls": None if self.controls is None else self.controls.to_dict(),
             **({} if self.ranking is None else {"ranking": self.ranking.summary()}),

@@ -185,7 +185,11 @@ def check_arguments(*, layer: int, feature_layer: int, layer_type: str = "post",
         raise InputError(f"--type {head_type!r} is invalid; expected regression or classification")
     if layer_type not in units.LAYER_TYPES:
         raise InputError(f"--layer-type {layer_type!r} is invalid; expected one of "
-                         + ", ".join(units.UNIT_SITES) + " (or --sae PATH --latent I)")
+                         + ", ".join((*units.UNIT_SITES, units.ROUTER)) + " (or --sae PATH --latent I)")
+    if layer_type in units.EXPERT_TYPES:
+        raise InputError(f"--layer-type {layer_type} is not trained by train-head: an expert neuron exists "
+                         "only on the tokens routed to its expert, so most training windows have no target; "
+                         "write the head's config.json with target_expert and train it on routed tokens")
     if coordinates not in ("transformer_lens", "hf"):
         raise InputError(f"--coordinates {coordinates!r} is invalid; expected transformer_lens or hf")
     if head_type == "classification" and bins < 2:

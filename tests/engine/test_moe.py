@@ -86,7 +86,7 @@ def test_moe_block_units_match_the_hf_reference(moe: tuple[Path, Oracle], case: 
                 f"{case} route {route} ({res.method}): {name} off by {err:.3g}")
 
 
-def test_expert_neurons_are_refused_by_name(moe: tuple[Path, Oracle], tmp_path: Path) -> None:
+def test_a_moe_layers_dense_neurons_are_refused_by_name(moe: tuple[Path, Oracle], tmp_path: Path) -> None:
     model_dir, _ = moe
     head = write_head(tmp_path / "head", model_dir, target_layer=1, target_neuron=5, layer_type="post")
     with pytest.raises(ModelLoadError, match=r"mixture of experts.*mlp_out"):

@@ -245,7 +245,9 @@ FOUR = ["The cat sat on the mat.", "Open the file before you read from it.",
 
 
 def test_pytest_reports_a_bfloat16_claim_inside_its_error_as_inconclusive(pytester: pytest.Pytester) -> None:
-    # demo_final on these four inputs in bfloat16: slope 0.865 ± 0.056 (float32: 0.869).
+    # demo_final on these four inputs in bfloat16: slope 0.865 ± 0.056 on an Intel Xeon, 0.866 ±
+    # 0.072 on an AMD EPYC without AVX-512 (CPUs round bfloat16 matrix products differently);
+    # float32: 0.869. Every claim below is decided the same way on both.
     run_experiment(ROOT / "probes" / "heads" / "demo_final", inputs=["warm up"], set=[0, 1])
     shutil.copytree(ROOT / "probes" / "heads" / "demo_final", pytester.path / "heads" / "demo_final")
 
@@ -265,7 +267,7 @@ def test_pytest_reports_a_bfloat16_claim_inside_its_error_as_inconclusive(pytest
     result = pytester.runpytest("-p", "no:cacheprovider", "-v", "--neuronpatch-report", "report.html")
     result.assert_outcomes(passed=1, failed=2)
     page = (pytester.path / "report.html").read_text()
-    lines = re.findall(r"numerical error: slope 0\.86\d ± 0\.05\d, R² 0\.99\d ± 0\.00\d+ "
+    lines = re.findall(r"numerical error: slope 0\.86\d ± 0\.0[5-9]\d?, R² 0\.99\d ± 0\.00\d+ "
                        r"from bfloat16 rounding", page)
     assert len(lines) == 3 and len(set(lines)) == 1  # one line per probe, all the same run
     result.stdout.fnmatch_lines_random([

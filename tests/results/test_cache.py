@@ -211,3 +211,23 @@ def test_direction_controls_round_trip_through_arrays_exactly(tmp_path):
     assert json.dumps(back.summary(), sort_keys=True) == json.dumps(res.summary(), sort_keys=True)
     assert back.controls is not None and back.controls.labels == res.controls.labels
     np.testing.assert_array_equal(back.controls.directions, res.controls.directions)
+
+
+def test_expert_neuron_results_round_trip_through_arrays_exactly(tmp_path):
+    """The inputs an expert neuron left out and the rows that rerouted a later layer are kept."""
+    from neuronpatch import run_experiment
+    from neuronpatch.testing import tiny_model, write_head
+
+    model = tiny_model(tmp_path / "m", "mixtral")
+    texts = ["The cat sat.", "A dog ran far away.", "Numbers 3 4 5 and more", "Seven silver spoons",
+             "Where did the river go?", "one two three"]
+    for expert in range(4):
+        head = write_head(tmp_path / f"h{expert}", model, target_layer=0, target_neuron=3,
+                          layer_type="expert_post", target_expert=expert)
+        res = run_experiment(head, inputs=texts, set=[0, 40.0], device="cpu")
+        if res.unrouted_inputs:
+            break
+    assert res.unrouted_inputs and res.routing_changed is not None and res.target_expert == expert
+    back = nc.from_arrays(nc.to_arrays(res))
+    assert json.dumps(back.summary(), sort_keys=True) == json.dumps(res.summary(), sort_keys=True)
+    assert (back.unrouted_inputs, back.routing_changed) == (res.unrouted_inputs, res.routing_changed)

@@ -133,6 +133,7 @@ from neuronpatch.engine._rows import (
     kv_rows,
     layer_rows,
     prefix_cache,
+    routed_only,
 )
 
 __all__ = [
@@ -187,6 +188,7 @@ __all__ = [
     "prefix_cache",
     "progress_bar",
     "repeat_cache",
+    "routed_only",
     "run_experiment",
     "run_rows",
     "short",

@@ -28,7 +28,7 @@ from neuronpatch.engine._routes import (
     measure,
     write_directions,
 )
-from neuronpatch.engine._rows import layer_rows
+from neuronpatch.engine._rows import layer_rows, routed_only
 from neuronpatch.errors import InputError
 from neuronpatch.heads import Head, load_head, unit_width
 from neuronpatch.interventions import Intervention, build, normalize
@@ -153,6 +153,10 @@ def run_experiment(
     pos = cfg.token_pos if position is None else position
     enc = encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos, position=pos)
     p = coordinates.plan(cfg, model, where=head.config_path)
+    # An expert neuron exists only where its expert is routed: the other inputs are left out.
+    texts, unrouted = routed_only(model, p, enc, texts, batch_size, where=head.config_path)
+    if unrouted:
+        enc = encode(model, texts, prepend_bos=cfg.prepend_bos, token_pos=cfg.token_pos, position=pos)
     route = choose_route(model, p, enc, method)
     digit_ids = torch.tensor(head.digit_token_ids(model)) if cfg.head_type == "token" else None
     n, k = len(texts), len(ivs)
@@ -162,7 +166,7 @@ def run_experiment(
         from neuronpatch import controls as ctl
 
         prefer = None
-        if p.dictionary is not None:  # random controls: latents active on these inputs first
+        if p.dictionary is not None and p.dictionary.sparse:  # random: latents active here first
             seen = [r for idx in chunks(n, batch_size) for r in layer_rows(model, p, enc, idx)]
             prefer = torch.cat(seen).ne(0).any(0).nonzero()[:, 0].tolist()
         cset = ctl.resolve(controls, target=p.neuron, width=width, d_model=model.d_model,
@@ -223,6 +227,12 @@ def run_experiment(
                                 lambda f: head.predict(f, digit_ids), tx, ty, pred_scale, budget=budget,
                                 states=allg.states)
     notes = _notes(texts, got.clean_act, ivs, p, route)
+    if unrouted:
+        notes.append(f"routing: expert {cfg.target_expert} not routed at the patched token on "
+                     f"{len(unrouted)} of {len(texts) + len(unrouted)} inputs; left out of the fit (the "
+                     f"neuron does not exist there): {', '.join(repr(short(t)) for t in unrouted[:3])}"
+                     + (", ..." if len(unrouted) > 3 else ""))
+    changed = None
     if allg.rerouted is not None:
         changed = int(allg.rerouted[:, :k].sum())
         notes.append(f"routing: {changed} of {n * k} patched rows changed the expert choice of a later "
@@ -262,7 +272,7 @@ def run_experiment(
         target_layer=cfg.target_layer,
         target_neuron=cfg.target_neuron,
         layer_type=cfg.layer_type,
-        unit_hook=str(p.unit),
+        unit_hook=p.unit_hook,
         feature_hook=str(p.feature),
         token_pos=cfg.token_pos,
         patch_position=str(pos),
@@ -279,6 +289,9 @@ def run_experiment(
         notes=tuple(notes),
         controls=control_results,
         rounding=rounding,
+        target_expert=cfg.target_expert,
+        unrouted_inputs=tuple(unrouted),
+        routing_changed=changed,
     )
 
 
@@ -323,7 +336,7 @@ def _notes(texts: Sequence[str], clean_act: Tensor, ivs: Sequence[Intervention],
     if route.method == "upstream" and p.upstream:
         notes.append(f"the head reads {p.feature}, before {p.unit}: no patch of the unit can reach "
                      "it, so its causal slope is exactly 0")
-    if p.dictionary is not None:
+    if p.dictionary is not None and p.dictionary.sparse:
         active = int(torch.count_nonzero(clean_act))
         notes.append(f"sparsity: latent {p.neuron} of {p.dictionary.cfg.path} is active on {active} of "
                      f"{len(texts)} inputs; the dictionary's reconstruction error is kept, so a patch "

@@ -371,12 +371,16 @@ class Along:
 
 
 class Latents:
-    """The patch of a dictionary's latents (``Plan.dictionary``): every row patches one latent.
+    """The patch of a dictionary's latents or an expert's neurons (``Plan.dictionary``): every row
+    patches one of them.
 
-    Row ``r``'s value is latent ``cols[r]`` of the tensor at the unit's site; its patch adds
-    ``Δ · W_dec[cols[r]]`` to the tensor at the write site (the same site for an SAE, a
-    transcoder's output), keeping the reconstruction error. The patch is read back as the
-    clean value plus the change of ``t·w / |w|²`` that the write made (``w`` the decoder row).
+    Row ``r``'s value is unit ``cols[r]`` of the tensor at the unit's site; its patch adds
+    ``c · w`` to the tensor at the write site (the same site for an SAE; a transcoder's
+    output; an expert's block output), ``w`` the unit's decoder row and ``c`` the
+    coefficient the change writes: ``Δ`` for a latent, the routing weight times the neuron's
+    change for an expert neuron (0 where the token is not routed to the expert). The
+    reconstruction error, or every other expert, is kept. The patch is read back as the
+    change of ``t·w / |w|²`` that the write made, against the ``c`` requested.
     """
 
     def __init__(self, p: Plan, cols: Tensor) -> None:
@@ -384,47 +388,61 @@ class Latents:
         self.cols = cols
         self.w = p.dictionary.rows(cols).double()  # [R, d_out]
         self.w2 = (self.w * self.w).sum(-1).clamp_min(1e-30)  # [R]
-        self.clean: Tensor | None = None  # [R, S] each row's latent, before the patch
-        self.delta: Tensor | None = None  # [R, S] the change each row asks for
+        self.clean: Tensor | None = None  # [R, S] each row's unit, before the patch
+        self.read: Tensor | None = None  # [R, S, width] the tensor the unit was read from
+        self.coef: Tensor | None = None  # [R, S] what each row writes along its decoder row
         self.base: Tensor | None = None  # [R, S] t·w/|w|² before the write
         self.norm: Tensor | None = None  # [R, S] |t|/|w| before the write (the tolerance)
         self.dtype = torch.float32  # the dtype the tensor is written back in
 
     def value(self, t: Tensor) -> Tensor:
-        """``[R, S]`` float32: each row's latent."""
+        """``[R, S]`` float32: each row's unit (NaN where an expert neuron does not exist)."""
         self.clean = self.p.latent_values(t, self.cols)
+        self.read = t
         return self.clean
+
+    def set_change(self, delta: Tensor, dtype: torch.dtype) -> None:
+        """The change ``delta [R, S]`` of each row's unit value the patch asks for (NaN-free where
+        the unit exists; positions where it does not write nothing)."""
+        assert self.read is not None
+        d = self.p.dictionary
+        gain = d.gain(self.read, self.cols)
+        coef = d.written(self.read, self.cols, torch.nan_to_num(delta)) * gain
+        self.coef = torch.where(gain.isnan(), torch.zeros_like(coef), coef)
+        self.dtype = dtype
 
     def project(self, t: Tensor) -> Tensor:
         return torch.einsum("rsd,rd->rs", t.double(), self.w) / self.w2[:, None]
 
     def add(self, t: Tensor) -> Tensor:
-        """The written tensor ``t + Δ·w`` (``delta`` set by the patch hook), in ``t``'s dtype."""
-        assert self.delta is not None
+        """The written tensor ``t + c·w`` (``c`` set by :meth:`set_change`), in ``t``'s dtype."""
+        assert self.coef is not None
         self.base = self.project(t)
         self.norm = t.double().norm(dim=-1) / self.w2.sqrt()[:, None]
-        return (t.double() + self.delta.double()[..., None] * self.w[:, None, :]).to(t.dtype)
+        return (t.double() + self.coef.double()[..., None] * self.w[:, None, :]).to(t.dtype)
 
     def observed(self, t: Tensor) -> Tensor:
-        """``[R, S]``: the clean latent plus what the write moved ``t·w/|w|²`` by."""
-        assert self.clean is not None and self.base is not None
-        return self.clean.double() + (self.project(t) - self.base)
+        """``[R, S]``: what the write moved ``t·w/|w|²`` by."""
+        assert self.base is not None
+        return self.project(t) - self.base
 
-    def offset(self) -> Tensor:
-        """``[R]``: the δ/d_model offset factor of each row's write (see ``Plan.latent_offset``)."""
-        return self.p.latent_offset(self.cols)
+    def offset(self, read: Tensor) -> Tensor:
+        """``[R]``: the δ/d_model offset of each row's write at the read positions ``read [R]``
+        (the written coefficient times the decoder row's sum; see ``Plan.latent_offset``)."""
+        assert self.coef is not None
+        ar = torch.arange(len(read), device=read.device)
+        return self.coef[ar, read] * self.p.latent_offset(self.cols)
 
     def check(self, b: Batch, observed: Tensor | None) -> None:
-        """Raise unless every patched position's latent moved by what its row requested.
+        """Raise unless every patched position's write moved by what its row requested.
 
-        Writing ``t + Δ·w`` back in the tensor's dtype rounds each coordinate once, which moves
+        Writing ``t + c·w`` back in the tensor's dtype rounds each coordinate once, which moves
         ``t·w/|w|²`` by at most the rounding times ``|t|/|w|``: the tolerance scales with it.
         """
-        where = f"{self.p.write_site} (latent {_latent_names(self.cols)})"
-        if observed is None or self.delta is None or self.norm is None or self.clean is None:
-            raise PatchError(f"the patch at {where} was never read back after the hook: it cannot be "
-                             "confirmed")
-        requested = self.clean.double() + self.delta.double()
+        if observed is None or self.coef is None or self.norm is None:
+            raise PatchError(f"the patch at {self.p.write_site} (unit {_latent_names(self.cols)}) was never "
+                             "read back after the hook: it cannot be confirmed")
+        requested = self.coef.double()
         rtol = PATCH_RTOL.get(self.dtype, 1e-5)
         scale = requested.abs() + observed.abs() + self.norm + 1.0
         err = torch.where(b.patch, (requested - observed).abs() / scale, torch.zeros_like(scale))
@@ -432,8 +450,8 @@ class Latents:
         if not worst <= rtol:  # NaN fails too
             r, q = divmod(int(err.reshape(-1).argmax()), err.shape[1])
             raise PatchError(
-                f"the patch at {self.p.write_site} of latent {int(self.cols[r])} did not take effect on row "
-                f"{r} position {q}: requested {float(requested[r, q]):.6g}, observed "
+                f"the patch at {self.p.write_site} of unit {int(self.cols[r])} did not take effect on row "
+                f"{r} position {q}: requested a write of {float(requested[r, q]):.6g}, observed "
                 f"{float(observed[r, q]):.6g} after the hook; the hook did not run or its edit was discarded")
 
 
@@ -467,8 +485,10 @@ def _route_taps(model: LoadedModel, p: Plan, got: _Read) -> list[Tap]:
     if not arch.moe:
         return []
     after = p.unit.order(arch.n_layers)
+    # (a router unit changes its own block's choice by design: only later blocks count)
+    own = p.unit.layer if p.unit.kind == "router_in" else -1
     sites = [Site("route", L) for L, sparse in enumerate(arch.moe)
-             if sparse is not None and Site("route", L).order(arch.n_layers) > after]
+             if sparse is not None and Site("route", L).order(arch.n_layers) > after and own != L]
 
     def keep(L: int) -> Callable[[Tensor], None]:
         def fn(t: Tensor) -> None:
@@ -547,8 +567,8 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
         new_col = (col.float() + delta).to(t.dtype)
         got.requested = new_col
         if lat is not None:
-            got.delta_read = got.delta_read * lat.offset()
-            lat.delta, lat.dtype = delta, t.dtype
+            lat.set_change(delta, t.dtype)
+            got.delta_read = lat.offset(b.read)
         if have_all():
             got.early = True  # the features were read before the unit: an upstream head
             raise Stop

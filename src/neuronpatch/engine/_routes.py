@@ -107,6 +107,8 @@ def write_directions(model: LoadedModel, p: Plan, enc: Encoded, columns: Sequenc
     """
     if p.upstream or any(pp != [r] for pp, r in zip(enc.patch_pos, enc.read_pos, strict=True)):
         return None
+    if p.dictionary is not None and not p.dictionary.linear:
+        return None  # an expert neuron's write is scaled by each token's routing weight
     u, f, n_layers = p.write_site, p.feature, model.n_layers
     after = ((f.kind == "block_out" and f.layer == u.layer)
              or (f.kind == "block_in" and f.layer == u.layer + 1))

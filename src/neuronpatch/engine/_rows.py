@@ -29,7 +29,8 @@ from neuronpatch.engine._forward import (
     repeat_cache,
     run_rows,
 )
-from neuronpatch.engine._inputs import Encoded, left_pad, pad_id
+from neuronpatch.engine._inputs import Encoded, chunks, left_pad, pad_id
+from neuronpatch.errors import InputError
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
@@ -261,3 +262,36 @@ def layer_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int]) ->
     forward(model, ids, mask, pos, taps=[(p.unit, grab)])
     S = ids.shape[1]
     return [seen[0][k, S - len(enc.ids[i]):][enc.patch_pos[i]].cpu() for k, i in enumerate(idx)]
+
+
+
+def routed_only(model: LoadedModel, p: Plan, enc: Encoded, texts: Sequence[str], batch_size: int, *,
+                where: Any = "the head") -> tuple[list[str], list[str]]:
+    """``(kept, left out)``: the inputs where the unit exists at the measured position, and the
+    rest. Every unit exists everywhere except an expert neuron, which exists only at tokens
+    routed to its expert.
+
+    Raises:
+        InputError: the unit exists on none of the inputs.
+    """
+    if p.dictionary is None or not p.dictionary.routed:
+        return list(texts), []
+    there: list[bool] = []
+    seen: list[Tensor] = []
+
+    def grab(t: Tensor) -> None:
+        seen.append(p.dictionary.gain(t).isfinite())
+        raise Stop
+
+    for idx in chunks(len(texts), batch_size):
+        ids, mask, pos = left_pad([enc.ids[i] for i in idx], pad_id(model), model.device)
+        forward(model, ids, mask, pos, taps=[(p.unit, grab)])
+        S = ids.shape[1]
+        there += [bool(seen[-1][k, S - len(enc.ids[i]) + enc.measure_pos[i]]) for k, i in enumerate(idx)]
+    kept = [t for t, ok in zip(texts, there, strict=True) if ok]
+    if not kept:
+        d = p.dictionary
+        raise InputError(f"{where}: expert {d.expert} of block {d.layer} is not routed at the patched token "
+                         f"of any of the {len(texts)} inputs, so its neuron never exists there: nothing to "
+                         "patch")
+    return kept, [t for t, ok in zip(texts, there, strict=True) if not ok]
