@@ -25,7 +25,7 @@ test: $(PY)
 # comparison must hold either way.
 THREAD_SENSITIVE := tests/engine/test_engine.py tests/engine/test_architectures.py tests/engine/test_rank.py \
 	tests/engine/test_controls.py tests/engine/test_patch_check.py tests/engine/test_moe.py \
-	tests/engine/test_hybrid.py
+	tests/engine/test_hybrid.py tests/engine/test_expert_neurons.py
 test-threads: $(PY)
 	$(PY) -m pytest -p no:xdist -p no:randomly --durations=5 $(THREAD_SENSITIVE)
 

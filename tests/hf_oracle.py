@@ -224,17 +224,24 @@ class Oracle:
             rec["chosen"] = sorted(int(e) for e in idx[n - 1])
             return logits, top.to(out[1].dtype), idx
 
+        router = self.blocks[layer].get_submodule(ROUTERS[self.type])
+        feats = self._last_token_output(ids, feature_layer, [router.register_forward_hook(routing)])
+        return rec["clean"], feats, rec["chosen"]
+
+    def _last_token_output(self, ids: torch.Tensor, feature_layer: int, hooks: list[Any]) -> torch.Tensor:
+        """Block ``feature_layer``'s output at the last token of one forward with ``hooks`` (removed
+        after)."""
         last: dict[str, torch.Tensor] = {}
-        hooks = [self.blocks[layer].get_submodule(ROUTERS[self.type]).register_forward_hook(routing),
-                 self.blocks[feature_layer % len(self.blocks)].register_forward_hook(
-                     lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))]
+        hooks = [*hooks, self.blocks[feature_layer % len(self.blocks)].register_forward_hook(
+            lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))]
         try:
             with torch.no_grad():
                 self.model(ids)
         finally:
             for h in hooks:
                 h.remove()
-        return rec["clean"], last["x"].reshape(n, -1)[n - 1].float(), rec["chosen"]
+        n = ids.shape[1]
+        return last["x"].reshape(n, -1)[n - 1].float()
 
     def expert_run(self, text: str, *, layer: int, expert: int, neuron: int, pre: bool, feature_layer: int,
                    patch: tuple[float, float] | None = None,
@@ -277,24 +284,16 @@ class Oracle:
             rec["written"] = y.detach().clone()
             return y
 
-        last: dict[str, torch.Tensor] = {}
         later = list(self.blocks)[layer + 1:] if routes is not None else []
         hooks = [block.get_submodule(ROUTERS[self.type]).register_forward_hook(
             lambda m, a, out: routes.append(out[2].reshape(n, -1)[n - 1].sort().values))  # type: ignore[union-attr]
             for block in later]
-        hooks += [module.register_forward_hook(written_out, with_kwargs=True),
-                 self.blocks[feature_layer % len(self.blocks)].register_forward_hook(
-                     lambda m, a, o: last.__setitem__("x", (o[0] if isinstance(o, tuple) else o).detach()))]
-        try:
-            with torch.no_grad():
-                self.model(ids)
-        finally:
-            for h in hooks:
-                h.remove()
+        feats = self._last_token_output(ids, feature_layer,
+                                        [*hooks, module.register_forward_hook(written_out, with_kwargs=True)])
         if patch is None:  # the written-out experts are the model's own
             err = float((rec["own"] - rec["written"]).abs().max())
             assert err <= 1e-5 * (float(rec["own"].abs().max()) + 1), f"written-out experts off by {err:.3g}"
-        return rec.get("clean"), last["x"].reshape(n, -1)[n - 1].float()
+        return rec.get("clean"), feats
 
 
 def head_predict(head_dir: Path, feats: torch.Tensor, digit_ids: list[int] | None = None) -> float:

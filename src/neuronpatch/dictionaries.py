@@ -186,15 +186,44 @@ def read_config(path: str | Path) -> DictionaryConfig:
                             apply_b_dec_to_input=b_dec_in and arch not in TRANSCODER_ARCHITECTURES, k=k)
 
 
-class Dictionary:
+class RowWrites:
+    """A set of units whose every change ``Δ`` writes ``Δ`` times the unit's own row, the same at
+    every token: a dictionary's latents, a router's logits. (An expert's neurons are not:
+    :class:`~neuronpatch.experts.ExpertNeurons` scales each write by the token's routing weight.)
+
+    The engine asks every unit set for ``encode``, ``rows``, ``W_dec`` and these.
+    """
+
+    linear = True  # a change writes the same direction at every token (the linear route may serve it)
+    routed = False  # every unit exists at every token
+    sparse = False  # most units are zero on most tokens (see ExperimentResult.active_inputs)
+    width: int
+
+    def gain(self, t: Tensor, cols: Tensor | None = None) -> Tensor:
+        """``[..., S]``: what a write is scaled by at each token of ``t``: 1."""
+        return torch.ones(t.shape[:-1], device=t.device)
+
+    def write_scale(self, t: Tensor) -> Tensor:
+        """``[..., width]``: what a change of 1 in each unit writes along its row at each token: 1."""
+        return torch.ones(*t.shape[:-1], self.width, device=t.device)
+
+    def written(self, t: Tensor, cols: Tensor, delta: Tensor) -> Tensor:
+        """``[R, S]``: the change a unit's value change ``delta`` writes along its row: ``delta``."""
+        return delta
+
+
+class Dictionary(RowWrites):
     """A loaded dictionary: its latents from a tensor, and each latent's decoder row.
 
     Weights are float32 on ``device``; tensors are encoded in float32.
     """
 
+    sparse = True
+
     def __init__(self, cfg: DictionaryConfig, weights: dict[str, Tensor]) -> None:
         self.cfg = cfg
         self.w = weights
+        self.width = cfg.d_sae
 
     @property
     def W_dec(self) -> Tensor:
@@ -245,13 +274,6 @@ class Dictionary:
         """``[R, d_out]``: the decoder row of each row's latent."""
         return self.W_dec[cols]
 
-    # What :class:`~neuronpatch.experts.ExpertNeurons` adds to a unit of this shape: a latent's
-    # write is the same direction at every token (the linear route may serve it), never scaled
-    # by a routing weight, and a change of its value is the change it writes.
-    linear = True
-    routed = False  # a latent exists at every token (it may be zero there)
-    sparse = True  # most latents are zero on most tokens (see ExperimentResult.active_inputs)
-
     def label(self, i: int) -> str:
         return f"latent {i}"
 
@@ -260,17 +282,6 @@ class Dictionary:
         """The TransformerLens hook the latents are read from."""
         return self.cfg.hook_name
 
-    def gain(self, t: Tensor, cols: Tensor | None = None) -> Tensor:
-        """``[..., S]``: what a write is scaled by at each token of ``t``: 1."""
-        return torch.ones(t.shape[:-1], device=t.device)
-
-    def write_scale(self, t: Tensor) -> Tensor:
-        """``[..., d_sae]``: what a change of 1 in each latent writes along its decoder row: 1."""
-        return torch.ones(*t.shape[:-1], self.cfg.d_sae, device=t.device)
-
-    def written(self, t: Tensor, cols: Tensor, delta: Tensor) -> Tensor:
-        """``[R, S]``: the change a latent's value change ``delta`` writes along its decoder row."""
-        return delta
 
 
 _LOADED: dict[tuple[str, float, str], Dictionary] = {}

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from neuronpatch.architecture import Site, expert_call, experts_module, router_module
+from neuronpatch.dictionaries import RowWrites
 from neuronpatch.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class ExpertNeurons:
         return self.w_out[cols]
 
 
-class RouterLogits:
+class RouterLogits(RowWrites):
     """The logits block ``layer``'s router gives each expert, as a unit kind the engine patches.
 
     Read and written at the router's input (``router_in``), like a sparse autoencoder's
@@ -161,10 +162,6 @@ class RouterLogits:
     ``e`` the pseudo-inverse column ``u_e`` (``W · u_e = e_e``, so a change of ``Δ`` moves
     that logit alone).
     """
-
-    linear = True  # a change writes the same direction u_e at every token
-    routed = False  # a logit exists at every token
-    sparse = False
 
     def __init__(self, module: nn.Module, layer: int, weight: Tensor, bias: Tensor | None) -> None:
         self.module = module
@@ -196,15 +193,6 @@ class RouterLogits:
 
     def rows(self, cols: Tensor) -> Tensor:
         return self.u[cols]
-
-    def gain(self, t: Tensor, cols: Tensor | None = None) -> Tensor:
-        return torch.ones(t.shape[:-1], device=t.device)
-
-    def write_scale(self, t: Tensor) -> Tensor:
-        return torch.ones(*t.shape[:-1], self.width, device=t.device)
-
-    def written(self, t: Tensor, cols: Tensor, delta: Tensor) -> Tensor:
-        return delta
 
 
 def load_router(model: LoadedModel, layer: int) -> RouterLogits:
@@ -239,12 +227,12 @@ def load_router(model: LoadedModel, layer: int) -> RouterLogits:
     return RouterLogits(module, layer, weight, bias)
 
 
-def _check_router(model: LoadedModel, module: nn.Module, unit: RouterLogits) -> str | None:
-    """Whether the router's first output is ``unit.encode`` of its input, on a short input."""
+def _one_call(model: LoadedModel, module: nn.Module) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """``(args, kwargs, first output)`` of ``module``'s call in the model's forward on a short input."""
     seen: dict[str, Any] = {}
 
     def before(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen["x"] = args[0] if args else kwargs.get("hidden_states")
+        seen["args"], seen["kwargs"] = args, kwargs
 
     def after(mod: nn.Module, args: Any, output: Any) -> None:
         seen["out"] = output[0] if isinstance(output, (tuple, list)) else output
@@ -257,13 +245,25 @@ def _check_router(model: LoadedModel, module: nn.Module, unit: RouterLogits) -> 
     finally:
         for hook in hooks:
             hook.remove()
-    x, out = seen.get("x"), seen.get("out")
+    return seen.get("args", ()), seen.get("kwargs", {}), seen.get("out")
+
+
+def _agree(got: Tensor, want: Tensor) -> bool:
+    """Equal up to the rounding of ``got``'s dtype (four of its epsilons, at least 1e-4), relative."""
+    rtol = max(1e-4, 4 * torch.finfo(got.dtype).eps)
+    got, want = got.reshape(-1, got.shape[-1]).double(), want.double()
+    if got.shape != want.shape:
+        return False
+    return float((got - want).abs().max()) <= rtol * (float(want.abs().max()) + 1.0)
+
+
+def _check_router(model: LoadedModel, module: nn.Module, unit: RouterLogits) -> str | None:
+    """Whether the router's first output is ``unit.encode`` of its input, on a short input."""
+    args, kwargs, out = _one_call(model, module)
+    x = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(x, Tensor) or not isinstance(out, Tensor):
         return "its router is not called with the hidden states, or returns no logits"
-    want = unit.encode(x.reshape(-1, x.shape[-1])).double()
-    got = out.reshape(-1, out.shape[-1]).double()
-    rtol = max(1e-4, 4 * torch.finfo(out.dtype).eps)
-    if got.shape != want.shape or float((got - want).abs().max()) > rtol * (float(want.abs().max()) + 1.0):
+    if not _agree(out, unit.encode(x.reshape(-1, x.shape[-1]))):
         return "its router's first output is not the logits x · Wᵀ of its own weight"
     return None
 
@@ -319,23 +319,8 @@ def _why_not(module: nn.Module) -> str | None:
 def _check(model: LoadedModel, layer: int, module: nn.Module) -> str | None:
     """Whether the block's own experts output is ``Σ_k w_k · down_{e_k}(h_{e_k}) (+ bias)`` on a
     short input."""
-    seen: dict[str, Any] = {}
-
-    def before(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        seen["call"] = expert_call(args, kwargs)
-
-    def after(mod: nn.Module, args: Any, output: Any) -> None:
-        seen["out"] = output[0] if isinstance(output, (tuple, list)) else output
-
-    hooks = [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
-    ids = (torch.arange(12) * 11 + 5)[None] % model.vocab_size
-    try:
-        with torch.inference_mode():
-            model.hf(input_ids=ids.to(model.device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    call, out = seen.get("call"), seen.get("out")
+    args, kwargs, out = _one_call(model, module)
+    call = expert_call(args, kwargs) if args or kwargs else None
     if call is None or not isinstance(out, Tensor):
         return "its experts module is not called with (hidden_states, top_k_index, top_k_weights)"
     hidden, idx, weights = call
@@ -352,9 +337,7 @@ def _check(model: LoadedModel, layer: int, module: nn.Module) -> str | None:
         if down_bias is not None:
             y = y + down_bias[e].double()
         want.index_add_(0, rows, y * weights[rows, k].double()[:, None])
-    got = out.reshape(-1, out.shape[-1]).double()
-    rtol = max(1e-4, 4 * torch.finfo(out.dtype).eps)
-    if got.shape != want.shape or float((got - want).abs().max()) > rtol * (float(want.abs().max()) + 1.0):
+    if not _agree(out, want):
         return ("the block's experts output is not the routing-weighted sum of each expert's down "
                 "projection of _apply_gate(gate_up_proj · x)")
     return None
