@@ -296,3 +296,20 @@ def test_router_logits_rank_and_control_over_the_routers_own_experts(olmoe: tupl
     assert abs(ctl.controls.controls[0].slope - want) <= 1e-4 * max(1.0, abs(want))
     with pytest.raises(InputError, match="router's logits over its own router"):
         rank_units(head, TEXTS, interventions=ivs, layer=0, device="cpu")
+
+
+@pytest.mark.parametrize("layer_type", ["expert_post", "expert_pre", "router"])
+def test_mixture_of_experts_units_run_in_bfloat16_with_their_rounding_measured(olmoe: tuple[Path, Oracle],
+                                                                               layer_type: str,
+                                                                               tmp_path: Path) -> None:
+    """The unit is read in float32 and written back in bfloat16: the patch check holds at the
+    written tensor's dtype, and the result carries its measured rounding error."""
+    model_dir, oracle = olmoe
+    extra = {} if layer_type == "router" else {"target_expert": _expert_routed_on_some(oracle)}
+    head = write_head(tmp_path / "head", model_dir, target_layer=LAYER, target_neuron=2,
+                      layer_type=layer_type, feature_layer=-1, seed=3, **extra)
+    res = run_experiment(head, TEXTS, set=[-1.0, 0.0, 1.0, 2.0], dtype="bfloat16", device="cpu")
+    assert res.rounding is not None and res.rounding.dtype == "bfloat16"
+    np.testing.assert_allclose(res.patched_activation, np.broadcast_to([-1.0, 0.0, 1.0, 2.0],
+                                                                       res.patched_activation.shape))
+    assert np.isfinite(res.slope) and np.isfinite(res.numerical_error["slope"])

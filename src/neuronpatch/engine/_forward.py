@@ -401,7 +401,7 @@ class Latents:
         self.read = t
         return self.clean
 
-    def set_change(self, delta: Tensor, dtype: torch.dtype) -> None:
+    def set_change(self, delta: Tensor) -> None:
         """The change ``delta [R, S]`` of each row's unit value the patch asks for (NaN-free where
         the unit exists; positions where it does not write nothing)."""
         assert self.read is not None
@@ -409,7 +409,6 @@ class Latents:
         gain = d.gain(self.read, self.cols)
         coef = d.written(self.read, self.cols, torch.nan_to_num(delta)) * gain
         self.coef = torch.where(gain.isnan(), torch.zeros_like(coef), coef)
-        self.dtype = dtype
 
     def project(self, t: Tensor) -> Tensor:
         return torch.einsum("rsd,rd->rs", t.double(), self.w) / self.w2[:, None]
@@ -417,6 +416,7 @@ class Latents:
     def add(self, t: Tensor) -> Tensor:
         """The written tensor ``t + c·w`` (``c`` set by :meth:`set_change`), in ``t``'s dtype."""
         assert self.coef is not None
+        self.dtype = t.dtype  # (an expert neuron is read in float32, written in the model's dtype)
         self.base = self.project(t)
         self.norm = t.double().norm(dim=-1) / self.w2.sqrt()[:, None]
         return (t.double() + self.coef.double()[..., None] * self.w[:, None, :]).to(t.dtype)
@@ -567,7 +567,7 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
         new_col = (col.float() + delta).to(t.dtype)
         got.requested = new_col
         if lat is not None:
-            lat.set_change(delta, t.dtype)
+            lat.set_change(delta)
             got.delta_read = lat.offset(b.read)
         if have_all():
             got.early = True  # the features were read before the unit: an upstream head
