@@ -52,7 +52,7 @@ from numpy.typing import NDArray
 
 from neuronpatch import stats
 from neuronpatch.errors import ControlsError
-from neuronpatch.units import MLP_HIDDEN_TYPES, UNIT_SITES
+from neuronpatch.units import EXPERT_TYPES, MLP_HIDDEN_TYPES, ROUTER, UNIT_SITES
 
 RESAMPLES = 1000
 SEED = 0
@@ -173,8 +173,8 @@ def resolve(spec: Any, *, target: int, width: int, d_model: int, layer_type: str
     if layer_type not in RESIDUAL_TYPES:
         what, whats = (("an MLP neuron", "MLP neurons") if layer_type in MLP_HIDDEN_TYPES
                        else ("an expert neuron", "other neurons of the expert")
-                       if layer_type.startswith("expert_")
-                       else ("a router logit", "other experts' logits") if layer_type == "router"
+                       if layer_type in EXPERT_TYPES
+                       else ("a router logit", "other experts' logits") if layer_type == ROUTER
                        else ("a dictionary latent", "dictionary latents"))
         raise ControlsError(
             f"controls.directions needs a residual-stream unit, but {config} has layer_type "

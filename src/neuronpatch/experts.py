@@ -107,8 +107,7 @@ class ExpertNeurons:
 
     def gain(self, t: Tensor, cols: Tensor | None = None) -> Tensor:
         """The routing weight of this expert at each token of ``t`` (NaN: not routed there)."""
-        g = t[..., self.d_model + self.expert].float()
-        return g
+        return t[..., self.d_model + self.expert].float()
 
     def encode(self, t: Tensor, cols: Tensor | None = None) -> Tensor:
         """Neuron values (NaN where the token is not routed to the expert): ``[..., F]``, or

@@ -354,9 +354,7 @@ def rank_units(
         out = job.screen()
     notes = [*out.notes, *notes]
     if unrouted:
-        notes.append(f"routing: expert {cfg.target_expert} not routed at the patched token on "
-                     f"{len(unrouted)} of {len(texts) + len(unrouted)} inputs; left out (its neurons do not "
-                     "exist there)")
+        notes.append(engine.unrouted_note(p, texts, unrouted))
     silent = int(np.sum(out.patched & np.isnan(out.exact_slope)))
     if silent:
         notes.append(f"{silent} patched unit(s) have an undefined slope (the interventions did not move "

@@ -134,6 +134,7 @@ from neuronpatch.engine._rows import (
     layer_rows,
     prefix_cache,
     routed_only,
+    unrouted_note,
 )
 
 __all__ = [
@@ -193,6 +194,7 @@ __all__ = [
     "run_rows",
     "short",
     "tokenize",
+    "unrouted_note",
     "weights_in",
     "write_directions",
 ]

@@ -28,7 +28,7 @@ from neuronpatch.engine._routes import (
     measure,
     write_directions,
 )
-from neuronpatch.engine._rows import layer_rows, routed_only
+from neuronpatch.engine._rows import layer_rows, routed_only, unrouted_note
 from neuronpatch.errors import InputError
 from neuronpatch.heads import Head, load_head, unit_width
 from neuronpatch.interventions import Intervention, build, normalize
@@ -228,10 +228,7 @@ def run_experiment(
                                 states=allg.states)
     notes = _notes(texts, got.clean_act, ivs, p, route)
     if unrouted:
-        notes.append(f"routing: expert {cfg.target_expert} not routed at the patched token on "
-                     f"{len(unrouted)} of {len(texts) + len(unrouted)} inputs; left out of the fit (the "
-                     f"neuron does not exist there): {', '.join(repr(short(t)) for t in unrouted[:3])}"
-                     + (", ..." if len(unrouted) > 3 else ""))
+        notes.append(unrouted_note(p, texts, unrouted))
     changed = None
     if allg.rerouted is not None:
         changed = int(allg.rerouted[:, :k].sum())

@@ -7,7 +7,7 @@ layer for mean ablation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +29,7 @@ from neuronpatch.engine._forward import (
     repeat_cache,
     run_rows,
 )
-from neuronpatch.engine._inputs import Encoded, chunks, left_pad, pad_id
+from neuronpatch.engine._inputs import Encoded, chunks, left_pad, pad_id, short
 from neuronpatch.errors import InputError
 
 if TYPE_CHECKING:
@@ -247,21 +247,29 @@ def folded_mask(model: LoadedModel, pmask: Tensor, m: int, s: int) -> Tensor:
     raise RuntimeError(f"attention {impl!r} takes no prepared mask")
 
 
+def _at_unit(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int],
+             read: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """``read`` of the unit's site tensor, one clean forward of inputs ``idx`` stopped there: one
+    tensor ``[tokens, ...]`` per input, its own tokens only (the padding cut off)."""
+    ids, mask, pos = left_pad([enc.ids[i] for i in idx], pad_id(model), model.device)
+    seen: list[Tensor] = []
+
+    def grab(t: Tensor) -> None:
+        seen.append(read(t))
+        raise Stop
+
+    forward(model, ids, mask, pos, taps=[(p.unit, grab)])
+    S = ids.shape[1]
+    return [seen[0][k, S - len(enc.ids[i]):] for k, i in enumerate(idx)]
+
+
 def layer_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int]) -> list[Tensor]:
     """Every unit of the layer at every patched position of each input (for ``mean``).
 
     One tensor ``[positions, units]`` per input, in the unit's own coordinates.
     """
-    ids, mask, pos = left_pad([enc.ids[i] for i in idx], pad_id(model), model.device)
-    seen: list[Tensor] = []
-
-    def grab(t: Tensor) -> None:
-        seen.append(p.layer_values(t))
-        raise Stop
-
-    forward(model, ids, mask, pos, taps=[(p.unit, grab)])
-    S = ids.shape[1]
-    return [seen[0][k, S - len(enc.ids[i]):][enc.patch_pos[i]].cpu() for k, i in enumerate(idx)]
+    rows = _at_unit(model, p, enc, idx, p.layer_values)
+    return [r[enc.patch_pos[i]].cpu() for r, i in zip(rows, idx, strict=True)]
 
 
 
@@ -277,17 +285,9 @@ def routed_only(model: LoadedModel, p: Plan, enc: Encoded, texts: Sequence[str],
     if p.dictionary is None or not p.dictionary.routed:
         return list(texts), []
     there: list[bool] = []
-    seen: list[Tensor] = []
-
-    def grab(t: Tensor) -> None:
-        seen.append(p.dictionary.gain(t).isfinite())
-        raise Stop
-
     for idx in chunks(len(texts), batch_size):
-        ids, mask, pos = left_pad([enc.ids[i] for i in idx], pad_id(model), model.device)
-        forward(model, ids, mask, pos, taps=[(p.unit, grab)])
-        S = ids.shape[1]
-        there += [bool(seen[-1][k, S - len(enc.ids[i]) + enc.measure_pos[i]]) for k, i in enumerate(idx)]
+        exists = _at_unit(model, p, enc, idx, lambda t: p.dictionary.gain(t).isfinite())
+        there += [bool(e[enc.measure_pos[i]]) for e, i in zip(exists, idx, strict=True)]
     kept = [t for t, ok in zip(texts, there, strict=True) if ok]
     if not kept:
         d = p.dictionary
@@ -295,3 +295,11 @@ def routed_only(model: LoadedModel, p: Plan, enc: Encoded, texts: Sequence[str],
                          f"of any of the {len(texts)} inputs, so its neuron never exists there: nothing to "
                          "patch")
     return kept, [t for t, ok in zip(texts, there, strict=True) if not ok]
+
+
+def unrouted_note(p: Plan, kept: Sequence[str], left_out: Sequence[str]) -> str:
+    """The note that says which inputs :func:`routed_only` left out, and why."""
+    d = p.dictionary
+    return (f"routing: expert {d.expert} not routed at the patched token on {len(left_out)} of "
+            f"{len(kept) + len(left_out)} inputs; left out (its neurons do not exist there): "
+            + ", ".join(repr(short(t)) for t in left_out[:3]) + (", ..." if len(left_out) > 3 else ""))
