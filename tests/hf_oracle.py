@@ -37,6 +37,9 @@ TABLE: dict[str, tuple[str, str, str, str]] = {
     "phi3": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
     "bloom": ("transformer.h", "mlp.dense_4h_to_h", "mlp.dense_4h_to_h", "self_attention.dense"),
     "gpt_bigcode": ("transformer.h", "mlp.c_proj", "mlp", "attn"),
+    # A norm after the MLP, and a residual add that scales the MLP's output (engine tests).
+    "olmo2": ("model.layers", "mlp.down_proj", "post_feedforward_layernorm", "post_attention_layernorm"),
+    "granite": ("model.layers", "mlp.down_proj", "mlp", "self_attn"),
     # Mixture-of-experts blocks: the sparse block's output (routed experts plus any shared
     # expert, gated) is what the block adds to the residual stream; no neuron layer of its own.
     "mixtral": ("model.layers", "", "mlp", "self_attn"),

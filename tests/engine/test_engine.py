@@ -218,14 +218,57 @@ def test_a_kv_pass_runs_no_block_after_the_one_the_head_reads(tmp_path):
     np.testing.assert_allclose(kv.patched_prediction, full.patched_prediction, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(("arch", "dtype", "layer_type", "rises"), [
+    ("gpt2", "float32", "post", True), ("gpt_neox", "float32", "post", True), ("llama", "float32", "post", True),
+    ("llama", "bfloat16", "post", False),  # reduced precision keeps the patched block's own rounding
+    ("llama", "float32", "resid_post", False), ("llama", "float32", "attn_out", False),  # not a neuron
+    ("olmo2", "float32", "post", False),  # a norm between the MLP and the residual add
+    ("granite", "float32", "post", False),  # the MLP's output scaled before the add (made 0.5 below)
+])
+def test_neuron_rows_rise_above_the_unit_block_only_where_its_write_is_the_projections(
+        tmp_path, arch, dtype, layer_type, rises):
+    # Folded kv rows of an MLP neuron start above the unit's block from its clean output plus
+    # the output projection's response to the neuron's change. Whether that reproduces the
+    # patched block is checked once per model: a norm after the MLP, or a scaled residual add,
+    # fails it and the rows run the unit's block. Either way the predictions are HF's own.
+    from neuronpatch import coordinates, engine
+    from neuronpatch.models import load_model
+    from tests.hf_oracle import Oracle, head_predict
+
+    path = tiny_model(tmp_path / "m", arch)
+    if arch == "granite":
+        cfg = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**cfg, "residual_multiplier": 0.5}))
+    head = write_head(tmp_path / "h", path, target_layer=1, target_neuron=3, feature_layer=-1,
+                      layer_type=layer_type)
+    model = load_model(str(path), device="cpu", dtype=dtype)
+    grow = engine.growth(model, coordinates.plan(load_head(head).config, model), 3)
+    assert grow is not None and grow.fold and grow.above is rises
+    texts = TEXTS[:2]
+    oracle = Oracle(path)
+    cfg = {"head_type": "regression", "layer_type": layer_type, "target_layer": 1, "target_neuron": 3,
+           "feature_layer": -1}
+    # Patched at the read token, and at token 1, where the tokens after it see the patch.
+    for position in ("last", 1):
+        res = run_experiment(load_head(head), texts, scale=[0, 2], model=model, method="kv", position=position)
+        if dtype != "float32":
+            continue  # (reduced precision against HF: tests/engine/test_precision.py)
+        want = np.array([[head_predict(head, oracle.run(t, cfg=cfg, patch=(
+            [len(oracle.ids(t)) - 1 if position == "last" else position], a, 0.0))[2]) for a in (0.0, 2.0)]
+            for t in texts])
+        np.testing.assert_allclose(res.patched_prediction, want, rtol=1e-5,
+                                   atol=1e-5 * max(1.0, np.abs(want).max()))
+
+
 @pytest.mark.parametrize(("arch", "grows"), [("gpt2", True), ("llama", True), ("bloom", False)])
 @pytest.mark.parametrize("method", ["kv", "full"])
 def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method):
     # Patched rows differ only from the unit's block on: below it each input runs once, and
-    # the rows multiply at the unit's block. In kv the rows enter at the unit's block: the
-    # blocks below it run only the clean pass over whole inputs, and the rows go on folded
-    # side by side, one sequence per input. Bloom hands its blocks an ALiBi table with heads
-    # folded into the batch, so the check refuses growth there and every row runs every block.
+    # the rows multiply at the unit's block. In kv the rows of an MLP neuron enter above the
+    # unit's block (its clean output plus the neuron's write): the blocks up to the unit's
+    # run only the clean pass over whole inputs, and the rows go on folded side by side, one
+    # sequence per input. Bloom hands its blocks an ALiBi table with heads folded into the
+    # batch, so the check refuses growth there and every row runs every block.
     from neuronpatch.models import load_model
 
     path = tiny_model(tmp_path / "m", arch)
@@ -235,9 +278,9 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method)
     # The first run checks, once for this model and block, that growing reproduces plain rows.
     run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model, method=method)
     # What each block really computes: its MLP's input (a replayed block never reaches it).
-    seen: dict[int, set[tuple[int, int]]] = {0: set(), 1: set()}
+    seen: dict[int, set[tuple[int, int]]] = {0: set(), 1: set(), 2: set()}
     hooks = [model.arch.mlp_out_proj[i].register_forward_pre_hook(
-        lambda mod, args, i=i: seen[i].add(tuple(args[0].shape[:2]))) for i in (0, 1)]
+        lambda mod, args, i=i: seen[i].add(tuple(args[0].shape[:2]))) for i in (0, 1, 2)]
     try:
         res = run_experiment(load_head(head), texts, scale=[0, 2, 3], device="cpu", model=model,
                              method=method)
@@ -249,7 +292,10 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method)
     if method == "kv" and grows:
         longest = max(len(model.tokenizer(t)["input_ids"]) for t in texts)
         assert seen[0] == {(len(texts), longest)}  # the clean pass, nothing more
-        assert seen[1] == {(len(texts), longest), (len(texts), 4)}  # four rows of one token, folded
+        # The unit's block: the clean pass, and its projection's response to a step of the neuron
+        # (against zero) that the rows add to the block's clean output.
+        assert seen[1] == {(len(texts), longest), (1 + 1, 1)}
+        assert seen[2] == {(len(texts), longest), (len(texts), 4)}  # four rows of one token, folded
     else:
         assert (max(b for b, _ in seen[0]) == len(texts)) is grows
         assert max(b for b, _ in seen[1]) == rows

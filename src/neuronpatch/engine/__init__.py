@@ -21,7 +21,8 @@ with the identities of :mod:`neuronpatch.coordinates`. Routes, cheapest first:
 ``kv``        one clean forward over every input keeps the model's own KV cache (cut back
               to the tokens before the patch) and the patched tokens' hidden states below
               the unit's block; the rows run only the positions from the patch to the
-              read position, from the unit's block on, side by side in one sequence per
+              read position, from the unit's block on (an MLP neuron's: from the block
+              above, with the neuron's write added), side by side in one sequence per
               input over its shared cache (or, where a model does not allow that, with
               the cache repeated per row);
 ``full``      every row, every position, from the start (the reference, and
@@ -39,9 +40,14 @@ In ``kv`` and ``full``, an input's rows are identical below the unit's block,
 so those blocks run once per input and the rows multiply at the unit's block
 (:class:`Growth`; the cache is repeated only from there on). In ``kv`` the prefix
 pass runs the patched tokens too, clean, so the rows enter at the unit's block and
-the blocks below it never run for them (:class:`Entry`). Whether a model's blocks
-take a grown batch, and an entered one, is checked once per model, block and
-feature site against ungrown rows; where it does not hold, every row runs every block.
+the blocks below it never run for them (:class:`Entry`). Rows of an MLP neuron (in
+float32 or float64) enter above it: an MLP is per token and its output projection is
+linear, so the patched block's output is its clean output plus the change times the
+projection's own response to a step of the neuron (:func:`mlp_writes`), and the unit's
+block never runs for them either. Whether a model's blocks take a grown batch, an
+entered one, and one entered above the unit's block, is checked once per model, block
+and feature site against ungrown rows; where it does not hold (a norm after the MLP, a
+scaled residual add), the rows run from the unit's block, or every block.
 
 The package, in the order data flows through it:
 
@@ -89,6 +95,7 @@ from neuronpatch.engine._forward import (
     forward,
     forward_kwargs,
     last_block,
+    mlp_writes,
     repeat_cache,
     run_rows,
 )
@@ -180,6 +187,7 @@ __all__ = [
     "kv_cache_budget",
     "kv_rows",
     "last_block",
+    "mlp_writes",
     "layer_rows",
     "left_pad",
     "measure",

@@ -77,12 +77,24 @@ class Growth:
     # cache and to itself only (:func:`~neuronpatch.engine.folded_mask`), so the cache is
     # never repeated. Checked per model like the rest.
     fold: bool = False
+    # Folded rows of an MLP neuron may enter above the unit's block: the block's clean output
+    # plus each row's write (the output projection's own response to the neuron's change,
+    # :func:`mlp_writes`), so the unit's block never runs for them either. Checked per model
+    # like the rest (a norm after the MLP, or a scaled residual, fails it).
+    above: bool = False
     seen: set[str | int] = field(default_factory=set)
 
     def folds(self, p: Plan) -> bool:
         """Whether a kv batch of plan ``p`` folds its rows (a token head reads logits at the
         last position only, so its rows cannot share one sequence)."""
         return self.fold and p.feature.kind != "logits"
+
+    def rises(self, p: Plan, directions: Tensor | None) -> bool:
+        """Whether a folded kv batch of plan ``p`` enters above the unit's block: its rows patch
+        columns of an MLP's neurons (a direction control, or a dictionary's latent, writes
+        along another vector)."""
+        return (self.above and self.folds(p) and p.unit.kind == "mlp_post" and p.dictionary is None
+                and directions is None)
 
     def hook(self, n: int) -> Callable[..., Any]:
         """A forward pre-hook that repeats each per-input block argument ``m`` times."""
@@ -162,6 +174,13 @@ class Entry:
         many = isinstance(self.output, (tuple, list))
         t = (self.output[0] if many else self.output)[list(index)]
         return Entry(self.at, type(self.output)([t, *self.output[1:]]) if many else t)
+
+    def plus(self, moved: Tensor) -> Entry:
+        """The same output with ``moved`` (of the same number of elements) added, in its dtype."""
+        many = isinstance(self.output, (tuple, list))
+        t = self.output[0] if many else self.output
+        new = t + moved.reshape(t.shape).to(t.dtype)
+        return Entry(self.at, type(self.output)([new, *self.output[1:]]) if many else new)
 
     def tiled(self, m: int) -> Entry:
         """The same output ``m`` times side by side along the tokens (for folded rows)."""
@@ -322,6 +341,9 @@ class Batch:
     grow: Growth | None = None  # ids hold one row per input; rows multiply at the unit's block
     entry: Entry | None = None  # the blocks below the unit's replay a clean pass (kv)
     fold: int = 1  # each row of ids holds this many rows side by side (kv; see Growth.fold)
+    # The rows enter above the unit's block (Growth.above; ``entry`` holds that block's clean
+    # output): the unit's site tensor at the rows' tokens, clean, one per row ``[R, S, width]``.
+    unit: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -609,11 +631,25 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
         if have_all():
             raise Stop
 
-    # Hooks on one module run in the order they were registered: patch, observe, capture.
-    taps: list[Tap] = [(p.unit, patch)]
-    if lat is not None and p.write is not None:
-        taps.append((p.write, write))
-    taps.append((p.write_site, observe))
+    entry = b.entry
+    taps: list[Tap] = []
+    if b.unit is not None:  # the rows enter above the unit's block: patch its clean tensor here
+        assert entry is not None and lat is None and along is None, "rows above the unit patch columns"
+        patch(b.unit)
+        assert got.requested is not None
+        change = got.requested.float() - column(b.unit).float()  # [R, S]: 0 where not patched
+        cols = torch.full((R,), p.neuron, device=model.device) if b.columns is None else b.columns
+        distinct, which = torch.unique(cols, return_inverse=True)
+        steps = torch.zeros(len(distinct), b.unit.shape[-1], device=model.device)
+        steps[torch.arange(len(distinct)), distinct] = 1.0
+        w = mlp_writes(model, p.unit.layer, steps)
+        entry = entry.plus(change[..., None] * w[which][:, None, :])
+    else:
+        # Hooks on one module run in the order they were registered: patch, observe, capture.
+        taps.append((p.unit, patch))
+        if lat is not None and p.write is not None:
+            taps.append((p.write, write))
+        taps.append((p.write_site, observe))
     if not logits:
         taps.append((p.feature, capture))
     if guard is not None:
@@ -621,7 +657,7 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
     taps += _route_taps(model, p, got)
     with rows_in() if rows_in is not None else contextlib.nullcontext():
         out = forward(model, b.ids, b.mask, b.positions, taps=taps, cache=b.cache, grow=b.grow, rows=R,
-                      entry=b.entry, fold=b.fold)
+                      entry=entry, fold=b.fold)
     if logits and out is not None:
         got.features = out.logits[:, -1].float()
     if got.requested is None:
@@ -633,9 +669,12 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
     if missing:
         raise RuntimeError(f"sites {p.unit} / {p.feature} did not fire during the forward pass "
                            f"(missing {missing})")
-    if not got.early and lat is not None:
+    # (Rows above the unit's block have no hook to read back: the write's identity with the
+    # patched block is what Growth.above checked for this model.)
+    checked = b.unit is None and not got.early
+    if checked and lat is not None:
         lat.check(b, got.observed)
-    elif not got.early:
+    elif checked:
         _check_patch(p, b, got.observed, got.requested, skip=None if along is None else along.rows)
         if along is not None:
             assert got.along_requested is not None
@@ -643,6 +682,21 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
                          got.requested.dtype)
     assert got.clean is not None and got.patched is not None and got.features is not None
     return Capture(got.clean, got.patched, got.features, got.guard, got.unit_row, _routes(got, b))
+
+
+def mlp_writes(model: LoadedModel, layer: int, vectors: Tensor) -> Tensor:
+    """``[k, d_model]`` float32: what block ``layer``'s MLP output projection writes per unit of
+    each of ``vectors`` ``[k, neurons]`` added to its input (the module's own response; its
+    bias cancels). A neuron's write is its one-hot vector's; a latent's, its decoder row's.
+    """
+    proj = model.arch.mlp_out_proj[layer]
+    assert proj is not None, f"block {layer} has no MLP output projection"
+    w = next(proj.parameters())
+    e = torch.zeros(len(vectors) + 1, 1, vectors.shape[-1], dtype=w.dtype, device=w.device)
+    e[1:, 0] = vectors.to(w.device, w.dtype)
+    with torch.inference_mode():
+        out = proj(e)[:, 0].float()
+    return out[1:] - out[:1]
 
 
 def _columns(p: Plan, b: Batch) -> str:

@@ -42,12 +42,14 @@ def check_rtol(dtype: torch.dtype) -> float:
     return max(CHECK_RTOL, 4 * torch.finfo(dtype).eps)
 
 
-# Per model, then per (block, feature site): the block arguments that carry the batch (None
-# where growing the batch at that block does not reproduce an ungrown run), and whether a kv
-# batch may enter at that block, and fold its rows there. The feature site is part of the key
-# because code after the last block (a reshape to the input's batch) can differ.
-_Found = tuple[frozenset[str | int] | None, bool, bool]
-_GROWTH: weakref.WeakKeyDictionary[Any, dict[tuple[int, str], _Found]] = weakref.WeakKeyDictionary()
+# Per model, then per (block, feature site, unit kind, dictionary or not): the block arguments
+# that carry the batch (None where growing the batch at that block does not reproduce an
+# ungrown run), whether a kv batch may enter at that block, fold its rows there, and enter
+# above it. The feature site is part of the key because code after the last block (a reshape
+# to the input's batch) can differ; the unit, because only an MLP neuron's rows rise above.
+_Found = tuple[frozenset[str | int] | None, bool, bool, bool]
+_Key = tuple[int, str, str, bool]
+_GROWTH: weakref.WeakKeyDictionary[Any, dict[_Key, _Found]] = weakref.WeakKeyDictionary()
 
 
 def growth(model: LoadedModel, p: Plan, m: int) -> Growth | None:
@@ -55,8 +57,9 @@ def growth(model: LoadedModel, p: Plan, m: int) -> Growth | None:
 
     Checked once per model, block and feature site on a small padded batch, through both the
     full and the kv paths: grown and ungrown runs must give the same features. The same
-    check decides whether a kv batch may enter at the unit's block (:class:`Entry`) and
-    fold its rows along the sequence (:attr:`Growth.fold`).
+    check decides whether a kv batch may enter at the unit's block (:class:`Entry`), fold
+    its rows along the sequence (:attr:`Growth.fold`) and, for an MLP neuron in float32 or
+    float64, enter above the unit's block with the neuron's write (:attr:`Growth.above`).
     A model whose blocks take per-input state some other way (Bloom's ALiBi
     table, a cache with layers not one per block) fails the check and keeps
     one row per row all the way up.
@@ -65,11 +68,11 @@ def growth(model: LoadedModel, p: Plan, m: int) -> Growth | None:
     if m < 2 or at < 1 or p.upstream:
         return None
     known = _GROWTH.setdefault(model.hf, {})
-    key = (at, str(p.feature))
+    key = (at, str(p.feature), p.unit.kind, p.dictionary is None)
     if key not in known:
         known[key] = _check(model, p, at)
-    names, enter, fold = known[key]
-    return None if names is None else Growth(at, m, names, enter, fold)
+    names, enter, fold, above = known[key]
+    return None if names is None else Growth(at, m, names, enter, fold, above)
 
 
 def _check(model: LoadedModel, p: Plan, at: int) -> _Found:
@@ -87,20 +90,26 @@ def _check(model: LoadedModel, p: Plan, at: int) -> _Found:
             g = Growth(at, m, None)
             have = rows(model, p, enc, [0, 1], affine, grow=g)
             if agree(want.features, have.features, rtol) is not None:
-                return None, False, False
+                return None, False, False, False
             seen |= g.seen
     except Exception:
-        return None, False, False
+        return None, False, False, False
     names = frozenset(seen)
     if model.arch.kv_refused or want is None:
-        return names, False, False
+        return names, False, False, False
 
-    def holds(fold: bool) -> bool:  # ``want``: the kv path's ungrown rows
+    def holds(fold: bool, above: bool = False) -> bool:  # ``want``: the kv path's ungrown rows
         try:
-            have = kv_rows(model, p, enc, [0, 1], affine, grow=Growth(at, m, names, enter=True, fold=fold))
+            have = kv_rows(model, p, enc, [0, 1], affine,
+                           grow=Growth(at, m, names, enter=True, fold=fold, above=above))
         except Exception:
             return False
         return agree(want.features, have.features, rtol) is None
 
     enter = holds(fold=False)
-    return names, enter, enter and holds(fold=True)
+    fold = enter and holds(fold=True)
+    # Rows above the unit's block skip the model's own rounding of the patched block, so only
+    # where rounding is float32's or finer (the reduced-precision error is measured on the block).
+    rises = (fold and p.unit.kind == "mlp_post" and p.dictionary is None
+             and model.hf.dtype in (torch.float32, torch.float64) and model.arch.mlp_out_proj[at] is not None)
+    return names, enter, fold, rises and holds(fold=True, above=True)

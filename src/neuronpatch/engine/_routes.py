@@ -11,7 +11,7 @@ from torch import Tensor
 
 from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
-from neuronpatch.engine._forward import Capture, Growth, RowsIn, Targets
+from neuronpatch.engine._forward import Capture, Growth, RowsIn, Targets, mlp_writes
 from neuronpatch.engine._growth import agree, growth
 from neuronpatch.engine._inputs import Encoded, chunks
 from neuronpatch.engine._rows import Prefix, full_rows, kv_rows
@@ -116,17 +116,10 @@ def write_directions(model: LoadedModel, p: Plan, enc: Encoded, columns: Sequenc
     # A latent writes its decoder row where a column writes its unit vector.
     latent = None if p.dictionary is None else p.dictionary.rows(cols.to(model.device)).float()
     if u.kind == "mlp_post" and after:
-        proj = model.arch.mlp_out_proj[u.layer]
-        assert proj is not None  # checked when the plan was made
-        w = next(proj.parameters())
-        e = torch.zeros(len(cols) + 1, 1, model.unit_width(True), dtype=w.dtype, device=w.device)
         if latent is None:
-            e[torch.arange(1, len(cols) + 1), 0, cols.to(w.device)] = 1
-        else:
-            e[1:, 0] = latent.to(w.dtype)
-        with torch.inference_mode():
-            out = proj(e)[:, 0].float()
-        return p.read_features(out[1:] - out[:1])  # centred where the features are
+            latent = torch.zeros(len(cols), model.unit_width(True), device=model.device)
+            latent[torch.arange(len(cols)), cols.to(model.device)] = 1.0
+        return p.read_features(mlp_writes(model, u.layer, latent))  # centred where the features are
     same = f == u or (u.kind == "block_out" and f.kind == "block_in" and f.layer == u.layer + 1)
     if (u.kind in ("mlp_write", "block_out") and after) or (u.kind == "block_in" and same) or same:
         if f.kind == "final_norm" or f.layer >= n_layers:

@@ -94,45 +94,6 @@ def prefix_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], *,
     return cache, mask, lengths
 
 
-def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
-                at: int, last: int | None = None) -> tuple[Any, Tensor, Tensor, Entry]:
-    """One clean forward over each input's prefix and suffix: the prefix cache and an :class:`Entry`.
-
-    Every suffix has the same length ``s``. The cache is cut back to the prefix (the
-    suffix's keys and values are the rows' to write), and block ``at − 1``'s output at
-    the suffix tokens is kept, so a kv batch over these suffixes may start at block
-    ``at``. ``last``: the last block whose cache the rows read (default the model's last);
-    the pass stops there. Returns ``(cache, prefix mask, prefix lengths, entry)``.
-
-    Raises:
-        RuntimeError: the model's cache or block outputs are not of a kind this can cut
-            (the growth check then keeps the plain kv pass for the model).
-    """
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    s = len(suffixes[0])
-    dev = model.device
-    ids, mask, pos = left_pad([[*a, *b] for a, b in zip(prefixes, suffixes, strict=True)], pad_id(model), dev)
-    kept: list[Any] = []
-
-    def keep(module: Any, args: Any, output: Any) -> None:
-        kept.append(output)
-
-    cache = DynamicCache(config=model.hf.config)
-    handle = model.arch.blocks[at - 1].register_forward_hook(keep)
-    try:
-        forward(model, ids, mask, pos, cache=cache,
-                until=last_block(model) if last is None else Site("block_out", last))
-    finally:
-        handle.remove()
-    if not all(type(layer) is DynamicLayer for layer in cache.layers):
-        raise RuntimeError("the model's cache has layers other than plain full-attention ones")
-    cache.crop(-s)
-    lengths = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=dev)
-    return cache, mask[:, :-s], lengths, Entry.of(at, kept[0], s, (ids.shape[0], ids.shape[1]))
-
-
 @dataclass
 class Prefix:
     """The state a kv batch's rows share: the prefix cache over left-padded inputs, its mask
@@ -142,6 +103,9 @@ class Prefix:
     mask: Tensor
     lengths: Tensor
     entry: Entry | None = None
+    # Rows entering above the unit's block (``entry`` is then that block's output): the unit's
+    # site tensor at each input's suffix tokens, clean, ``[inputs, s, width]``.
+    unit: Tensor | None = None
 
     def select(self, model: LoadedModel, k: int) -> Prefix:
         """Input ``k``'s own copy, cut back to the prefix (tokens the rows appended are dropped)."""
@@ -154,7 +118,54 @@ class Prefix:
                 cache.update(layer.keys[k: k + 1, ..., :P, :].clone(),
                              layer.values[k: k + 1, ..., :P, :].clone(), i)
         entry = None if self.entry is None else self.entry.take([k])
-        return Prefix(cache, self.mask[k: k + 1], self.lengths[k: k + 1], entry)
+        unit = None if self.unit is None else self.unit[k: k + 1]
+        return Prefix(cache, self.mask[k: k + 1], self.lengths[k: k + 1], entry, unit)
+
+
+def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes: Sequence[Sequence[int]],
+                at: int, last: int | None = None, unit: Site | None = None) -> Prefix:
+    """One clean forward over each input's prefix and suffix: the prefix cache and an :class:`Entry`.
+
+    Every suffix has the same length ``s``. The cache is cut back to the prefix (the
+    suffix's keys and values are the rows' to write), and block ``at − 1``'s output at
+    the suffix tokens is kept, so a kv batch over these suffixes may start at block
+    ``at``. ``last``: the last block whose cache the rows read (default the model's last);
+    the pass stops there. ``unit``: the rows enter above the unit's block instead
+    (:attr:`Growth.above`): block ``at``'s output is kept, and the tensor at ``unit`` at the
+    suffix tokens. Returns them as a :class:`Prefix`.
+
+    Raises:
+        RuntimeError: the model's cache or block outputs are not of a kind this can cut
+            (the growth check then keeps the plain kv pass for the model).
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    s = len(suffixes[0])
+    dev = model.device
+    ids, mask, pos = left_pad([[*a, *b] for a, b in zip(prefixes, suffixes, strict=True)], pad_id(model), dev)
+    kept: list[Any] = []
+    at_unit: list[Tensor] = []
+
+    def keep(module: Any, args: Any, output: Any) -> None:
+        kept.append(output)
+
+    def keep_unit(t: Tensor) -> None:
+        at_unit.append(t[:, -s:].detach().clone())
+
+    cache = DynamicCache(config=model.hf.config)
+    handle = model.arch.blocks[at - 1 if unit is None else at].register_forward_hook(keep)
+    try:
+        forward(model, ids, mask, pos, cache=cache, taps=[] if unit is None else [(unit, keep_unit)],
+                until=last_block(model) if last is None else Site("block_out", last))
+    finally:
+        handle.remove()
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        raise RuntimeError("the model's cache has layers other than plain full-attention ones")
+    cache.crop(-s)
+    lengths = torch.tensor([len(x) for x in prefixes], dtype=torch.long, device=dev)
+    entry = Entry.of(at if unit is None else at + 1, kept[0], s, (ids.shape[0], ids.shape[1]))
+    return Prefix(cache, mask[:, :-s], lengths, entry, at_unit[0] if unit is not None else None)
 
 
 def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affine: Tensor,
@@ -168,7 +179,8 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     The prefix cache is repeated once per row, in every layer or (with ``grow``)
     only in the layers from the unit's block on, where the rows differ. With
     ``grow.enter`` the prefix pass also runs the suffix clean (:func:`entry_cache`) and the
-    rows start at the unit's block: the blocks below it never run for them.
+    rows start at the unit's block: the blocks below it never run for them (with
+    ``grow.above``, folded rows of MLP neurons start above it, :meth:`Growth.rises`).
     ``prefix``: the state of an earlier pass over these inputs' tokens before the patch
     (:func:`prefix_cache`, or a folded batch's ``Capture.prefix``; it is used up).
     ``rows_in``: a context the rows' forward runs in, not the prefix pass (:func:`run_rows`).
@@ -181,19 +193,18 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     suffixes = [enc.ids[i][q: enc.read_pos[i] + 1] for i, q in zip(idx, first, strict=True)]
     s = len(suffixes[0])
     assert all(len(x) == s for x in suffixes) and all(prefixes), "one suffix length, non-empty prefixes"
-    entry = None
-    if prefix is not None:
-        cache, pmask, lengths, entry = prefix.cache, prefix.mask, prefix.lengths, prefix.entry
-    elif grow is not None and grow.enter:
-        cache, pmask, lengths, entry = entry_cache(model, prefixes, suffixes, grow.at, _last_read(model, p))
-    else:
-        cache, pmask, lengths = prefix_cache(model, prefixes)
+    cols, dirs = _targets(targets, len(idx), dev)
+    if prefix is None and grow is not None and grow.enter:
+        rise = p.unit if grow.rises(p, dirs) else None
+        prefix = entry_cache(model, prefixes, suffixes, grow.at, _last_read(model, p), rise)
+    elif prefix is None:
+        prefix = Prefix(*prefix_cache(model, prefixes))
+    cache, pmask, lengths, entry, unit = prefix.cache, prefix.mask, prefix.lengths, prefix.entry, prefix.unit
     sids = torch.tensor(suffixes, dtype=torch.long, device=dev)
     spos = lengths[:, None] + torch.arange(s, device=dev)[None, :]
     R = len(idx) * m
     patch = torch.zeros(R, s, dtype=torch.bool, device=dev)
     patch[:, 0] = True
-    cols, dirs = _targets(targets, len(idx), dev)
     rows = dict(patch=patch, measure=torch.zeros(R, dtype=torch.long, device=dev),
                 read=torch.full((R,), s - 1, dtype=torch.long, device=dev),
                 alpha=affine[..., 0].reshape(-1).to(dev), beta=affine[..., 1].reshape(-1).to(dev),
@@ -201,10 +212,13 @@ def kv_rows(model: LoadedModel, p: Plan, enc: Encoded, idx: Sequence[int], affin
     if entry is not None and grow is not None and grow.folds(p):
         # One row per input holding its m rows side by side: the prefix cache is shared.
         b = Batch(ids=sids.repeat(1, m), mask=folded_mask(model, pmask, m, s), positions=spos.repeat(1, m),
-                  entry=entry.tiled(m), fold=m, **rows)
+                  entry=entry.tiled(m), fold=m, unit=None if unit is None else unit.repeat_interleave(m, 0),
+                  **rows)
         got = run_rows(model, p, b, guard, rows_in=rows_in)
-        got.prefix = Prefix(cache, pmask, lengths, entry)
+        got.prefix = prefix
         return got
+    if unit is not None:
+        raise ValueError("rows that enter above the unit's block must fold")
     if entry is not None and grow is None:
         raise ValueError("rows that enter at the unit's block need its Growth")
     repeat_cache(cache, m, grow, model.n_layers)
