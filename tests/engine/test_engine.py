@@ -219,7 +219,8 @@ def test_a_kv_pass_runs_no_block_after_the_one_the_head_reads(tmp_path):
 
 
 @pytest.mark.parametrize(("arch", "dtype", "layer_type", "rises"), [
-    ("gpt2", "float32", "post", True), ("gpt_neox", "float32", "post", True), ("llama", "float32", "post", True),
+    ("gpt2", "float32", "post", True), ("gpt_neox", "float32", "post", True),
+    ("llama", "float32", "post", True),
     ("llama", "bfloat16", "post", False),  # reduced precision keeps the patched block's own rounding
     ("llama", "float32", "resid_post", False), ("llama", "float32", "attn_out", False),  # not a neuron
     ("olmo2", "float32", "post", False),  # a norm between the MLP and the residual add
@@ -250,7 +251,8 @@ def test_neuron_rows_rise_above_the_unit_block_only_where_its_write_is_the_proje
            "feature_layer": -1}
     # Patched at the read token, and at token 1, where the tokens after it see the patch.
     for position in ("last", 1):
-        res = run_experiment(load_head(head), texts, scale=[0, 2], model=model, method="kv", position=position)
+        res = run_experiment(load_head(head), texts, scale=[0, 2], model=model, method="kv",
+                             position=position)
         if dtype != "float32":
             continue  # (reduced precision against HF: tests/engine/test_precision.py)
         want = np.array([[head_predict(head, oracle.run(t, cfg=cfg, patch=(
