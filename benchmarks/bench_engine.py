@@ -19,7 +19,9 @@ regression head reads; timing against it would flatter every column. For a
 token head the floor would be the LM head at one position (:func:`token_floor`,
 ``logits_to_keep=1``); the reference task does not use it.
 
-Columns, each a median time divided by the median floor:
+Columns, each the median over the repetitions of its time divided by that repetition's
+floor (timed just before it, on other fresh inputs: pairing the two cancels the drift of a
+shared machine's speed between repetitions):
 
 * ``engine``: ``neuronpatch.run_experiment`` (its default route; the route is
   shown in the last column);
@@ -267,8 +269,13 @@ HEADER = ("| architecture | tokens | floor s | engine × floor (min–max) | HF 
           "nnsight, one trace × floor | seed loop × floor | route |")
 
 
-def _ratio(times: list[float], floor_s: float) -> str:
-    return f"{statistics.median(times) / floor_s:.2f}" if times else "n/a"
+def _ratios(times: list[float], floors: list[float]) -> list[float]:
+    """Each repetition's time over that repetition's floor."""
+    return [t / f for t, f in zip(times, floors, strict=True)]
+
+
+def _ratio(times: list[float], floors: list[float]) -> str:
+    return f"{statistics.median(_ratios(times, floors)):.2f}" if times else "n/a"
 
 
 def measure(model: Any, head: Path, nn: Any, n_tokens: int, repeats: int, columns: list[str],
@@ -326,11 +333,11 @@ def main(argv: list[str] | None = None) -> Path:
                 times, route = measure(model, head, nn, n_tokens, args.repeats, args.columns, args.tiny,
                                        random.Random(1))
                 fl = statistics.median(times["floor"])
-                r = {name: _ratio(ts, fl) for name, ts in times.items()}
+                r = {name: _ratio(ts, times["floor"]) for name, ts in times.items()}
                 for name in COLUMNS:
                     r.setdefault(name, "–")
-                span = (f" ({min(times['engine']) / fl:.2f}–{max(times['engine']) / fl:.2f})"
-                        if times.get("engine") else "")
+                each = _ratios(times.get("engine", []), times["floor"])
+                span = f" ({min(each):.2f}–{max(each):.2f})" if each else ""
                 report.line(f"| {arch} | {n_tokens} | {fl:.3f} | {r['engine']}{span} | {r['hooks']} | "
                             f"{r['nnsight']} | {r['seed']} | {route} |")
             del nn
