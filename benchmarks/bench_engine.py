@@ -7,7 +7,7 @@ random weights at gpt2-small / pythia-160m sizes (and a Llama of that size with
 grouped-query attention). Every repetition draws fresh inputs for every column,
 so no cache is ever timed; the first repetition warms up.
 
-    python benchmarks/bench_engine.py --repeats 5 --tokens 16 64
+    python benchmarks/bench_engine.py --repeats 11 --reference-repeats 3 --tokens 16 64
 
 **The floor** (:func:`floor`) is the cheapest forward that yields the head's
 features: one clean batched forward of the 8 inputs through the decoder stack
@@ -21,7 +21,9 @@ token head the floor would be the LM head at one position (:func:`token_floor`,
 
 Columns, each the median over the repetitions of its time divided by that repetition's
 floor (timed just before it, on other fresh inputs: pairing the two cancels the drift of a
-shared machine's speed between repetitions):
+shared machine's speed between repetitions). The floor and the engine are timed every
+repetition (``--repeats``); the three reference columns, 6–30× slower and there to show how
+far ahead the engine is, in the first ``--reference-repeats`` of them only:
 
 * ``engine``: ``neuronpatch.run_experiment`` (its default route; the route is
   shown in the last column);
@@ -270,23 +272,32 @@ HEADER = ("| architecture | tokens | floor s | engine × floor (min–max) | HF 
 
 
 def _ratios(times: list[float], floors: list[float]) -> list[float]:
-    """Each repetition's time over that repetition's floor."""
-    return [t / f for t, f in zip(times, floors, strict=True)]
+    """Each repetition's time over that repetition's floor (a column timed in fewer
+    repetitions, over the floors of those)."""
+    return [t / f for t, f in zip(times, floors, strict=False)]
 
 
 def _ratio(times: list[float], floors: list[float]) -> str:
     return f"{statistics.median(_ratios(times, floors)):.2f}" if times else "n/a"
 
 
+REFERENCES = ("hooks", "nnsight", "seed")
+
+
 def measure(model: Any, head: Path, nn: Any, n_tokens: int, repeats: int, columns: list[str],
-            tiny: bool, rng: random.Random) -> tuple[dict[str, list[float]], str]:
-    """Seconds per repetition of the floor and each column, on fresh inputs each time."""
+            tiny: bool, rng: random.Random, reference_repeats: int | None = None
+            ) -> tuple[dict[str, list[float]], str]:
+    """Seconds per repetition of the floor and each column, on fresh inputs each time.
+
+    The reference columns run in the first ``reference_repeats`` repetitions only (default all).
+    """
     names = ["floor", *columns]
     times: dict[str, list[float]] = {name: [] for name in names}
     route = ""
+    last_reference = repeats if reference_repeats is None else reference_repeats
     for rep in range(repeats + 1):
         for name in names:
-            if name == "nnsight" and nn is None:
+            if (name == "nnsight" and nn is None) or (name in REFERENCES and rep > last_reference):
                 continue
             texts = inputs(rng, 8, n_tokens)  # fresh inputs every repetition and every column
             t0 = time.perf_counter()
@@ -308,6 +319,9 @@ def measure(model: Any, head: Path, nn: Any, n_tokens: int, repeats: int, column
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--reference-repeats", type=int, default=None,
+                    help="time the hooks, nnsight and seed columns in this many repetitions only "
+                         "(the first ones; default all)")
     ap.add_argument("--archs", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--tokens", type=int, nargs="+", default=[16],
                     help="tokens per input (at least; default 16, the 16–18-token reference task)")
@@ -331,7 +345,7 @@ def main(argv: list[str] | None = None) -> Path:
             nn = nnsight_wrapper(model) if "nnsight" in args.columns else None
             for n_tokens in args.tokens:
                 times, route = measure(model, head, nn, n_tokens, args.repeats, args.columns, args.tiny,
-                                       random.Random(1))
+                                       random.Random(1), args.reference_repeats)
                 fl = statistics.median(times["floor"])
                 r = {name: _ratio(ts, times["floor"]) for name, ts in times.items()}
                 for name in COLUMNS:

@@ -81,7 +81,8 @@ def test_bench_engine_writes_its_table(bench, tmp_path):
     columns = ["engine", "hooks", "seed"]
     if importlib.util.find_spec("nnsight") is not None:
         columns.append("nnsight")
-    bench("bench_engine").main(["--tiny", "--archs", "gpt2", "--repeats", "1", "--tokens", "16", "64",
+    bench("bench_engine").main(["--tiny", "--archs", "gpt2", "--repeats", "2", "--reference-repeats", "1",
+                                "--tokens", "16", "64",
                                 "--threads", "1", "--columns", *columns, "--out", str(out)])
     rows = table(out, "bench_engine")
     assert [(r["architecture"], r["tokens"]) for r in rows] == [("gpt2", "16"), ("gpt2", "64")]

@@ -544,6 +544,9 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
     Every patch is checked: a second hook at the unit's site, after the patch,
     reads the column (or the direction's value) back; a patch that never ran, or
     left another value than the one requested, raises :class:`~neuronpatch.errors.PatchError`.
+    Rows that enter above the unit's block (``b.unit``) are patched on the clean pass's
+    tensor before the forward and reach the model as the block's output plus their write;
+    that identity is what :attr:`Growth.above` checked for the model.
     """
     R = b.rows
     ar = torch.arange(R, device=model.device)
