@@ -643,9 +643,7 @@ def run_rows(model: LoadedModel, p: Plan, b: Batch, guard: Site | None = None, *
         change = got.requested.float() - column(b.unit).float()  # [R, S]: 0 where not patched
         cols = torch.full((R,), p.neuron, device=model.device) if b.columns is None else b.columns
         distinct, which = torch.unique(cols, return_inverse=True)
-        steps = torch.zeros(len(distinct), b.unit.shape[-1], device=model.device)
-        steps[torch.arange(len(distinct)), distinct] = 1.0
-        w = mlp_writes(model, p.unit.layer, steps)
+        w = neuron_writes(model, p.unit.layer, distinct, b.unit.shape[-1])
         entry = entry.plus(change[..., None] * w[which][:, None, :])
     else:
         # Hooks on one module run in the order they were registered: patch, observe, capture.
@@ -700,6 +698,13 @@ def mlp_writes(model: LoadedModel, layer: int, vectors: Tensor) -> Tensor:
     with torch.inference_mode():
         out = proj(e)[:, 0].float()
     return out[1:] - out[:1]
+
+
+def neuron_writes(model: LoadedModel, layer: int, cols: Tensor, width: int) -> Tensor:
+    """``[len(cols), d_model]``: :func:`mlp_writes` of a unit step of each neuron ``cols`` of ``width``."""
+    steps = torch.zeros(len(cols), width, device=model.device)
+    steps[torch.arange(len(cols)), cols.to(model.device)] = 1.0
+    return mlp_writes(model, layer, steps)
 
 
 def _columns(p: Plan, b: Batch) -> str:

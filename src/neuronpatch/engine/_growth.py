@@ -98,18 +98,17 @@ def _check(model: LoadedModel, p: Plan, at: int) -> _Found:
     if model.arch.kv_refused or want is None:
         return names, False, False, False
 
-    def holds(fold: bool, above: bool = False) -> bool:  # ``want``: the kv path's ungrown rows
+    def holds(grow: Growth) -> bool:  # ``want``: the kv path's ungrown rows
         try:
-            have = kv_rows(model, p, enc, [0, 1], affine,
-                           grow=Growth(at, m, names, enter=True, fold=fold, above=above))
+            have = kv_rows(model, p, enc, [0, 1], affine, grow=grow)
         except Exception:
             return False
         return agree(want.features, have.features, rtol) is None
 
-    enter = holds(fold=False)
-    fold = enter and holds(fold=True)
+    enter = holds(Growth(at, m, names, enter=True))
+    fold = enter and holds(Growth(at, m, names, enter=True, fold=True))
+    above = Growth(at, m, names, enter=True, fold=True, above=True)
     # Rows above the unit's block skip the model's own rounding of the patched block, so only
     # where rounding is float32's or finer (the reduced-precision error is measured on the block).
-    rises = (fold and p.unit.kind == "mlp_post" and p.dictionary is None
-             and model.hf.dtype in (torch.float32, torch.float64) and model.arch.mlp_out_proj[at] is not None)
-    return names, enter, fold, rises and holds(fold=True, above=True)
+    rises = fold and above.rises(p, None) and model.hf.dtype in (torch.float32, torch.float64)
+    return names, enter, fold, rises and holds(above)

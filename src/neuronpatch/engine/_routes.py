@@ -11,7 +11,7 @@ from torch import Tensor
 
 from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
-from neuronpatch.engine._forward import Capture, Growth, RowsIn, Targets, mlp_writes
+from neuronpatch.engine._forward import Capture, Growth, RowsIn, Targets, mlp_writes, neuron_writes
 from neuronpatch.engine._growth import agree, growth
 from neuronpatch.engine._inputs import Encoded, chunks
 from neuronpatch.engine._rows import Prefix, full_rows, kv_rows
@@ -116,10 +116,9 @@ def write_directions(model: LoadedModel, p: Plan, enc: Encoded, columns: Sequenc
     # A latent writes its decoder row where a column writes its unit vector.
     latent = None if p.dictionary is None else p.dictionary.rows(cols.to(model.device)).float()
     if u.kind == "mlp_post" and after:
-        if latent is None:
-            latent = torch.zeros(len(cols), model.unit_width(True), device=model.device)
-            latent[torch.arange(len(cols)), cols.to(model.device)] = 1.0
-        return p.read_features(mlp_writes(model, u.layer, latent))  # centred where the features are
+        w = (neuron_writes(model, u.layer, cols, model.unit_width(True)) if latent is None
+             else mlp_writes(model, u.layer, latent))
+        return p.read_features(w)  # centred where the features are
     same = f == u or (u.kind == "block_out" and f.kind == "block_in" and f.layer == u.layer + 1)
     if (u.kind in ("mlp_write", "block_out") and after) or (u.kind == "block_in" and same) or same:
         if f.kind == "final_norm" or f.layer >= n_layers:
