@@ -269,8 +269,9 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method)
     # the rows multiply at the unit's block. In kv the rows of an MLP neuron enter above the
     # unit's block (its clean output plus the neuron's write): the blocks up to the unit's
     # run only the clean pass over whole inputs, and the rows go on folded side by side, one
-    # sequence per input. Bloom hands its blocks an ALiBi table with heads folded into the
-    # batch, so the check refuses growth there and every row runs every block.
+    # sequence per input. Of the last block the clean pass keeps only the cache. Bloom hands its
+    # blocks an ALiBi table with heads folded into the batch, so the check refuses growth there
+    # and every row runs every block.
     from neuronpatch.models import load_model
 
     path = tiny_model(tmp_path / "m", arch)
@@ -297,7 +298,9 @@ def test_blocks_below_the_unit_run_once_per_input(tmp_path, arch, grows, method)
         # The unit's block: the clean pass, and its projection's response to a step of the neuron
         # (against zero) that the rows add to the block's clean output.
         assert seen[1] == {(len(texts), longest), (1 + 1, 1)}
-        assert seen[2] == {(len(texts), longest), (len(texts), 4)}  # four rows of one token, folded
+        # The last block: the clean pass stops once it has stored its keys and values (the rows
+        # read nothing else of it), so its MLP runs only for the four rows of one token, folded.
+        assert seen[2] == {(len(texts), 4)}
     else:
         assert (max(b for b, _ in seen[0]) == len(texts)) is grows
         assert max(b for b, _ in seen[1]) == rows

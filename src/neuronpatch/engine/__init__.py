@@ -40,7 +40,9 @@ In ``kv`` and ``full``, an input's rows are identical below the unit's block,
 so those blocks run once per input and the rows multiply at the unit's block
 (:class:`Growth`; the cache is repeated only from there on). In ``kv`` the prefix
 pass runs the patched tokens too, clean, so the rows enter at the unit's block and
-the blocks below it never run for them (:class:`Entry`). Rows of an MLP neuron (in
+the blocks below it never run for them (:class:`Entry`); it stops in the last block the
+rows read as soon as that block has stored its keys and values, since its attention
+output and MLP there would only be thrown away. Rows of an MLP neuron (in
 float32 or float64) enter above it: an MLP is per token and its output projection is
 linear, so the patched block's output is its clean output plus the change times the
 projection's own response to a step of the neuron (:func:`mlp_writes`), and the unit's

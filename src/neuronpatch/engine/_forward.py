@@ -212,8 +212,8 @@ Mode = Literal["inference", "no_grad", "grad"]
 
 def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
             taps: Sequence[Tap] = (), cache: Any = None, grow: Growth | None = None,
-            rows: int | None = None, until: Site | None = None, mode: Mode = "inference",
-            entry: Entry | None = None, fold: int = 1) -> Any:
+            rows: int | None = None, until: Site | None = None, filled: int | None = None,
+            mode: Mode = "inference", entry: Entry | None = None, fold: int = 1) -> Any:
     """Run the model's own forward on one batch with ``taps`` attached; hooks live only for this call.
 
     Args:
@@ -225,6 +225,9 @@ def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
         grow: rows multiply at ``grow.at`` (see :class:`Growth`).
         rows: the batch the taps see (default ``B``, times ``grow.m`` with ``grow``).
         until: stop after this site has run (e.g. the last block, when only the cache is needed).
+        filled: stop as soon as block ``filled`` has written its keys and values to ``cache``
+            (:func:`_stopped_once_cached`): a pass that needs nothing else of that block skips
+            its attention output and its MLP. ``until`` still stops a block that writes none.
         mode: ``inference`` (no autograd), ``no_grad`` (tensors a later backward may read) or
             ``grad``.
         entry: the blocks below ``entry.at`` replay a clean pass's output (see :class:`Entry`).
@@ -247,7 +250,9 @@ def forward(model: LoadedModel, ids: Tensor, mask: Tensor, positions: Tensor, *,
         if until is not None:
             handles.append(architecture.attach(model.arch, until, _stop, R))
         ctx = {"inference": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}[mode]
-        with ctx(), _entered(model, entry):
+        cached = (_stopped_once_cached(cache, model.arch.blocks[filled]) if filled is not None
+                  else contextlib.nullcontext())
+        with ctx(), _entered(model, entry), cached:
             try:
                 return model.hf(input_ids=ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=cache is not None, **forward_kwargs(model))
@@ -271,6 +276,32 @@ def _unfolded(fn: Callable[[Tensor], Tensor | None], n: int, fold: int) -> Calla
 
 def _stop(t: Tensor) -> None:
     raise Stop
+
+
+@contextlib.contextmanager
+def _stopped_once_cached(cache: Any, block: Any) -> Iterator[None]:
+    """For one call, :class:`Stop` as soon as ``block`` has stored its keys and values in ``cache``.
+
+    The model's attention hands them to its cache (``cache.update``) before it attends;
+    after that nothing of the block reaches the cache. ``cache.update`` is shadowed on this
+    instance only, and restored afterwards.
+    """
+    inside: list[bool] = []
+    update = cache.update
+
+    def stored(*args: Any, **kwargs: Any) -> Any:
+        out = update(*args, **kwargs)
+        if inside:
+            raise Stop
+        return out
+
+    handle = block.register_forward_pre_hook(lambda module, args: inside.append(True))
+    cache.update = stored
+    try:
+        yield
+    finally:
+        handle.remove()
+        vars(cache).pop("update", None)
 
 
 def last_block(model: LoadedModel) -> Site:

@@ -130,7 +130,8 @@ def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes:
     suffix's keys and values are the rows' to write), and block ``at − 1``'s output at
     the suffix tokens is kept, so a kv batch over these suffixes may start at block
     ``at``. ``last``: the last block whose cache the rows read (default the model's last);
-    the pass stops there. ``unit``: the rows enter above the unit's block instead
+    the pass stops as soon as that block has stored its keys and values (its attention
+    output and MLP would only be thrown away). ``unit``: the rows enter above the unit's block instead
     (:attr:`Growth.above`): block ``at``'s output is kept, and the tensor at ``unit`` at the
     suffix tokens. Returns them as a :class:`Prefix`.
 
@@ -154,10 +155,14 @@ def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes:
         at_unit.append(t[:, -s:].detach().clone())
 
     cache = DynamicCache(config=model.hf.config)
-    handle = model.arch.blocks[at - 1 if unit is None else at].register_forward_hook(keep)
+    kept_at = at - 1 if unit is None else at
+    stop = last_block(model) if last is None else Site("block_out", last)
+    handle = model.arch.blocks[kept_at].register_forward_hook(keep)
     try:
+        # Of the last block only its cache is read (the rows run it again at the suffix), so the
+        # pass stops once that block has stored its keys and values, unless it is the kept block.
         forward(model, ids, mask, pos, cache=cache, taps=[] if unit is None else [(unit, keep_unit)],
-                until=last_block(model) if last is None else Site("block_out", last))
+                until=stop, filled=stop.layer if kept_at < stop.layer else None)
     finally:
         handle.remove()
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
