@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from neuronpatch import tolerance
 from neuronpatch.errors import ModelLoadError
 
 SITE_KINDS: tuple[str, ...] = (
@@ -432,7 +433,7 @@ class _Handles:
             h.remove()
 
 
-def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> None:
+def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = tolerance.CHECK_RTOL) -> None:
     """Check the site map against the model's own outputs; refuse (by name) what disagrees.
 
     One short forward with ``output_hidden_states``: each block's input must be
@@ -446,7 +447,7 @@ def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> No
     stream in that dtype (two roundings), while the checks above compare equal tensors.
     """
     dtype = next(hf_model.parameters()).dtype
-    rtol = max(rtol, 4 * torch.finfo(dtype).eps)
+    rtol = max(rtol, tolerance.check_rtol(dtype))
     got: dict[tuple[str, int], Tensor] = {}
     calls: dict[tuple[str, int], int] = {}
     handles = []
@@ -478,7 +479,7 @@ def verify(hf_model: nn.Module, arch: Architecture, *, rtol: float = 1e-4) -> No
     hs = [h.float() for h in out.hidden_states]
 
     def close(a: Tensor, b: Tensor) -> bool:
-        return a.shape == b.shape and float((a - b).abs().max()) <= rtol * (float(b.abs().max()) + 1.0)
+        return tolerance.close(b, a, rtol)
 
     def refuse(kinds: tuple[str, ...], why: str) -> None:
         for kind in kinds:
@@ -535,7 +536,7 @@ def check_batching(hf_model: nn.Module, arch: Architecture) -> None:
     rtol = 1e-4 if first.dtype in (torch.float32, torch.float64) else 5e-2
 
     def close(a: Tensor, b: Tensor) -> bool:
-        return a.shape == b.shape and float((a - b).abs().max()) <= rtol * (float(b.abs().max()) + 1.0)
+        return tolerance.close(b, a, rtol)
 
     rows = [[(7 * j + 3) % vocab for j in range(7)], [(5 * j + 11) % vocab for j in range(5)]]
     split = [4, 2]  # prefix lengths for the cache

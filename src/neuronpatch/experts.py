@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from neuronpatch.architecture import Site, expert_call, experts_module, router_module
 from neuronpatch.dictionaries import RowWrites
 from neuronpatch.errors import ModelLoadError
+from neuronpatch.tolerance import check_rtol, close
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
@@ -248,12 +249,8 @@ def _one_call(model: LoadedModel, module: nn.Module) -> tuple[tuple[Any, ...], d
 
 
 def _agree(got: Tensor, want: Tensor) -> bool:
-    """Equal up to the rounding of ``got``'s dtype (four of its epsilons, at least 1e-4), relative."""
-    rtol = max(1e-4, 4 * torch.finfo(got.dtype).eps)
-    got, want = got.reshape(-1, got.shape[-1]).double(), want.double()
-    if got.shape != want.shape:
-        return False
-    return float((got - want).abs().max()) <= rtol * (float(want.abs().max()) + 1.0)
+    """``got`` (one row per token) is ``want`` up to the rounding of ``got``'s dtype."""
+    return close(want.double(), got.reshape(-1, got.shape[-1]).double(), check_rtol(got.dtype))
 
 
 def _check_router(model: LoadedModel, module: nn.Module, unit: RouterLogits) -> str | None:

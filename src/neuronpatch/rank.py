@@ -63,6 +63,7 @@ from neuronpatch.errors import InputError
 from neuronpatch.heads import Head, load_head
 from neuronpatch.interventions import Intervention, build, normalize
 from neuronpatch.models import load_model
+from neuronpatch.tolerance import agree
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
@@ -535,7 +536,7 @@ class _Job:
         # differently (thread counts split matrix kernels differently): compare within the
         # tolerance every route check uses, never bit for bit.
         moved = sorted({cols[j // len(self.ivs)] for j in range(feats.shape[0])
-                        if engine.agree(clean, feats[j]) is not None})
+                        if agree(clean, feats[j]) is not None})
         if moved:
             raise RuntimeError(f"the head reads {self.p.feature}, before {self.p.unit}, yet a real patched "
                                f"run of unit(s) {moved} moved its prediction")
@@ -596,7 +597,7 @@ class _Job:
         before = row0[col_index]
         new = before * aff[:, 0] + aff[:, 1]
         want = feat0[None] + (new - before)[:, None] * dirs[col_index]
-        err = engine.agree(have, want)
+        err = agree(have, want)
         if err is not None:
             return (f"the exact method does not hold for this model: a real patched run differs from it by "
                     f"{err:.3g} on input 0 (the write path is not linear, e.g. a norm after the MLP)")

@@ -59,8 +59,8 @@ The package, in the order data flows through it:
               patched run over a :class:`Batch` that returns a :class:`Capture`;
 ``_rows``     batches built two ways: from the start (:func:`full_rows`) or over a
               prefix cache (:func:`kv_rows`);
-``_growth``   whether rows may multiply at the unit's block (:func:`growth`), and
-              the tolerance every shortcut is checked with (:func:`agree`);
+``_growth``   whether rows may multiply at the unit's block (:func:`growth`), checked
+              within :mod:`neuronpatch.tolerance`, as every shortcut is;
 ``_routes``   :func:`choose_route`, :func:`measure` under a :class:`Budget`, the
               write directions of the ``linear`` route and its check;
 ``_precision`` how far the dtype's rounding moves a prediction change
@@ -101,7 +101,7 @@ from neuronpatch.engine._forward import (
     repeat_cache,
     run_rows,
 )
-from neuronpatch.engine._growth import CHECK_RTOL, agree, check_rtol, growth
+from neuronpatch.engine._growth import growth
 from neuronpatch.engine._inputs import (
     DEFAULT_INPUTS,
     Encoded,
@@ -147,7 +147,6 @@ from neuronpatch.engine._rows import (
 )
 
 __all__ = [
-    "CHECK_RTOL",
     "DEFAULT_INPUTS",
     "INPUTS_PER_RERUN",
     "KV_CACHE_BYTES",
@@ -168,9 +167,7 @@ __all__ = [
     "Stop",
     "Tap",
     "Targets",
-    "agree",
     "check_batch_size",
-    "check_rtol",
     "check_shortcut",
     "choose_route",
     "chunks",

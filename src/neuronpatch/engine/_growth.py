@@ -11,36 +11,10 @@ from neuronpatch.coordinates import Plan
 from neuronpatch.engine._forward import Growth
 from neuronpatch.engine._inputs import Encoded
 from neuronpatch.engine._rows import full_rows, kv_rows
+from neuronpatch.tolerance import agree, check_rtol
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
-
-# How far a shortcut (a route, or grown rows) may be from a real patched run before it
-# steps aside, relative to the features' scale. Float32 rounding between batch shapes and
-# thread counts is ~1e-6 of the scale; a wrong shortcut is off by far more.
-CHECK_RTOL = 1e-4
-
-
-def agree(want: Any, have: Any, rtol: float = CHECK_RTOL) -> float | None:
-    """The largest difference of ``have`` from ``want``, or None when it is within ``rtol`` of the scale.
-
-    Features computed another way (another batch shape, route or thread count) round
-    differently: they are compared within the tolerance, never bit for bit.
-    """
-    scale = float(want.abs().max()) + 1.0
-    err = float((want - have).abs().max())
-    return None if err <= rtol * scale else err
-
-
-def check_rtol(dtype: torch.dtype) -> float:
-    """:data:`CHECK_RTOL`, widened to four of ``dtype``'s epsilons in reduced precision.
-
-    Another batch shape rounds every matrix product differently; in bfloat16 that moves
-    the features of a 12-layer gpt2-small by 6e-3 of their scale (measured), against 5e-7
-    in float32. A wrong shortcut (a table the batch does not carry) is off by far more.
-    """
-    return max(CHECK_RTOL, 4 * torch.finfo(dtype).eps)
-
 
 # Per model, then per (block, feature site, unit kind, dictionary or not): the block arguments
 # that carry the batch (None where growing the batch at that block does not reproduce an

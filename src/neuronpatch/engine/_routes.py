@@ -12,10 +12,11 @@ from torch import Tensor
 from neuronpatch.architecture import Site
 from neuronpatch.coordinates import Plan
 from neuronpatch.engine._forward import Capture, Growth, RowsIn, Targets, mlp_writes, neuron_writes
-from neuronpatch.engine._growth import agree, growth
+from neuronpatch.engine._growth import growth
 from neuronpatch.engine._inputs import Encoded, chunks
 from neuronpatch.engine._rows import Prefix, full_rows, kv_rows
 from neuronpatch.errors import InputError
+from neuronpatch.tolerance import agree
 
 if TYPE_CHECKING:
     from neuronpatch.models import LoadedModel
