@@ -131,9 +131,9 @@ def entry_cache(model: LoadedModel, prefixes: Sequence[Sequence[int]], suffixes:
     the suffix tokens is kept, so a kv batch over these suffixes may start at block
     ``at``. ``last``: the last block whose cache the rows read (default the model's last);
     the pass stops as soon as that block has stored its keys and values (its attention
-    output and MLP would only be thrown away). ``unit``: the rows enter above the unit's block instead
-    (:attr:`Growth.above`): block ``at``'s output is kept, and the tensor at ``unit`` at the
-    suffix tokens. Returns them as a :class:`Prefix`.
+    output and MLP would only be thrown away). ``unit``: the rows enter above the unit's
+    block instead (:attr:`Growth.above`): block ``at``'s output is kept, and the tensor at
+    ``unit`` at the suffix tokens. Returns them as a :class:`Prefix`.
 
     Raises:
         RuntimeError: the model's cache or block outputs are not of a kind this can cut
